@@ -1,0 +1,1 @@
+"""Data pipelines: TFDS/RLDS ingestion, primitive-clip datasets and Grain input pipelines."""

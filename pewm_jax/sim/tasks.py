@@ -9,8 +9,9 @@ Scene rejection rule (documented, applied by `sample_episode_setup`): a sampled 
 rejected, and another drawn from the same seed stream, when the task's scripted expert meets a
 primitive that is infeasible when it starts (`primitives.Infeasible`: no free spot in the target
 zone, a push target off the table, no room behind the object, another object within the push
-corridor), or when the task falls in another split than the one asked for. Rejection happens
-before the episode starts and never looks at whether the expert succeeds.
+corridor). Rejection happens before the episode starts and never looks at whether the expert
+succeeds. Draws whose task belongs to another split than the one asked for are skipped and not
+counted as rejections.
 
 Compositional hold-outs (deterministic):
 - `HELD_OUT_PAIRS`: (skill, object) combinations that never appear in training data. Skill
@@ -203,7 +204,7 @@ class EpisodeSetup:
     state: WorldState
     task: Task
     plans: list[PrimitivePlan]
-    rejected: int  # scenes drawn and rejected before this one
+    rejected: int  # scenes of this split rejected as infeasible before this one
 
 
 def sample_episode_setup(seed: int, *, num_objects: tuple[int, int], max_delta: float,
@@ -215,7 +216,8 @@ def sample_episode_setup(seed: int, *, num_objects: tuple[int, int], max_delta: 
         raise ValueError(f"unknown split {split!r}; known: {SPLITS}")
     rng = np.random.default_rng(seed)
     tmpl = template(template_name) if template_name else TEMPLATES[rng.integers(len(TEMPLATES))]
-    for tries in range(max_tries):
+    rejected = 0
+    for _ in range(max_tries):
         lo = max(num_objects[0], tmpl.num_objects)
         state = sample_scene(rng, int(rng.integers(lo, max(lo, num_objects[1]) + 1)))
         try:
@@ -224,8 +226,9 @@ def sample_episode_setup(seed: int, *, num_objects: tuple[int, int], max_delta: 
                 continue
             plans = plan_with_expert(state, task, max_delta, primitive_max_steps)[1]
         except Infeasible:
+            rejected += 1
             continue
-        return EpisodeSetup(state, task, plans, tries)
+        return EpisodeSetup(state, task, plans, rejected)
     raise RuntimeError(f"no feasible {split} scene for template {tmpl.name} in {max_tries} "
                        f"draws from seed {seed}")
 

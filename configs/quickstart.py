@@ -1,0 +1,40 @@
+"""Quickstart: a tiny world model that trains on one CPU in minutes.
+
+For trying the whole pipeline end to end, not for quality. Used by:
+    pewm run --config=configs/quickstart.py --workdir=runs/quickstart
+"""
+
+import ml_collections
+
+from pewm_jax.config import ConfigError, default_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The quickstart config; it takes no `:arg`."""
+    if arg:
+        raise ConfigError(f"configs/quickstart.py takes no ':arg', got {arg!r}.")
+    config = default_config()
+
+    config.data.num_train_episodes = 200
+    config.data.num_val_episodes = 20
+    config.data.num_test_episodes = 20
+    config.data.num_holdout_episodes = 20
+
+    config.model.width = 64
+    config.model.depth = 2
+    config.model.num_heads = 4
+    config.model.text_width = 64
+    config.model.text_depth = 1
+    config.model.text_num_heads = 2
+
+    config.train.steps = 300
+    config.train.global_batch_size = 8
+    config.train.learning_rate = 3e-4
+    config.train.warmup_steps = 30
+    config.train.checkpoint_every = 100
+    config.train.keep_checkpoints = 2
+    config.train.log_every = 10
+    config.train.sample_every = 100
+
+    config.eval.episodes_per_template = 2
+    return config

@@ -1,0 +1,570 @@
+"""Experiment configuration: the schema with defaults, its validation, and loading.
+
+Configs are ml-collections `ConfigDict`s written big_vision style: each file under `configs/`
+has `get_config(arg=None)` that starts from `default_config()` and sets what differs. The
+default config is the schema: `validate` rejects any key it does not have, any value whose type
+differs from its default's, and values that cannot work together, with one message that names
+the dotted key and says how to fix it. The CLI parses `--config=configs/x.py --config.a.b=v`
+with absl `config_flags` and then calls `validate`; `load_config` does the same for programs
+and tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+from absl import flags
+from ml_collections.config_flags import tuple_parser
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or holds a value that cannot work."""
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Logical axis names models put on params and activations; every one needs a rule.
+LOGICAL_AXES = ("batch", "frames", "tokens", "embed", "heads", "mlp", "vocab", "kv")
+# The stages a `pewm run` can execute, in pipeline order.
+RUN_STAGES = ("preview", "data", "train", "eval", "export")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+SAMPLERS = ("euler", "heun")
+# The world has 4 colours x 2 shapes, and every object in a scene is unique.
+MAX_OBJECTS = 8
+MIN_IMAGE_SIZE = 16
+# The only keys that may hold None (meaning given in the comment in `default_config`).
+NULLABLE_KEYS = frozenset({"train.grad_clip"})
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", tuple: "a tuple (or list)"}
+
+_POSITIVE = (
+    "world.primitive_max_steps",
+    "data.horizon",
+    "data.frame_stride",
+    "data.context_frames",
+    "data.max_text_tokens",
+    "data.num_train_episodes",
+    "data.num_val_episodes",
+    "data.num_test_episodes",
+    "data.num_holdout_episodes",
+    "model.patch_size",
+    "model.tubelet",
+    "model.width",
+    "model.depth",
+    "model.num_heads",
+    "model.mlp_ratio",
+    "model.text_width",
+    "model.text_depth",
+    "model.text_num_heads",
+    "diffusion.num_steps",
+    "diffusion.sgg_sigma_px",
+    "diffusion.time_logit_std",
+    "train.steps",
+    "train.global_batch_size",
+    "train.learning_rate",
+    "train.grad_clip",
+    "train.grad_accum_steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_every",
+    "train.sample_every",
+    "eval.episodes_per_template",
+    "run.preview_episodes",
+    "run.preview_episodes_per_template",
+    "run.preview_scenes_per_primitive",
+)
+_NON_NEGATIVE = (
+    "seed",
+    "data.num_workers",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "diffusion.text_guidance",
+    "diffusion.sgg_guidance",
+    "eval.seed",
+)
+_CHOICES = {
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.remat": REMAT_POLICIES,
+    "diffusion.sampler": SAMPLERS,
+}
+# (key, low, low inclusive, high, high inclusive)
+_INTERVALS = (
+    ("world.max_delta", 0.0, False, 1.0, True),
+    ("diffusion.cond_dropout", 0.0, True, 1.0, False),
+    ("train.ema_decay", 0.0, True, 1.0, False),
+)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every config key with its default value: the schema that `validate` checks against."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # master seed: data generation, parameter init and training noise derive from it
+
+    c.world = ml_collections.ConfigDict()  # the built-in tabletop world (pewm_jax/sim)
+    c.world.image_size = 64  # rendered frame height = width in pixels (>= 16)
+    c.world.num_objects_min = 3  # fewest objects in a scene (1..8: 4 colours x 2 shapes)
+    c.world.num_objects_max = 5  # most objects in a scene (num_objects_min..8)
+    c.world.max_delta = 0.08  # max gripper displacement per env step, workspace units [0, 1]
+    c.world.primitive_max_steps = 32  # env steps a scripted primitive may take before it is cut off
+
+    c.data = ml_collections.ConfigDict()  # episodes, clips and the input pipeline
+    c.data.horizon = 8  # H: future frames per training clip
+    c.data.frame_stride = 4  # s: env steps between consecutive clip frames (actions sum over them)
+    c.data.context_frames = 1  # clean observation frames the model is conditioned on
+    c.data.max_text_tokens = 16  # primitive text is padded / truncated to this many tokens
+    c.data.num_train_episodes = 1000  # generated episodes in the train split
+    c.data.num_val_episodes = 100  # generated episodes in the validation split
+    c.data.num_test_episodes = 100  # generated episodes in the test split (seen compositions)
+    c.data.num_holdout_episodes = 100  # episodes of held-out compositions (compositional eval)
+    c.data.num_workers = 0  # Grain worker processes; 0 loads in the main process
+    c.data.dataset_dir = ""  # where the dataset lives; '' means inside the run's --workdir
+
+    c.model = ml_collections.ConfigDict()  # the space-time video DiT and its text encoder
+    c.model.patch_size = 8  # spatial patch side in pixels (divides world.image_size)
+    c.model.tubelet = 1  # frames per space-time patch (divides data.horizon)
+    c.model.width = 256  # token embedding width (divisible by num_heads)
+    c.model.depth = 4  # number of DiT blocks
+    c.model.num_heads = 4  # attention heads per DiT block
+    c.model.mlp_ratio = 4.0  # MLP hidden width / width
+    c.model.text_width = 256  # text encoder width (divisible by text_num_heads)
+    c.model.text_depth = 2  # text encoder layers
+    c.model.text_num_heads = 4  # text encoder attention heads
+    c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    c.model.param_dtype = "float32"  # stored parameter dtype: 'float32' or 'bfloat16'
+    c.model.remat = "none"  # activation rematerialisation per block: 'none', 'full' or 'dots'
+
+    c.diffusion = ml_collections.ConfigDict()  # flow-matching objective and sampling
+    c.diffusion.sampler = "euler"  # ODE sampler: 'euler' or 'heun'
+    c.diffusion.num_steps = 4  # sampler steps per generated clip
+    c.diffusion.text_guidance = 1.0  # guidance scale on text (1 = none, 0 = ignore text)
+    c.diffusion.sgg_guidance = 1.0  # guidance scale on start/goal heatmaps (1 = none)
+    c.diffusion.cond_dropout = 0.1  # training probability of dropping each condition, in [0, 1)
+    c.diffusion.sgg_sigma_px = 2.0  # standard deviation of the start/goal Gaussians in pixels
+    c.diffusion.time_logit_mean = 0.0  # mean of the logit-normal training time distribution
+    c.diffusion.time_logit_std = 1.0  # standard deviation of the logit-normal time distribution
+
+    c.train = ml_collections.ConfigDict()  # optimisation, checkpoints and logging
+    c.train.steps = 10_000  # optimizer steps in the run
+    c.train.global_batch_size = 32  # clips per step, all devices (divisible by data * fsdp)
+    c.train.learning_rate = 1e-4  # peak AdamW learning rate
+    c.train.warmup_steps = 500  # linear warmup steps before cosine decay
+    c.train.weight_decay = 0.0  # AdamW decoupled weight decay
+    c.train.grad_clip = 1.0  # global-norm gradient clip; None disables clipping
+    c.train.ema_decay = 0.999  # decay of the EMA copy of the parameters, in [0, 1)
+    c.train.grad_accum_steps = 1  # microbatches per step (divides global_batch_size)
+    c.train.checkpoint_every = 1000  # steps between Orbax checkpoints
+    c.train.keep_checkpoints = 3  # most recent checkpoints kept on disk
+    c.train.log_every = 50  # steps between scalar metric logs
+    c.train.sample_every = 1000  # steps between sampled preview clips
+
+    c.mesh = ml_collections.ConfigDict()  # device mesh; one axis may be -1 = fill from device count
+    c.mesh.data = -1  # data-parallel axis size
+    c.mesh.fsdp = 1  # fully-sharded data-parallel axis size (params sharded, batch split)
+    c.mesh.tensor = 1  # tensor-parallel axis size
+    # (logical axis, mesh axis | tuple of mesh axes | None = replicated) pairs, MaxText style.
+    c.mesh.logical_axis_rules = (
+        ("batch", ("data", "fsdp")),
+        ("frames", None),
+        ("tokens", None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("kv", None),
+    )
+
+    c.eval = ml_collections.ConfigDict()  # closed-loop evaluation
+    c.eval.episodes_per_template = 10  # evaluation episodes per task template
+    c.eval.seed = 1234  # seed of the evaluation episodes
+
+    c.run = ml_collections.ConfigDict()  # what `pewm run` executes
+    c.run.stages = ("preview",)  # stages to run, from 'preview', 'data', 'train', 'eval', 'export'
+    c.run.preview_episodes = 6  # preview: expert episodes drawn as a GIF grid and PNG strip
+    c.run.preview_episodes_per_template = 20  # preview: episodes per task template for expert stats
+    c.run.preview_scenes_per_primitive = 50  # preview: scenes per primitive for expert stats
+    return c
+
+
+def resolve_mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes for `num_devices` devices, filling in the one axis that is -1.
+
+    Raises ConfigError when the sizes cannot make a mesh of exactly `num_devices` devices.
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be at least 1, got {num_devices}")
+    shape = _mesh_dims(config)
+    fixed = math.prod(size for size in shape.values() if size > 0)
+    described = " x ".join(f"{axis}={size}" for axis, size in shape.items())
+    if num_devices % fixed:
+        raise ConfigError(
+            f"config.mesh ({described}): the fixed axis sizes multiply to {fixed}, which does not "
+            f"divide the {num_devices} available devices. Fix: choose sizes whose product divides "
+            f"{num_devices}, and set one axis to -1 to take the rest."
+        )
+    fill = [axis for axis, size in shape.items() if size == -1]
+    if fill:
+        shape[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"config.mesh ({described}) uses {fixed} devices but {num_devices} are available. "
+            f"Fix: make the sizes multiply to {num_devices}, or set one axis to -1."
+        )
+    return shape
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError naming the first key that is unknown, mistyped or cannot work.
+
+    With `num_devices`, the mesh is resolved and checked against it; without, checks that need
+    the device count (a -1 mesh axis) are skipped.
+    """
+    schema = default_config()
+    _check_keys_and_types(config, schema, schema, prefix="")
+    for key in _POSITIVE:
+        value = _get(config, key)
+        if value is not None and value <= 0:
+            raise _error(key, value, "must be positive", f"set config.{key} to a value > 0")
+    for key in _NON_NEGATIVE:
+        value = _get(config, key)
+        if value < 0:
+            raise _error(key, value, "must not be negative", f"set config.{key} to a value >= 0")
+    for key, choices in _CHOICES.items():
+        value = _get(config, key)
+        if value not in choices:
+            raise _error(key, value, f"must be one of {', '.join(map(repr, choices))}", "pick one")
+    for key, low, low_closed, high, high_closed in _INTERVALS:
+        value = _get(config, key)
+        above_low = value >= low if low_closed else value > low
+        below_high = value <= high if high_closed else value < high
+        if not (above_low and below_high):
+            interval = f"{'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}"
+            raise _error(key, value, f"must lie in {interval}", f"set config.{key} inside it")
+    _check_world(config)
+    _check_model(config)
+    _check_mesh_and_batch(config, num_devices)
+    _check_stages(config.run.stages)
+
+
+def load_config(
+    path_with_arg: str,
+    overrides: Sequence[str] = (),
+    num_devices: int | None = None,
+) -> ml_collections.ConfigDict:
+    """Loads `path[:arg]`, applies `key=value` overrides, validates, and returns it locked.
+
+    The same spec and override syntax as the CLI's `--config=path:arg --config.key=value`;
+    values parse with the type of the key's default, with the parsers absl config_flags uses.
+    Locking means a later typo such as `config.train.stpes = 5` raises instead of adding a key.
+    """
+    path, _, arg = path_with_arg.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"config file {path!r} not found. Fix: pass a path such as configs/quickstart.py."
+        )
+    spec = importlib.util.spec_from_file_location(f"pewm_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file {path!r} has no get_config(arg=None) function.")
+    config = module.get_config(arg) if arg else module.get_config()
+    schema = default_config()
+    for override in overrides:
+        _apply_override(config, schema, override)
+    validate(config, num_devices)
+    config.lock()
+    return config
+
+
+def _apply_override(
+    config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, override: str
+) -> None:
+    """Sets one `key=value` (also written `--config.key=value`), parsed by the key's type."""
+    key, sep, raw = override.partition("=")
+    key = key.strip().removeprefix("--").removeprefix("config.")
+    if not sep:
+        raise ConfigError(
+            f"override {override!r} has no '='. Fix: write it as key=value, e.g. train.steps=50."
+        )
+    *groups, leaf = key.split(".")
+    holder, schema_holder, walked = config, schema, []
+    for name in groups:
+        walked.append(name)
+        if not isinstance(schema_holder.get(name), ml_collections.ConfigDict):
+            raise _unknown_key_error(".".join(walked), schema)
+        holder, schema_holder = holder[name], schema_holder[name]
+    if leaf not in schema_holder:
+        raise _unknown_key_error(key, schema)
+    default = schema_holder[leaf]
+    if isinstance(default, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config.{key} is a group of keys, not a value. Fix: override one of its keys, "
+            f"e.g. {key}.{next(iter(default.keys()))}=..."
+        )
+    parser = {
+        int: flags.IntegerParser().parse,
+        float: flags.FloatParser().parse,
+        str: str,
+        tuple: tuple_parser.TupleParser().parse,
+    }[type(default)]
+    type_name = _TYPE_NAMES[type(default)]
+    try:
+        holder[leaf] = parser(raw)
+    except ValueError as e:
+        raise ConfigError(
+            f"config.{key}: cannot parse {raw!r} as {type_name} ({e}). "
+            f"Fix: give {type_name}, e.g. {key}={default!r}."
+        ) from None
+
+
+def _check_keys_and_types(
+    config: ml_collections.ConfigDict,
+    schema: ml_collections.ConfigDict,
+    root: ml_collections.ConfigDict,
+    prefix: str,
+) -> None:
+    """Walks config against schema (a group of root): unknown keys, missing keys, then types."""
+    for name in config.keys():
+        if name not in schema:
+            raise _unknown_key_error(prefix + name, root)
+    for name, default in schema.items():
+        key = prefix + name
+        if name not in config:
+            raise ConfigError(
+                f"config.{key} is missing. Fix: start the config from "
+                f"pewm_jax.config.default_config(), which sets it to {default!r}."
+            )
+        value = config[name]
+        if not isinstance(default, ml_collections.ConfigDict):
+            _check_type(key, value, default)
+        elif isinstance(value, ml_collections.ConfigDict):
+            _check_keys_and_types(value, default, root, key + ".")
+        else:
+            example = f"config.{key}.{next(iter(default.keys()))}"
+            raise _error(key, value, "must be a group of keys", f"set keys inside it, e.g. {example}")
+
+
+def _check_type(key: str, value: object, default: object) -> None:
+    """Raises unless value has default's type (int counts as float; list as tuple; never bool)."""
+    expected = type(default)
+    name = _TYPE_NAMES[expected]
+    if value is None:
+        if key in NULLABLE_KEYS:
+            return
+        nullable = ", ".join(f"config.{k}" for k in sorted(NULLABLE_KEYS))
+        raise _error(
+            key, value, f"must be {name}; only {nullable} may be None", f"set it to e.g. {default!r}"
+        )
+    if isinstance(value, bool):
+        ok = expected is bool
+    elif expected is float:
+        ok = isinstance(value, (int, float))
+    elif expected is tuple:
+        ok = isinstance(value, (tuple, list))
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise _error(
+            key, value, f"must be {name}, not {type(value).__name__}", f"set it to e.g. {default!r}"
+        )
+
+
+def _check_world(config: ml_collections.ConfigDict) -> None:
+    world = config.world
+    if world.image_size < MIN_IMAGE_SIZE:
+        raise _error(
+            "world.image_size",
+            world.image_size,
+            f"is below the smallest frame the world renders, {MIN_IMAGE_SIZE} pixels",
+            f"set it to {MIN_IMAGE_SIZE} or more, e.g. 64",
+        )
+    for key in ("num_objects_min", "num_objects_max"):
+        if not 1 <= world[key] <= MAX_OBJECTS:
+            raise _error(
+                f"world.{key}",
+                world[key],
+                f"must lie in 1..{MAX_OBJECTS} (4 colours x 2 shapes = {MAX_OBJECTS} unique objects)",
+                f"set it between 1 and {MAX_OBJECTS}",
+            )
+    if world.num_objects_min > world.num_objects_max:
+        raise _error(
+            "world.num_objects_min",
+            world.num_objects_min,
+            f"exceeds config.world.num_objects_max = {world.num_objects_max}",
+            "make num_objects_min <= num_objects_max",
+        )
+
+
+def _check_model(config: ml_collections.ConfigDict) -> None:
+    model, image_size, horizon = config.model, config.world.image_size, config.data.horizon
+    if image_size % model.patch_size:
+        raise _error(
+            "model.patch_size",
+            model.patch_size,
+            f"does not divide config.world.image_size = {image_size}",
+            f"choose a divisor of {image_size}",
+        )
+    if horizon % model.tubelet:
+        raise _error(
+            "data.horizon",
+            horizon,
+            f"is not divisible by config.model.tubelet = {model.tubelet}",
+            "make the horizon a multiple of the tubelet, or set model.tubelet=1",
+        )
+    for width, heads in (("width", "num_heads"), ("text_width", "text_num_heads")):
+        if model[width] % model[heads]:
+            raise _error(
+                f"model.{width}",
+                model[width],
+                f"is not divisible by config.model.{heads} = {model[heads]}",
+                f"make {width} a multiple of {heads}",
+            )
+
+
+def _mesh_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The configured mesh axis sizes, checked: each positive or -1, and at most one -1."""
+    shape = {axis: config.mesh[axis] for axis in MESH_AXES}
+    for axis, size in shape.items():
+        if size < 1 and size != -1:
+            raise _error(
+                f"mesh.{axis}",
+                size,
+                "must be a positive axis size, or -1 to fill in from the device count",
+                "set it to a positive size or -1",
+            )
+    fill = [axis for axis, size in shape.items() if size == -1]
+    if len(fill) > 1:
+        raise _error(
+            f"mesh.{fill[1]}",
+            -1,
+            f"is the second -1 axis (config.mesh.{fill[0]} is -1 too); only one may be",
+            "give all but one axis a positive size",
+        )
+    return shape
+
+
+def _check_mesh_and_batch(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+    if num_devices is None:
+        shape = _mesh_dims(config)
+    else:
+        shape = resolve_mesh_shape(config, num_devices)
+    _check_axis_rules(config.mesh.logical_axis_rules)
+    batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    if batch % accum:
+        raise _error(
+            "train.global_batch_size",
+            batch,
+            f"is not divisible by config.train.grad_accum_steps = {accum}",
+            "make it a multiple of grad_accum_steps",
+        )
+    if shape["data"] == -1 or shape["fsdp"] == -1:
+        return  # the data-parallel size depends on the device count, which was not given
+    data_parallel = shape["data"] * shape["fsdp"]
+    if (batch // accum) % data_parallel:
+        split = "" if accum == 1 else f"split into {accum} microbatches of {batch // accum} "
+        devices = "" if num_devices is None else f" on {num_devices} devices"
+        raise _error(
+            "train.global_batch_size",
+            batch,
+            f"{split}is not divisible by the data-parallel size config.mesh.data * "
+            f"config.mesh.fsdp = {shape['data']} * {shape['fsdp']} = {data_parallel}{devices}",
+            f"use a multiple of {data_parallel * accum}, or change the mesh",
+        )
+
+
+def _check_axis_rules(rules: Sequence) -> None:
+    key = "mesh.logical_axis_rules"
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise _error(
+                f"{key}[{i}]", rule, "must be a (logical_name, mesh_axes) pair",
+                "write it like ('embed', 'fsdp')",
+            )
+        targets = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+        if rule[1] is not None and not all(t in MESH_AXES for t in targets):
+            raise _error(
+                f"{key}[{i}]",
+                rule,
+                f"must map to a mesh axis in {MESH_AXES}, a tuple of them, or None",
+                "use only those names",
+            )
+    missing = [name for name in LOGICAL_AXES if name not in {rule[0] for rule in rules}]
+    if missing:
+        raise ConfigError(
+            f"config.{key} has no rule for logical axis {missing[0]!r}; every one of "
+            f"{LOGICAL_AXES} needs one. Fix: add a pair such as ({missing[0]!r}, None) to "
+            "replicate it."
+        )
+
+
+def _check_stages(stages: Sequence) -> None:
+    key = "run.stages"
+    if not stages:
+        raise _error(key, stages, "is empty", f"name at least one of {RUN_STAGES}")
+    for stage in stages:
+        if stage not in RUN_STAGES:
+            hint = ""
+            if "," in str(stage):
+                hint = " (several stages are a tuple: --config.run.stages=\"('data','train')\")"
+            raise _error(
+                key,
+                tuple(stages),
+                f"has unknown stage {stage!r}; the stages are {', '.join(RUN_STAGES)}{hint}",
+                "use only those names",
+            )
+    if len(set(stages)) != len(stages):
+        raise _error(key, tuple(stages), "names a stage twice", "list each stage once")
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> object:
+    """The value at a dotted key such as 'train.steps'."""
+    value = config
+    for name in key.split("."):
+        value = value[name]
+    return value
+
+
+def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every group and leaf key of config, dotted."""
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(_dotted_keys(value, prefix + name + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, schema: ml_collections.ConfigDict) -> ConfigError:
+    """Error for a key the schema lacks, suggesting the same name in another group
+    (`train.patch_size` -> `model.patch_size`), else the closest sibling, else the closest name."""
+    parent, _, name = key.rpartition(".")
+    siblings = list((_get(schema, parent) if parent else schema).keys())
+    by_name = {}
+    for dotted in sorted(_dotted_keys(schema), key=lambda k: k.count(".")):
+        by_name.setdefault(dotted.rpartition(".")[2], dotted)
+    if name in by_name:
+        close = [by_name[name]]
+    else:
+        close = [
+            f"{parent}.{match}" if parent else match
+            for match in difflib.get_close_matches(name, siblings, n=1)
+        ]
+        close = close or [by_name[m] for m in difflib.get_close_matches(name, list(by_name), n=1)]
+    if close:
+        fix = f"did you mean config.{close[0]}?"
+    else:
+        fix = f"the keys of {'config.' + parent if parent else 'config'} are: {', '.join(siblings)}."
+    return ConfigError(
+        f"config.{key} is not a known key; {fix} "
+        "(All keys and their defaults: pewm_jax/config.py default_config().)"
+    )
+
+
+def _error(key: str, value: object, problem: str, fix: str) -> ConfigError:
+    """One message: the dotted key, its value, what is wrong, and how to fix it."""
+    return ConfigError(f"config.{key} = {value!r} {problem}. Fix: {fix}.")

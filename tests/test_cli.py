@@ -1,0 +1,53 @@
+"""The `pewm` command: help, config errors through real flags, and the main job's outputs."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pewm(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pewm_jax.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_jobs_and_flags():
+    out = pewm("--help")
+    assert out.returncode == 0 and "run" in out.stdout and "preview" in out.stdout
+    out = pewm("run", "--help")
+    assert out.returncode == 0 and "--config" in out.stdout and "--workdir" in out.stdout
+    out = pewm("trian")
+    assert out.returncode == 2 and "unknown job 'trian'" in out.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.stpes=5", "config.train.stpes is not a known key; did you mean config.train.steps"),
+    ("--config.world.image_size=60", "config.model.patch_size = 8 does not divide config.world.image_size"),
+    ("--config.train.steps=abc", "config.train.steps: cannot parse 'abc'"),
+    ("--config.run.stages=('preview','dance')", "config.run.stages"),
+])
+def test_bad_config_stops_with_one_message(tmp_path, override, message):
+    out = pewm("run", "--config=configs/quickstart.py", f"--workdir={tmp_path}", override)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "preview").exists()  # nothing ran
+
+
+def test_main_job_writes_pictures_and_expert_statistics(tmp_path):
+    out = pewm("run", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+               "--config.run.preview_episodes=2", "--config.run.preview_episodes_per_template=2",
+               "--config.run.preview_scenes_per_primitive=10")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((tmp_path / "preview" / "summary.json").read_text())
+    assert len(summary["episodes"]) == 2
+    assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place", "push"}
+    for stats in [*summary["task_experts"].values(), *summary["primitive_experts"].values()]:
+        assert 0.0 <= stats["rejected_scenes"] < 1.0 and stats["success"] == 1.0
+    from PIL import Image
+    gif = Image.open(tmp_path / "preview" / "expert_episodes.gif")
+    assert gif.n_frames > 10
+    assert "expert_episodes.gif" in out.stdout
