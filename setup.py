@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "einops>=0.8,<1",
     "tqdm>=4.66,<5",
     "flatbuffers>=24,<27",
+    "importlib_resources>=6,<7",  # tensorflow-datasets needs it for builders defined in packages
 ]
 
 TEST_REQUIRES = [

@@ -1,12 +1,15 @@
 """The `pewm` command: one sub-command per job, each with its own `--help`.
 
     pewm run     --config=configs/quickstart.py --workdir=runs/quickstart
-    pewm preview --config=configs/quickstart.py --workdir=runs/quickstart --config.seed=3
+    pewm data    --config=configs/quickstart.py --workdir=runs/quickstart --config.seed=3
+    pewm ingest  --config=configs/quickstart.py --workdir=runs/bridge \\
+                 --spec=configs/rlds/bridge.py --source=/data/bridge_dataset/1.0.0
 
 Every job takes `--config` (an ml-collections config file, `path.py[:arg]`, with
 `--config.<key>=<value>` overrides) and `--workdir`. The config is loaded and validated by
 `pewm_jax.config.load_config` before anything runs; a bad file, key or value stops the job with
-one message naming the key (exit code 2).
+one message naming the key (exit code 2). Bad data gets the same treatment: one message saying
+what is wrong and how to fix it, and nothing already on disk is replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ from __future__ import annotations
 import logging
 import pathlib
 import sys
-from collections.abc import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 from pewm_jax import config as config_lib
 
 JOBS: dict[str, str] = {
-    "run": "the main job: every stage in config.run.stages (now: preview) into --workdir",
+    "run": "the main job: every stage in config.run.stages (preview, data) into --workdir",
     "preview": "run the world's task experts; write a GIF/PNG of episodes and expert statistics",
+    "data": "generate the built-in world's dataset: RLDS episodes, primitive clips, statistics, "
+            "tokenizer (into config.data.dataset_dir, default <workdir>/data)",
+    "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
 }
 
 
@@ -34,11 +40,26 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _define_common_flags() -> None:
+def _define_flags(job: str) -> None:
     flags.DEFINE_string("config", None, "Config file `configs/<name>.py[:arg]`; override keys "
                         "with --config.<key>=<value> (e.g. --config.train.steps=50).")
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, pictures, reports.")
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.DEFINE_bool("overwrite", False, "Replace outputs that exist but were made differently.")
+    required = ["config", "workdir"]
+    if job == "ingest":
+        flags.DEFINE_string("spec", None, "Dataset spec file mapping the RLDS keys, e.g. "
+                            "configs/rlds/bridge.py.")
+        flags.DEFINE_string("source", None, "RLDS dataset directory (a TFDS version directory "
+                            "or its parent); local or gs://.")
+        flags.DEFINE_string("out", None, "Clip dataset directory to write; default "
+                            "<workdir>/data_<spec name>.")
+        required += ["spec", "source"]
+    flags.mark_flags_as_required(required)
+
+
+def _fail(message: str) -> None:
+    print(f"pewm: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _load_config(overrides: list[str]):
@@ -49,25 +70,71 @@ def _load_config(overrides: list[str]):
     try:
         return config_lib.load_config(flags.FLAGS.config, overrides, jax.device_count())
     except config_lib.ConfigError as e:
-        print(f"pewm: bad config: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"bad config: {e}")
 
 
-def _run_stages(stages: tuple[str, ...], overrides: list[str]) -> Callable[[list[str]], None]:
-    def job(argv: list[str]) -> None:
+def dataset_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+    """Where a run's dataset lives: config.data.dataset_dir, or <workdir>/data."""
+    return pathlib.Path(config.data.dataset_dir or workdir / "data")
+
+
+def _preview_stage(config, workdir: pathlib.Path) -> None:
+    from pewm_jax import preview
+
+    print(f"[preview] expert episodes of the built-in world -> {workdir / 'preview'}")
+    preview.print_summary(preview.run_preview(config, workdir))
+
+
+def _data_stage(config, workdir: pathlib.Path) -> None:
+    from data_loaders import clip_dataset, tabletop
+
+    out = dataset_dir(config, workdir)
+    print(f"[data] built-in world dataset -> {out}")
+    try:
+        meta, generated = tabletop.ensure_dataset(config, out, overwrite=flags.FLAGS.overwrite)
+    except clip_dataset.DatasetError as e:
+        _fail(str(e))
+    print(f"  {'generated' if generated else 'reused'}: clips per split {meta.splits}")
+    print(f"  statistics and tokenizer: {out / clip_dataset.STATS_FILE}, "
+          f"{out / clip_dataset.TOKENIZER_FILE}")
+
+
+def _ingest_job(config, workdir: pathlib.Path) -> None:
+    from data_loaders import clip_dataset, rlds
+
+    try:
+        spec = rlds.load_spec(flags.FLAGS.spec)
+        out = pathlib.Path(flags.FLAGS.out or workdir / f"data_{spec.name}")
+        print(f"[ingest] {flags.FLAGS.source} ({spec.name}) -> {out}")
+        meta = rlds.ingest(spec, flags.FLAGS.source, out, horizon=config.data.horizon,
+                           frame_stride=config.data.frame_stride,
+                           context_frames=config.data.context_frames,
+                           image_size=config.world.image_size, overwrite=flags.FLAGS.overwrite)
+    except clip_dataset.DatasetError as e:
+        _fail(str(e))
+    print(f"  clips per split {meta.splits}; statistics and tokenizer beside them in {out}")
+
+
+_STAGES = {"preview": _preview_stage, "data": _data_stage}
+
+
+def _job(job: str, overrides: list[str]):
+    def run(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request (-v 0)
+            absl_logging.set_verbosity(absl_logging.WARNING)
         config = _load_config(overrides)
         workdir = pathlib.Path(flags.FLAGS.workdir)
-        for stage in stages or config.run.stages:
-            if stage == "preview":
-                from pewm_jax import preview
-                print(f"[preview] expert episodes of the built-in world -> {workdir / 'preview'}")
-                preview.print_summary(preview.run_preview(config, workdir))
-            else:
-                raise app.UsageError(f"stage {stage!r} is not available in this version; "
-                                     f"set --config.run.stages to a subset of ('preview',)")
-    return job
+        if job == "ingest":
+            _ingest_job(config, workdir)
+            return
+        for stage in config.run.stages if job == "run" else (job,):
+            if stage not in _STAGES:
+                _fail(f"stage {stage!r} is not available in this version; set "
+                      f"--config.run.stages to a subset of {tuple(_STAGES)}")
+            _STAGES[stage](config, workdir)
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,17 +145,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if len(argv) >= 2 else 2)
     job = argv[1]
     if job not in JOBS:
-        print(f"pewm: unknown job {job!r}\n\n{_usage()}", file=sys.stderr)
-        sys.exit(2)
-    _define_common_flags()
+        _fail(f"unknown job {job!r}\n\n{_usage()}")
+    _define_flags(job)
     if {"-h", "--help", "-help"} & set(argv[2:]):
         print(f"pewm {job}: {JOBS[job]}\n\n{__doc__.strip()}\n\nflags:"
               f"{flags.FLAGS.module_help(__name__).split(':', 1)[1]}")
         sys.exit(0)
-    stages = () if job == "run" else (job,)
     overrides = [a.removeprefix("--config.") for a in argv[2:] if a.startswith("--config.")]
     rest = [a for a in argv[2:] if not a.startswith("--config.")]
-    app.run(_run_stages(stages, overrides), argv=[f"pewm {job}"] + rest)
+    app.run(_job(job, overrides), argv=[f"pewm {job}"] + rest)
 
 
 if __name__ == "__main__":

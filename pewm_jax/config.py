@@ -26,6 +26,7 @@ class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds a value that cannot work."""
 
 
+_PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis names models put on params and activations; every one needs a rule.
 LOGICAL_AXES = ("batch", "frames", "tokens", "embed", "heads", "mlp", "vocab", "kv")
@@ -40,7 +41,8 @@ MIN_IMAGE_SIZE = 16
 # The only keys that may hold None (meaning given in the comment in `default_config`).
 NULLABLE_KEYS = frozenset({"train.grad_clip"})
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", tuple: "a tuple (or list)"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", tuple: "a tuple (or list)",
+               bool: "True or False"}
 
 _POSITIVE = (
     "world.primitive_max_steps",
@@ -79,6 +81,9 @@ _POSITIVE = (
     "run.preview_scenes_per_primitive",
 )
 _NON_NEGATIVE = (
+    "data.generation_workers",
+    "data.color_jitter",
+    "data.prefetch",
     "seed",
     "data.num_workers",
     "train.warmup_steps",
@@ -95,6 +100,7 @@ _CHOICES = {
 }
 # (key, low, low inclusive, high, high inclusive)
 _INTERVALS = (
+    ("data.crop_scale_min", 0.0, False, 1.0, True),
     ("world.max_delta", 0.0, False, 1.0, True),
     ("diffusion.cond_dropout", 0.0, True, 1.0, False),
     ("train.ema_decay", 0.0, True, 1.0, False),
@@ -124,6 +130,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_holdout_episodes = 100  # episodes of held-out compositions (compositional eval)
     c.data.num_workers = 0  # Grain worker processes; 0 loads in the main process
     c.data.dataset_dir = ""  # where the dataset lives; '' means inside the run's --workdir
+    # Weighted mixture of clip dataset directories, (("dir", weight), ...); empty: dataset_dir alone.
+    c.data.mixture = ()
+    c.data.tokenizer = ""  # tokenizer.json path; '' means the (first) dataset's own tokenizer
+    c.data.generation_workers = 2  # processes generating built-in world episodes (`pewm data`)
+    c.data.augment = True  # random crop-and-resize + colour jitter, points moved with the pixels
+    c.data.crop_scale_min = 0.85  # smallest crop side as a fraction of the frame (augmentation)
+    c.data.color_jitter = 0.1  # max relative brightness / contrast change (augmentation)
+    c.data.skip_corrupt = False  # skip (and count) records that fail to decode instead of raising
+    c.data.prefetch = 2  # batches prefetched per worker
 
     c.model = ml_collections.ConfigDict()  # the space-time video DiT and its text encoder
     c.model.patch_size = 8  # spatial patch side in pixels (divides world.image_size)
@@ -184,7 +199,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.seed = 1234  # seed of the evaluation episodes
 
     c.run = ml_collections.ConfigDict()  # what `pewm run` executes
-    c.run.stages = ("preview",)  # stages to run, from 'preview', 'data', 'train', 'eval', 'export'
+    c.run.stages = ("preview", "data")  # stages to run, from 'preview', 'data', 'train', 'eval', 'export'
     c.run.preview_episodes = 6  # preview: expert episodes drawn as a GIF grid and PNG strip
     c.run.preview_episodes_per_template = 20  # preview: episodes per task template for expert stats
     c.run.preview_scenes_per_primitive = 50  # preview: scenes per primitive for expert stats
@@ -251,6 +266,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_stages(config.run.stages)
 
 
+def config_file_function(path: str, example: str):
+    """The `get_config` function of a Python config file (big_vision style).
+
+    A relative path that does not exist from the current directory is also looked up from the
+    project root, so `configs/x.py` works from anywhere.
+    """
+    if not Path(path).is_file() and (_PROJECT_ROOT / path).is_file():
+        path = str(_PROJECT_ROOT / path)
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path!r} not found. Fix: pass a path such as {example}.")
+    spec = importlib.util.spec_from_file_location(f"pewm_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file {path!r} has no get_config() function.")
+    return module.get_config
+
+
 def load_config(
     path_with_arg: str,
     overrides: Sequence[str] = (),
@@ -263,16 +296,8 @@ def load_config(
     Locking means a later typo such as `config.train.stpes = 5` raises instead of adding a key.
     """
     path, _, arg = path_with_arg.partition(":")
-    if not Path(path).is_file():
-        raise ConfigError(
-            f"config file {path!r} not found. Fix: pass a path such as configs/quickstart.py."
-        )
-    spec = importlib.util.spec_from_file_location(f"pewm_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise ConfigError(f"config file {path!r} has no get_config(arg=None) function.")
-    config = module.get_config(arg) if arg else module.get_config()
+    get_config = config_file_function(path, "configs/quickstart.py")
+    config = get_config(arg) if arg else get_config()
     schema = default_config()
     for override in overrides:
         _apply_override(config, schema, override)
@@ -311,6 +336,7 @@ def _apply_override(
         float: flags.FloatParser().parse,
         str: str,
         tuple: tuple_parser.TupleParser().parse,
+        bool: flags.BooleanParser().parse,
     }[type(default)]
     type_name = _TYPE_NAMES[type(default)]
     try:

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from conftest import TINY_DATA
+from data_loaders import clip_dataset
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -37,11 +40,14 @@ def test_bad_config_stops_with_one_message(tmp_path, override, message):
     assert not (tmp_path / "preview").exists()  # nothing ran
 
 
-def test_main_job_writes_pictures_and_expert_statistics(tmp_path):
+def test_main_job_writes_pictures_expert_statistics_and_data(tmp_path):
     out = pewm("run", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
                "--config.run.preview_episodes=2", "--config.run.preview_episodes_per_template=2",
-               "--config.run.preview_scenes_per_primitive=10")
+               "--config.run.preview_scenes_per_primitive=10",
+               *(f"--config.{o}" for o in TINY_DATA))
     assert out.returncode == 0, out.stderr
+    assert "generated: clips per split" in out.stdout
+    assert clip_dataset.DatasetMeta.load(tmp_path / "data").splits["train"] > 0
     summary = json.loads((tmp_path / "preview" / "summary.json").read_text())
     assert len(summary["episodes"]) == 2
     assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place", "push"}
@@ -51,3 +57,16 @@ def test_main_job_writes_pictures_and_expert_statistics(tmp_path):
     gif = Image.open(tmp_path / "preview" / "expert_episodes.gif")
     assert gif.n_frames > 10
     assert "expert_episodes.gif" in out.stdout
+    again = pewm("data", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                 *(f"--config.{o}" for o in TINY_DATA))
+    assert again.returncode == 0 and "reused" in again.stdout
+    other = pewm("data", "--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.seed=3",
+                 *(f"--config.{o}" for o in TINY_DATA))
+    assert other.returncode == 2 and "--overwrite" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_ingest_job_reports_a_missing_source(tmp_path):
+    out = pewm("ingest", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+               "--spec=configs/rlds/bridge.py", f"--source={tmp_path / 'nowhere'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(tmp_path / "nowhere") in out.stderr

@@ -1,0 +1,80 @@
+"""The batch contract: every key, shape and dtype a training batch carries (DESIGN.md "Batch").
+
+Every producer (Grain pipelines, synthetic test batches) and consumer (train step, sampler,
+policy) imports `BatchSpec`; `BatchSpec.check` is what tests run against each of them.
+
+Frames stay uint8 until the jitted step (4x less host-to-device traffic than float32). Points
+are float32 pixels of the stored frame, (x, y), origin top-left (DESIGN.md "Coordinates").
+Actions are normalised with the dataset statistics except gripper dimensions, and padded to
+`action_dim` with `action_mask` marking the real dimensions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+
+
+class BatchSpecError(ValueError):
+    """A batch does not follow the batch contract."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """Shapes of one batch; `batch_size` is the leading dimension of every key."""
+
+    context_frames: int  # C: clean observation frames at the primitive's start
+    horizon: int  # H: future frames to generate
+    image_size: int  # N: frames are N x N RGB
+    max_text_tokens: int  # L: primitive words, tokenised and padded
+    action_dim: int  # A: largest action size over the datasets in the mixture
+
+    @classmethod
+    def from_config(cls, config, action_dim: int) -> "BatchSpec":
+        """The spec a config's pipeline produces (`action_dim` comes from the datasets)."""
+        return cls(context_frames=config.data.context_frames, horizon=config.data.horizon,
+                   image_size=config.world.image_size,
+                   max_text_tokens=config.data.max_text_tokens, action_dim=action_dim)
+
+    def shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Key -> (shape, dtype) for a batch of `batch_size` clips."""
+        b, c, h, n, l, a = (batch_size, self.context_frames, self.horizon, self.image_size,
+                            self.max_text_tokens, self.action_dim)
+        return {
+            "context": ((b, c, n, n, 3), np.dtype(np.uint8)),  # frames at the primitive's start
+            "frames": ((b, h, n, n, 3), np.dtype(np.uint8)),  # the H future frames
+            "text_tokens": ((b, l), np.dtype(np.int32)),  # primitive words, 0-padded
+            "text_mask": ((b, l), np.dtype(bool)),  # True on real tokens
+            "start_xy": ((b, 2), np.dtype(np.float32)),  # pixels, (x, y)
+            "goal_xy": ((b, 2), np.dtype(np.float32)),  # pixels, (x, y)
+            "sgg_valid": ((b,), np.dtype(bool)),  # False: points unknown, no guidance
+            "actions": ((b, h, a), np.dtype(np.float32)),  # action from frame j-1 to frame j
+            "action_mask": ((b, a), np.dtype(bool)),  # True on the dataset's real dimensions
+            "dataset_id": ((b,), np.dtype(np.int32)),  # index into the mixture's datasets
+        }
+
+    def check(self, batch: Mapping[str, np.ndarray], batch_size: int | None = None) -> None:
+        """Raises BatchSpecError naming the first key that is missing, extra or mis-shaped."""
+        if batch_size is None:
+            if "sgg_valid" not in batch:
+                raise BatchSpecError("batch has no 'sgg_valid' key to read the batch size from")
+            batch_size = int(np.shape(batch["sgg_valid"])[0])
+        expected = self.shapes(batch_size)
+        missing, extra = set(expected) - set(batch), set(batch) - set(expected)
+        if missing or extra:
+            raise BatchSpecError(f"batch keys differ from the spec: missing {sorted(missing)}, "
+                                 f"unexpected {sorted(extra)}")
+        for key, (shape, dtype) in expected.items():
+            value = batch[key]
+            if tuple(value.shape) != shape or np.dtype(value.dtype) != dtype:
+                raise BatchSpecError(f"batch[{key!r}] is {np.dtype(value.dtype)}{list(value.shape)}, "
+                                     f"the spec says {dtype}{list(shape)}")
+        if np.any(np.asarray(batch["text_tokens"])[~np.asarray(batch["text_mask"])] != 0):
+            raise BatchSpecError("batch['text_tokens'] must be 0 (padding) where text_mask is False")
+        if not np.all(np.asarray(batch["action_mask"]).any(axis=1)):
+            raise BatchSpecError("batch['action_mask'] has a clip with no real action dimension")
+        if np.any(np.asarray(batch["actions"])[np.broadcast_to(
+                ~np.asarray(batch["action_mask"])[:, None, :], batch["actions"].shape)] != 0):
+            raise BatchSpecError("batch['actions'] must be 0 in padded dimensions (action_mask False)")

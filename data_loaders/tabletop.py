@@ -1,0 +1,230 @@
+"""The built-in tabletop world's dataset: expert episodes in RLDS layout, then primitive clips.
+
+`generate_dataset(config, out_dir)` (the `pewm data` job) runs the task experts in parallel
+worker processes and writes one dataset directory (see `clip_dataset`):
+
+    episodes/pewm_tabletop/1.0.0/   RLDS episodes (TFDS, array_record): steps of
+        observation/{image, state}, action, language_instruction (the task), reward, discount,
+        is_first/is_last/is_terminal, and per-step primitive annotations: primitive_id,
+        primitive_text, primitive_start_xy, primitive_goal_xy (pixels)
+    clips/ ...                      one clip per primitive segment, cut from the stored episodes
+    dataset_statistics.json, tokenizer.json, pewm_dataset.json
+
+Splits: train, validation and test draw seen task compositions from disjoint seed ranges;
+holdout_primitive and holdout_composition hold the compositional hold-outs
+(pewm_jax.sim.tasks), which never appear in the other splits. The same config and seed give
+identical data; the directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import pathlib
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from data_loaders.clip_dataset import DatasetError, DatasetMeta, staged_directory, write_clips
+from data_loaders.clips import Clip, cut_clip
+from pewm_jax.sim import TabletopEnv, expert_episode
+from pewm_jax.sim.episodes import Episode
+
+EPISODES_DIR = "episodes"
+GRIPPER_DIMS = [2]  # the tabletop action is (dx, dy, grip)
+# Dataset split -> (task split of pewm_jax.sim.tasks, config key with its episode count).
+SPLITS = {
+    "train": ("train", "num_train_episodes"),
+    "validation": ("train", "num_val_episodes"),
+    "test": ("train", "num_test_episodes"),
+    "holdout_primitive": ("holdout_primitive", "num_holdout_episodes"),
+    "holdout_composition": ("holdout_composition", "num_holdout_episodes"),
+}
+_SEEDS_PER_SPLIT = 10_000_000  # episode seeds of different splits never collide
+
+
+def episode_seed(config: ml_collections.ConfigDict, split: str, index: int) -> int:
+    """The world seed of episode `index` of `split`: disjoint ranges per split and config seed."""
+    return (config.seed * len(SPLITS) + list(SPLITS).index(split)) * _SEEDS_PER_SPLIT + index
+
+
+class _EpisodeBuilder(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder of the tabletop episodes in RLDS layout (module docstring)."""
+
+    name = "pewm_tabletop"
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, config: ml_collections.ConfigDict, pool, **kwargs):
+        self._cfg = config
+        self._pool = pool  # a multiprocessing pool set up by _init_worker, or None: in-process
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        n, t = self._cfg.world.image_size, tfds.features.Tensor
+        return tfds.core.DatasetInfo(builder=self, description="pewm built-in tabletop world, "
+                                     "scripted expert episodes with primitive annotations",
+                                     features=tfds.features.FeaturesDict({
+            "steps": tfds.features.Dataset({
+                "observation": {"image": t(shape=(n, n, 3), dtype=np.uint8),
+                                "state": t(shape=(3,), dtype=np.float32)},
+                "action": t(shape=(3,), dtype=np.float32),
+                "language_instruction": tfds.features.Text(),
+                "reward": t(shape=(), dtype=np.float32),
+                "discount": t(shape=(), dtype=np.float32),
+                "is_first": t(shape=(), dtype=np.bool_),
+                "is_last": t(shape=(), dtype=np.bool_),
+                "is_terminal": t(shape=(), dtype=np.bool_),
+                "primitive_id": t(shape=(), dtype=np.int32),
+                "primitive_text": tfds.features.Text(),
+                "primitive_start_xy": t(shape=(2,), dtype=np.float32),
+                "primitive_goal_xy": t(shape=(2,), dtype=np.float32),
+            }),
+            "episode_metadata": {"seed": t(shape=(), dtype=np.int64),
+                                 "template": tfds.features.Text(),
+                                 "task_split": tfds.features.Text(),
+                                 "success": t(shape=(), dtype=np.bool_)},
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split, (_, key) in SPLITS.items()
+                if self._cfg.data[key] > 0}
+
+    def _generate_examples(self, split: str):
+        for ep in _generate_episodes(self._cfg, split, self._pool):
+            yield ep.seed, _rlds_episode(ep)
+
+
+def _init_worker(world: dict) -> None:
+    global _ENV
+    _ENV = TabletopEnv(world["image_size"], (world["num_objects_min"], world["num_objects_max"]),
+                       world["max_delta"], world["primitive_max_steps"])
+
+
+def _run_episode(args: tuple[int, str]) -> Episode:
+    seed, task_split = args
+    return expert_episode(_ENV, seed, split=task_split, paraphrase_rng=np.random.default_rng(seed))
+
+
+def _generate_episodes(config: ml_collections.ConfigDict, split: str, pool) -> Iterator[Episode]:
+    """Expert episodes of one dataset split, in seed order, from `pool` (or in-process)."""
+    task_split, key = SPLITS[split]
+    jobs = [(episode_seed(config, split, i), task_split) for i in range(config.data[key])]
+    results = pool.imap(_run_episode, jobs, chunksize=4) if pool else map(_run_episode, jobs)
+    yield from tqdm.tqdm(results, total=len(jobs), desc=f"{split} episodes", unit="ep", leave=False)
+
+
+@contextlib.contextmanager
+def _worker_pool(config: ml_collections.ConfigDict):
+    """Processes that generate episodes; none (in-process) for generation_workers <= 1."""
+    world = config.world.to_dict()
+    if config.data.generation_workers <= 1:
+        _init_worker(world)
+        yield None
+        return
+    # spawn: the parent may hold JAX threads, which fork would copy in a broken state.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(config.data.generation_workers, _init_worker, (world,)) as pool:
+        yield pool
+
+
+def _rlds_episode(ep: Episode) -> dict:
+    """An Episode as an RLDS episode: T + 1 steps, the last one holding the final observation."""
+    num_steps = len(ep.frames)
+    seg_of_step = np.zeros(num_steps, np.int32)
+    for k, seg in enumerate(ep.segments):
+        seg_of_step[seg.start_frame:] = k  # the final observation belongs to the last segment
+    actions = np.concatenate([ep.actions, np.zeros((1, 3), np.float32)])
+    steps = []
+    for t in range(num_steps):
+        seg = ep.segments[seg_of_step[t]]
+        last = t == num_steps - 1
+        steps.append({
+            "observation": {"image": ep.frames[t], "state": ep.states[t]},
+            "action": actions[t], "language_instruction": ep.task,
+            "reward": np.float32(last and ep.success), "discount": np.float32(1.0),
+            "is_first": t == 0, "is_last": last, "is_terminal": last and ep.success,
+            "primitive_id": seg_of_step[t], "primitive_text": seg.text,
+            "primitive_start_xy": seg.start_xy, "primitive_goal_xy": seg.goal_xy})
+    return {"steps": steps, "episode_metadata": {"seed": ep.seed, "template": ep.template,
+                                                 "task_split": ep.split, "success": ep.success}}
+
+
+def episode_clips(record: dict, data: ml_collections.ConfigDict) -> list[Clip]:
+    """The primitive clips of one stored RLDS episode (per-step primitive annotations)."""
+    steps = record["steps"]
+    steps = [steps[t] for t in range(len(steps))]
+    frames = np.stack([s["observation"]["image"] for s in steps])
+    actions = np.stack([s["action"] for s in steps[:-1]])
+    ids = np.array([s["primitive_id"] for s in steps])
+    starts = np.flatnonzero(np.diff(ids, prepend=-1))
+    ends = np.append(starts[1:], len(steps) - 1)
+    clips = []
+    for start, end in zip(starts, ends):
+        first = steps[start]
+        clips.append(cut_clip(
+            frames, actions, int(start), int(end), horizon=data.horizon, stride=data.frame_stride,
+            context_frames=data.context_frames, gripper_dims=GRIPPER_DIMS,
+            text=_text(first["primitive_text"]), start_xy=first["primitive_start_xy"],
+            goal_xy=first["primitive_goal_xy"], sgg_valid=True,
+            episode_id=int(record["episode_metadata"]["seed"]), segment_index=int(ids[start])))
+    return clips
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def generate_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
+                     overwrite: bool = False) -> DatasetMeta:
+    """Generates the tabletop dataset directory `out_dir` (module docstring); returns its meta."""
+    with staged_directory(pathlib.Path(out_dir), overwrite) as stage:
+        with _worker_pool(config) as pool:
+            builder = _EpisodeBuilder(config=config, pool=pool, data_dir=str(stage / EPISODES_DIR),
+                                      file_format="array_record")
+            tfds.disable_progress_bar()  # our own progress bar counts episodes
+            builder.download_and_prepare()
+        splits = {split: builder.as_data_source(split=split) for split in builder.info.splits}
+        tasks = {_text(record["steps"][0]["language_instruction"]) for record in splits["train"]}
+
+        def clips_of(source) -> Iterator[Clip]:
+            for i in range(len(source)):
+                yield from episode_clips(source[i], config.data)
+
+        return write_clips(stage, dataset_meta(config),
+                           {s: clips_of(src) for s, src in splits.items()},
+                           tokenizer_texts=sorted(tasks))
+
+
+def dataset_meta(config: ml_collections.ConfigDict) -> DatasetMeta:
+    """The meta a tabletop dataset generated from `config` has (split counts aside)."""
+    return DatasetMeta(
+        name="pewm_tabletop", image_size=config.world.image_size, horizon=config.data.horizon,
+        frame_stride=config.data.frame_stride, context_frames=config.data.context_frames,
+        action_dim=3, gripper_dims=GRIPPER_DIMS,
+        source=(f"pewm_jax.sim expert episodes; seed {config.seed}; world {config.world.to_dict()}; "
+                + "; ".join(f"{k} {config.data[k]}" for _, k in SPLITS.values())))
+
+
+def ensure_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
+                   overwrite: bool = False) -> tuple[DatasetMeta, bool]:
+    """Reuses the dataset at `out_dir` if `config` would generate the same one, else generates.
+
+    Returns (meta, generated). A dataset made from a different config is never replaced
+    silently: DatasetError lists what differs (pass overwrite=True to regenerate).
+    """
+    path = pathlib.Path(out_dir)
+    if path.exists() and not overwrite:
+        have, want = DatasetMeta.load(path), dataset_meta(config)
+        differ = [f for f in ("name", "image_size", "horizon", "frame_stride", "context_frames",
+                              "action_dim", "gripper_dims", "source")
+                  if getattr(have, f) != getattr(want, f)]
+        if differ:
+            raise DatasetError(
+                f"{path} holds a dataset made with other settings ({', '.join(differ)} differ: "
+                f"{[(getattr(have, f), getattr(want, f)) for f in differ]}). It is left as it is; "
+                "use another --config.data.dataset_dir, or pass --overwrite to regenerate it.")
+        return have, False
+    return generate_dataset(config, path, overwrite=overwrite), True

@@ -1,0 +1,148 @@
+"""The built-in world's dataset: generation, splits, hold-outs, clips, statistics, tokenizer."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from data_loaders import clip_dataset, clips, tabletop, tokenizer
+from pewm_jax.sim import primitives as P
+from pewm_jax.sim import tasks as T
+from pewm_jax.sim.world import OBJECT_NAMES
+
+
+def _records(path: pathlib.Path, split: str) -> list[dict]:
+    src = clip_dataset.clip_source(path, split)
+    return sorted((src[i] for i in range(len(src))), key=lambda r: (r["episode_id"], r["segment_index"]))
+
+
+def _pair_of(text: str) -> tuple[str, str]:
+    """(skill, object) of a primitive's words, from the paraphrase tables."""
+    for kind, forms in P.WORDS.items():
+        for form in forms:
+            for obj in OBJECT_NAMES:
+                if text.startswith(form.split("{obj}")[0] + obj):
+                    return T.SKILL_OF_KIND[kind], obj
+    raise AssertionError(f"no paraphrase matches {text!r}")
+
+
+def test_generation_is_deterministic_and_independent_of_workers(tabletop_dataset, tmp_path):
+    again = tabletop.generate_dataset(tiny_config("data.generation_workers=1"), tmp_path / "again")
+    first = clip_dataset.DatasetMeta.load(tabletop_dataset)
+    assert again.splits == first.splits
+    for split in first.splits:
+        for a, b in zip(_records(tabletop_dataset, split), _records(tmp_path / "again", split),
+                        strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+    for name in (clip_dataset.STATS_FILE, clip_dataset.TOKENIZER_FILE):
+        assert (tabletop_dataset / name).read_text() == (tmp_path / "again" / name).read_text()
+
+
+def test_splits_are_disjoint_and_hold_outs_stay_out_of_train(tabletop_dataset):
+    meta = clip_dataset.DatasetMeta.load(tabletop_dataset)
+    assert set(meta.splits) == set(tabletop.SPLITS)
+    episodes = {s: {r["episode_id"] for r in _records(tabletop_dataset, s)} for s in meta.splits}
+    names = list(episodes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not episodes[a] & episodes[b], (a, b)
+    first_frames = [r["context"][0].tobytes() for s in names for r in _records(tabletop_dataset, s)
+                    if r["segment_index"] == 0]
+    assert len(first_frames) == len(set(first_frames))
+    for split in ("train", "validation", "test"):
+        for r in _records(tabletop_dataset, split):
+            assert _pair_of(r["text"].decode()) not in T.HELD_OUT_PAIRS
+    held = [_pair_of(r["text"].decode()) in T.HELD_OUT_PAIRS
+            for r in _records(tabletop_dataset, "holdout_primitive")]
+    assert any(held)
+
+
+def test_clips_follow_the_clip_contract(tabletop_dataset):
+    config = tiny_config()
+    meta = clip_dataset.DatasetMeta.load(tabletop_dataset)
+    assert (meta.horizon, meta.frame_stride, meta.image_size) == (8, 4, 64)
+    for r in _records(tabletop_dataset, "train"):
+        assert r["frames"].shape == (config.data.horizon, 64, 64, 3) and r["sgg_valid"]
+        assert r["context"].shape == (1, 64, 64, 3)
+        assert np.all(np.abs(r["actions"][:, :2]) <= 4 * 0.08 + 1e-6)  # s steps of <= max_delta
+        assert set(np.unique(r["actions"][:, 2])) <= {-1.0, 1.0}  # last grip command
+
+
+def test_frame_indices_pad_short_and_resample_long_segments():
+    np.testing.assert_array_equal(clips.frame_indices(3, 13, horizon=4, stride=3), [6, 9, 12, 13])
+    np.testing.assert_array_equal(clips.frame_indices(0, 5, horizon=4, stride=3), [3, 5, 5, 5])
+    np.testing.assert_array_equal(clips.frame_indices(0, 40, horizon=4, stride=3), [10, 20, 30, 40])
+    with pytest.raises(ValueError, match="at least one step"):
+        clips.frame_indices(4, 4, horizon=4, stride=3)
+
+
+def test_clip_actions_sum_displacement_and_keep_last_grip():
+    actions = np.array([[1, 0, -1], [2, 0, 1], [3, 1, 1], [4, 1, -1], [5, 2, -1]], np.float32)
+    idx = clips.frame_indices(0, 5, horizon=4, stride=2)  # [2, 4, 5, 5]
+    labels = clips.clip_actions(actions, 0, idx, gripper_dims=[2])
+    np.testing.assert_array_equal(labels, [[3, 0, 1], [7, 2, -1], [5, 2, -1], [0, 0, -1]])
+
+
+def test_action_statistics_leave_gripper_unnormalised(tabletop_dataset):
+    stats = clip_dataset.load_statistics(tabletop_dataset)
+    acts = np.concatenate([r["actions"] for r in _records(tabletop_dataset, "train")])
+    np.testing.assert_allclose(stats.mean, acts.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats.std, acts.std(0), rtol=1e-5)
+    assert stats.normalize_mask.tolist() == [True, True, False]
+    normed = stats.normalize(acts)
+    np.testing.assert_allclose(normed[:, :2].mean(0), 0, atol=1e-5)
+    np.testing.assert_array_equal(normed[:, 2], acts[:, 2])
+    np.testing.assert_allclose(stats.denormalize(normed), acts, atol=1e-5)
+
+
+def test_tokenizer_has_train_words_locations_and_specials(tabletop_dataset):
+    tok = tokenizer.load_tokenizer(tabletop_dataset)
+    vocab = tok.get_vocab()
+    assert [vocab[s] for s in tokenizer.SPECIALS] == [0, 1, 2, 3, 4]
+    assert vocab["<loc0000>"] == 5 and vocab["<loc1023>"] == 1028
+    train_words = {w for r in _records(tabletop_dataset, "train") for w in r["text"].decode().split()}
+    assert train_words <= set(vocab)
+    ids, mask = tokenizer.encode_batch(tok, ["pick up the red cube <loc0001><loc0002>", "flibber"], 8)
+    assert ids.dtype == np.int32 and mask.tolist()[1] == [True] + [False] * 7
+    assert ids[1, 0] == vocab[tokenizer.UNK] and ids[0, 5:7].tolist() == [6, 7]
+    with pytest.raises(FileNotFoundError, match="pewm data"):
+        tokenizer.load_tokenizer(tabletop_dataset / "nowhere")
+
+
+def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(ep):
+        calls.append(ep.seed)
+        if len(calls) > 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(ep)
+
+    original = tabletop._rlds_episode
+    monkeypatch.setattr(tabletop, "_rlds_episode", failing)
+    with pytest.raises(KeyboardInterrupt):
+        tabletop.generate_dataset(tiny_config("data.generation_workers=1"), tmp_path / "data")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(clip_dataset.DatasetError, match="pewm data"):
+        clip_dataset.clip_source(tmp_path / "data", "train")
+
+
+def test_existing_dataset_is_reused_or_refused_never_replaced(tabletop_dataset):
+    meta, generated = tabletop.ensure_dataset(tiny_config(), tabletop_dataset)
+    assert not generated and meta.splits == clip_dataset.DatasetMeta.load(tabletop_dataset).splits
+    before = (tabletop_dataset / clip_dataset.META_FILE).read_text()
+    with pytest.raises(clip_dataset.DatasetError, match="--overwrite"):
+        tabletop.ensure_dataset(tiny_config("seed=7"), tabletop_dataset)
+    with pytest.raises(clip_dataset.DatasetError, match="already exists"):
+        tabletop.generate_dataset(tiny_config(), tabletop_dataset)
+    assert (tabletop_dataset / clip_dataset.META_FILE).read_text() == before
+    assert json.loads(before)["splits"]["train"] > 0
+
+
+def test_missing_split_lists_the_splits(tabletop_dataset):
+    with pytest.raises(clip_dataset.DatasetError, match="holdout_composition"):
+        clip_dataset.clip_source(tabletop_dataset, "valid")
