@@ -43,6 +43,9 @@ setup(
     python_requires=">=3.11,<3.14",
     packages=find_packages(include=["pewm_jax", "pewm_jax.*", "data_loaders", "data_loaders.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={
+        "test": TEST_REQUIRES,
+        "gcs": ["gcsfs>=2024.2"],  # gs:// dataset and checkpoint paths through etils.epath
+    },
     entry_points={"console_scripts": ["pewm=pewm_jax.cli:main"]},
 )

@@ -9,7 +9,9 @@
 
 A directory is written under a temporary name and renamed into place only when everything in
 it is complete, so an interrupted run never leaves a dataset that looks complete, and an
-existing dataset is never replaced unless `overwrite=True`.
+existing dataset is never replaced unless `overwrite=True`. Writing is local; reading goes
+through `etils.epath`, so a dataset copied to `gs://...` is read the same way (with the `gcs`
+extra installed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_loaders import tokenizer as tokenizer_lib
 from data_loaders.clips import ActionStats, Clip
@@ -73,11 +76,12 @@ class _ClipBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         m = self._meta
-        n, t = m.image_size, tfds.features.Tensor
+        n, t, raw = m.image_size, tfds.features.Tensor, tfds.features.Encoding.BYTES
         return tfds.core.DatasetInfo(builder=self, description=f"Primitive clips of {m.name}",
                                      features=tfds.features.FeaturesDict({
-            "context": t(shape=(m.context_frames, n, n, 3), dtype=np.uint8),
-            "frames": t(shape=(m.horizon, n, n, 3), dtype=np.uint8),
+            # Raw bytes: ~70x faster to decode than the default per-element encoding.
+            "context": t(shape=(m.context_frames, n, n, 3), dtype=np.uint8, encoding=raw),
+            "frames": t(shape=(m.horizon, n, n, 3), dtype=np.uint8, encoding=raw),
             "actions": t(shape=(m.horizon, m.action_dim), dtype=np.float32),
             "text": tfds.features.Text(),
             "start_xy": t(shape=(2,), dtype=np.float32),
@@ -166,10 +170,10 @@ def write_dataset(out_dir: str | os.PathLike, meta: DatasetMeta,
                            tokenizer_texts)
 
 
-def require_dataset(dataset_dir: str | os.PathLike) -> pathlib.Path:
+def require_dataset(dataset_dir: str | os.PathLike) -> epath.Path:
     """The dataset directory as a path, or DatasetError saying how to make or where to put it."""
-    path = pathlib.Path(dataset_dir)
-    if not (path / META_FILE).is_file():
+    path = epath.Path(dataset_dir)
+    if not (path / META_FILE).exists():
         raise DatasetError(
             f"no dataset at {path} ({META_FILE} not found). Generate the built-in world's data "
             "with `pewm data --config=configs/quickstart.py --workdir=<run dir>`, convert an RLDS "
@@ -189,4 +193,4 @@ def clip_source(dataset_dir: str | os.PathLike, split: str) -> Sequence[dict]:
 
 
 def load_statistics(dataset_dir: str | os.PathLike) -> ActionStats:
-    return ActionStats.load(require_dataset(dataset_dir) / STATS_FILE)
+    return ActionStats.from_json(json.loads((require_dataset(dataset_dir) / STATS_FILE).read_text()))

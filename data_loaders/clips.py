@@ -122,7 +122,3 @@ class ActionStats:
 
     def save(self, path: pathlib.Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=1))
-
-    @classmethod
-    def load(cls, path: pathlib.Path) -> "ActionStats":
-        return cls.from_json(json.loads(pathlib.Path(path).read_text()))

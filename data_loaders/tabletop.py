@@ -68,7 +68,8 @@ class _EpisodeBuilder(tfds.core.GeneratorBasedBuilder):
                                      "scripted expert episodes with primitive annotations",
                                      features=tfds.features.FeaturesDict({
             "steps": tfds.features.Dataset({
-                "observation": {"image": t(shape=(n, n, 3), dtype=np.uint8),
+                "observation": {"image": t(shape=(n, n, 3), dtype=np.uint8,
+                                           encoding=tfds.features.Encoding.BYTES),
                                 "state": t(shape=(3,), dtype=np.float32)},
                 "action": t(shape=(3,), dtype=np.float32),
                 "language_instruction": tfds.features.Text(),

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tokenizers
+from etils import epath
 from tokenizers import models, normalizers, pre_tokenizers
 
 PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
@@ -43,14 +44,14 @@ def save_tokenizer(tok: tokenizers.Tokenizer, path: pathlib.Path) -> None:
 
 
 def load_tokenizer(path: str | pathlib.Path) -> tokenizers.Tokenizer:
-    """Loads a `tokenizer.json` from a local path; a clear error if it is not there."""
-    path = pathlib.Path(path)
+    """Loads a `tokenizer.json` (or a directory holding one), local or gs://; clear error if absent."""
+    path = epath.Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}; the dataset command (`pewm data`) "
                                 "writes tokenizer.json beside the dataset statistics")
-    return tokenizers.Tokenizer.from_file(str(path))
+    return tokenizers.Tokenizer.from_str(path.read_text())
 
 
 def encode_batch(tok: tokenizers.Tokenizer, texts: Sequence[str], max_tokens: int

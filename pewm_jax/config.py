@@ -93,6 +93,7 @@ _NON_NEGATIVE = (
     "eval.seed",
 )
 _CHOICES = {
+    "model.text_encoder": ("trainable", "siglip"),
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,
@@ -150,6 +151,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.text_width = 256  # text encoder width (divisible by text_num_heads)
     c.model.text_depth = 2  # text encoder layers
     c.model.text_num_heads = 4  # text encoder attention heads
+    # 'trainable': a small encoder over the dataset tokenizer; 'siglip': a frozen pretrained
+    # SigLIP text tower loaded from model.text_encoder_path (a local Hugging Face checkpoint).
+    c.model.text_encoder = "trainable"
+    c.model.text_encoder_path = ""  # local Hugging Face checkpoint directory for 'siglip'
     c.model.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
     c.model.param_dtype = "float32"  # stored parameter dtype: 'float32' or 'bfloat16'
     c.model.remat = "none"  # activation rematerialisation per block: 'none', 'full' or 'dots'

@@ -1,0 +1,474 @@
+"""The world model's text path: token ids -> (B, L, text_width) keys/values for cross-attention.
+
+Two encoders, chosen by `config.model.text_encoder` in `make_text_encoder`:
+
+- `TrainableTextEncoder`: a small pre-LN transformer over the project tokenizer's ids
+  (data_loaders/tokenizer.py, `<pad>` = 0), trained with the world model.
+- `SiglipTextEncoder`: our flax.nnx copy of the Hugging Face SigLIP text tower
+  (`transformers.SiglipTextModel`, returning its `last_hidden_state`), with weights loaded from a
+  local Hugging Face checkpoint by `load_siglip_text_encoder`. Its tokenizer loads from the same
+  directory (`load_siglip_tokenizer`, `encode_siglip_text`).
+
+Both share one block design (SigLIP's): LayerNorm -> multi-head self-attention -> residual,
+LayerNorm -> MLP (tanh-approximated GELU) -> residual, and a final LayerNorm.
+
+Freezing. The SigLIP tower is frozen twice over: (1) its parameters are `FrozenParam`, a
+subclass of `nnx.Param`, so they are saved, sharded and exported like every other parameter but
+the trainer can leave them out of the update, either by labelling them for
+`optax.multi_transform` with `param_labels` (`'frozen'` -> `optax.set_to_zero()`, so no weight
+decay touches them either) or by filtering `nnx.Optimizer(..., wrt=nnx.All(nnx.Param,
+nnx.Not(FrozenParam)))`; (2) its output passes through `jax.lax.stop_gradient`, so no gradient
+is computed through the tower.
+
+Sharding. Every parameter names logical axes (`embed`, `mlp`, `heads`, `kv`, `vocab`; position
+tables leave their position axis unnamed) with `nnx.with_partitioning`; loaded weights keep the
+same metadata. The model knows no mesh: `pewm_jax/parallel` maps the names to mesh axes. Note
+that Flax creates variables with eager sharding by default, which needs a mesh context (with
+`nnx.logical_axis_rules`) or `nnx.use_eager_sharding(False)` around construction.
+`load_siglip_text_encoder` builds with eager sharding off and returns unsharded arrays; place
+them with the same rules as any restored state.
+
+Shapes in comments: B batch, L tokens, D width, H heads, K head width, F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+Array = jax.Array
+LN_EPS = 1e-6  # SigLIP's layer_norm_eps; the trainable encoder uses the same
+
+
+class FrozenParam(nnx.Param):
+    """A parameter the optimizer must not update (pretrained, frozen weights).
+
+    A subclass of `nnx.Param`, so every `nnx.Param` filter (checkpoint, export, sharding)
+    still includes it; see the module docstring for how the trainer freezes it.
+    """
+
+
+def param_labels(params: nnx.State) -> nnx.State:
+    """'frozen' for each `FrozenParam` of `params`, 'trainable' for the rest.
+
+    The `param_labels` argument of `optax.multi_transform` (same tree as `params`, e.g.
+    `nnx.state(model, nnx.Param)`), so frozen weights get `optax.set_to_zero()`.
+    """
+    return jax.tree.map(lambda v: "frozen" if isinstance(v, FrozenParam) else "trainable",
+                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def _param(param_type: type[nnx.Param], init: Callable, axes: tuple, shape: tuple, dtype: Any,
+           rngs: nnx.Rngs) -> nnx.Param:
+    """A parameter of `param_type` initialised by `init`, carrying logical axis names `axes`."""
+    return param_type(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
+
+
+class _Dense(nnx.Module):
+    """x (..., *in_dims) -> (..., *out_dims): a kernel (*in_dims, *out_dims) plus a bias.
+
+    Multi-dimensional sides keep heads their own axis, so `heads` and `kv` can be named.
+    """
+
+    def __init__(self, in_dims: tuple[int, ...], out_dims: tuple[int, ...], axes: tuple, *,
+                 param_type: type[nnx.Param], dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        n_in = len(in_dims)
+        init = nnx.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, n_in + len(out_dims))))
+        self.kernel = _param(param_type, init, axes, in_dims + out_dims, param_dtype, rngs)
+        self.bias = _param(param_type, nnx.initializers.zeros, axes[n_in:], out_dims, param_dtype,
+                           rngs)
+        self.n_in = n_in
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
+        return y + self.bias[...].astype(self.dtype)
+
+
+class _LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, computed in float32 (PyTorch's: biased variance)."""
+
+    def __init__(self, width: int, eps: float, *, param_type: type[nnx.Param], param_dtype: Any,
+                 rngs: nnx.Rngs):
+        self.scale = _param(param_type, nnx.initializers.ones, ("embed",), (width,), param_dtype,
+                            rngs)
+        self.bias = _param(param_type, nnx.initializers.zeros, ("embed",), (width,), param_dtype,
+                           rngs)
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
+class _Block(nnx.Module):
+    """Pre-LN encoder layer: x + Attn(LN(x)), then x + MLP(LN(x)) (SigLIP's encoder layer)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, eps: float, approximate_gelu: bool,
+                 *, param_type: type[nnx.Param], dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        head_dim = width // num_heads
+        kw = dict(param_type=param_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = _LayerNorm(width, eps, param_type=param_type, param_dtype=param_dtype,
+                                rngs=rngs)
+        self.query = _Dense((width,), (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.key = _Dense((width,), (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.value = _Dense((width,), (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.out = _Dense((num_heads, head_dim), (width,), ("heads", "kv", "embed"), **kw)
+        self.norm2 = _LayerNorm(width, eps, param_type=param_type, param_dtype=param_dtype,
+                                rngs=rngs)
+        self.fc1 = _Dense((width,), (mlp_dim,), ("embed", "mlp"), **kw)
+        self.fc2 = _Dense((mlp_dim,), (width,), ("mlp", "embed"), **kw)
+        self.scale = head_dim ** -0.5
+        self.approximate_gelu = approximate_gelu
+        self.dtype = dtype
+
+    def __call__(self, x: Array, key_mask: Array | None) -> Array:
+        """x (B, L, D) float32, key_mask (B, L) bool or None (attend everywhere) -> (B, L, D)."""
+        h = self.norm1(x)
+        q, k, v = self.query(h), self.key(h), self.value(h)  # (B, L, H, K) each
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) * self.scale
+        if key_mask is not None:  # a fully masked row attends uniformly, never NaN
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # (B, H, L, L)
+        x = x + self.out(jnp.einsum("bhqs,bshk->bqhk", weights, v)).astype(jnp.float32)
+        h = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=self.approximate_gelu)  # (B, L, F)
+        return x + self.fc2(h).astype(jnp.float32)
+
+
+class _TextTransformer(nnx.Module):
+    """Token + learned position embeddings, `depth` pre-LN blocks, final LayerNorm."""
+
+    def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, num_heads: int,
+                 mlp_dim: int, eps: float, approximate_gelu: bool, param_type: type[nnx.Param],
+                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        if width % num_heads:
+            raise ValueError(f"text width {width} is not divisible by {num_heads} heads")
+        embed_init = nnx.initializers.normal(0.02)
+        self.token_embed = _param(param_type, embed_init, ("vocab", "embed"), (vocab_size, width),
+                                  param_dtype, rngs)  # (V, D)
+        self.pos_embed = _param(param_type, embed_init, (None, "embed"), (max_len, width),
+                                param_dtype, rngs)  # (max_len, D)
+        self.blocks = nnx.List([
+            _Block(width, num_heads, mlp_dim, eps, approximate_gelu, param_type=param_type,
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(depth)])
+        self.final_norm = _LayerNorm(width, eps, param_type=param_type, param_dtype=param_dtype,
+                                     rngs=rngs)
+        self.max_len = max_len
+        self.width = width
+
+    @property
+    def text_width(self) -> int:
+        """Width of the output tokens: the key/value width the DiT's cross-attention sees."""
+        return self.width
+
+    def _encode(self, tokens: Array, key_mask: Array | None) -> Array:
+        """tokens (B, L) int, key_mask (B, L) bool or None -> (B, L, D) float32."""
+        length = tokens.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"text has {length} tokens but the encoder has only {self.max_len} "
+                             "positions; truncate it (config.data.max_text_tokens)")
+        x = self.token_embed[...][tokens] + self.pos_embed[...][None, :length]  # (B, L, D)
+        x = x.astype(jnp.float32)
+        for block in self.blocks:
+            x = block(x, key_mask)
+        return self.final_norm(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two encoders.
+
+
+class TrainableTextEncoder(_TextTransformer):
+    """A small transformer over the project tokenizer's ids, trained with the world model."""
+
+    def __init__(self, vocab_size: int, max_len: int, *, width: int, depth: int, num_heads: int,
+                 mlp_ratio: float = 4.0, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        super().__init__(vocab_size=vocab_size, max_len=max_len, width=width, depth=depth,
+                         num_heads=num_heads, mlp_dim=int(width * mlp_ratio), eps=LN_EPS,
+                         approximate_gelu=True, param_type=nnx.Param, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, tokens: Array, mask: Array) -> Array:
+        """tokens (B, L) int32, mask (B, L) bool (True = real token) -> (B, L, D) float32.
+
+        Padded positions are masked out as keys, so real positions ignore them; the outputs at
+        padded positions are meaningless and must be masked by the consumer.
+        """
+        return self._encode(tokens, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiglipTextSpec:
+    """The architecture of a SigLIP text tower (the fields of `SiglipTextConfig` we use)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 64
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+
+
+# Hugging Face activation names -> whether jax.nn.gelu uses the tanh approximation.
+_GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": True,
+                     "gelu": False}
+
+
+class SiglipTextEncoder(_TextTransformer):
+    """Our flax.nnx SigLIP text tower: `SiglipTextModel(...).last_hidden_state`, frozen.
+
+    Build it with `load_siglip_text_encoder` (weights from a checkpoint); constructing it
+    directly gives random weights of the right shapes. `mask_padding=False` (the default) runs
+    it as SigLIP was trained: max-length padded text, padding attended like any token (Hugging
+    Face with no attention_mask); True masks padded keys (Hugging Face with attention_mask).
+    """
+
+    def __init__(self, spec: SiglipTextSpec, *, mask_padding: bool = False,
+                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        if spec.hidden_act not in _GELU_APPROXIMATE:
+            raise ValueError(f"SigLIP hidden_act {spec.hidden_act!r} is not supported; expected "
+                             f"one of {sorted(_GELU_APPROXIMATE)}")
+        super().__init__(vocab_size=spec.vocab_size, max_len=spec.max_position_embeddings,
+                         width=spec.hidden_size, depth=spec.num_hidden_layers,
+                         num_heads=spec.num_attention_heads, mlp_dim=spec.intermediate_size,
+                         eps=spec.layer_norm_eps,
+                         approximate_gelu=_GELU_APPROXIMATE[spec.hidden_act],
+                         param_type=FrozenParam, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.spec = spec
+        self.mask_padding = mask_padding
+
+    def __call__(self, tokens: Array, mask: Array) -> Array:
+        """tokens (B, L) int32 SigLIP ids, mask (B, L) bool -> (B, L, D) float32, no gradient."""
+        out = self._encode(tokens, mask if self.mask_padding else None)
+        return jax.lax.stop_gradient(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading SigLIP from a local Hugging Face checkpoint.
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint lacks tensors the model needs, has ones it does not know, or mis-shaped ones."""
+
+
+# The checkpoint of a full SiglipModel (and of transformers 4.x SiglipTextModel) prefixes the
+# text tower with "text_model."; tensors of the other parts are known and skipped.
+_TEXT_PREFIX = "text_model."
+_OTHER_TOWER_PREFIXES = ("vision_model.", "logit_scale", "logit_bias")
+# Text-tower tensors we do not use: the projection of the pooled (last) token.
+_UNUSED = ("head.weight", "head.bias")
+
+# How a checkpoint tensor becomes our parameter: (its checkpoint shape given our shape,
+# our array given the tensor and our shape). torch.nn.Linear stores (out, in).
+_CONVERSIONS: dict[str, tuple[Callable[[tuple], tuple], Callable[[Array, tuple], Array]]] = {
+    "copy": (lambda s: s, lambda w, s: w),
+    "linear": (lambda s: s[::-1], lambda w, s: w.T),  # (out, in) -> (in, out)
+    "linear_to_heads": (lambda s: (s[1] * s[2], s[0]),
+                        lambda w, s: w.T.reshape(s)),  # (H*K, D) -> (D, H, K)
+    "bias_to_heads": (lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s)),  # (H*K,) -> (H, K)
+    "linear_from_heads": (lambda s: (s[2], s[0] * s[1]),
+                          lambda w, s: w.T.reshape(s)),  # (D, H*K) -> (H, K, D)
+}
+
+
+def _siglip_name_table(num_layers: int) -> dict[tuple, tuple[str, str]]:
+    """Our parameter path -> (checkpoint name without prefix, conversion), for every parameter."""
+    table = {
+        ("token_embed",): ("embeddings.token_embedding.weight", "copy"),
+        ("pos_embed",): ("embeddings.position_embedding.weight", "copy"),
+        ("final_norm", "scale"): ("final_layer_norm.weight", "copy"),
+        ("final_norm", "bias"): ("final_layer_norm.bias", "copy"),
+    }
+    per_layer = {
+        ("norm1", "scale"): ("layer_norm1.weight", "copy"),
+        ("norm1", "bias"): ("layer_norm1.bias", "copy"),
+        ("norm2", "scale"): ("layer_norm2.weight", "copy"),
+        ("norm2", "bias"): ("layer_norm2.bias", "copy"),
+        ("query", "kernel"): ("self_attn.q_proj.weight", "linear_to_heads"),
+        ("query", "bias"): ("self_attn.q_proj.bias", "bias_to_heads"),
+        ("key", "kernel"): ("self_attn.k_proj.weight", "linear_to_heads"),
+        ("key", "bias"): ("self_attn.k_proj.bias", "bias_to_heads"),
+        ("value", "kernel"): ("self_attn.v_proj.weight", "linear_to_heads"),
+        ("value", "bias"): ("self_attn.v_proj.bias", "bias_to_heads"),
+        ("out", "kernel"): ("self_attn.out_proj.weight", "linear_from_heads"),
+        ("out", "bias"): ("self_attn.out_proj.bias", "copy"),
+        ("fc1", "kernel"): ("mlp.fc1.weight", "linear"),
+        ("fc1", "bias"): ("mlp.fc1.bias", "copy"),
+        ("fc2", "kernel"): ("mlp.fc2.weight", "linear"),
+        ("fc2", "bias"): ("mlp.fc2.bias", "copy"),
+    }
+    for i in range(num_layers):
+        for path, (name, conversion) in per_layer.items():
+            table[("blocks", i, *path)] = (f"encoder.layers.{i}.{name}", conversion)
+    return table
+
+
+def read_siglip_text_spec(path: str | pathlib.Path) -> SiglipTextSpec:
+    """The text-tower architecture from `config.json` of a SiglipModel or SiglipTextModel dir.
+
+    Keys the file leaves out take `SiglipTextConfig`'s defaults (as transformers does).
+    """
+    config_file = pathlib.Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}; expected a local Hugging Face SigLIP "
+                                "checkpoint directory (config.json + *.safetensors)")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") == "siglip":
+        config = config.get("text_config") or {}
+    elif config.get("model_type") != "siglip_text_model":
+        raise ValueError(f"{config_file} has model_type {config.get('model_type')!r}; expected "
+                         "'siglip' (SiglipModel) or 'siglip_text_model' (SiglipTextModel)")
+    fields = {f.name for f in dataclasses.fields(SiglipTextSpec)}
+    return SiglipTextSpec(**{k: v for k, v in config.items() if k in fields})
+
+
+def _tensor_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint: the shards of its index, or model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def load_siglip_text_encoder(path: str | pathlib.Path, *, mask_padding: bool = False,
+                             dtype: Any = jnp.float32,
+                             param_dtype: Any = jnp.float32) -> SiglipTextEncoder:
+    """A `SiglipTextEncoder` with the weights of a local Hugging Face checkpoint directory.
+
+    The directory holds config.json and safetensors (one file or shards with an index), of a
+    SiglipModel (its `text_model.*` tensors are used, the vision tower skipped) or a
+    SiglipTextModel. Every parameter comes from the checkpoint through `_siglip_name_table`;
+    raises `CheckpointMismatchError` naming every missing, unexpected or mis-shaped tensor.
+    """
+    path = pathlib.Path(path)
+    spec = read_siglip_text_spec(path)
+    files = _tensor_files(path)
+    where: dict[str, pathlib.Path] = {}  # checkpoint name -> its file
+    shapes: dict[str, tuple] = {}
+    for file in files:
+        with safe_open(file, framework="flax") as f:
+            for name in f.keys():
+                where[name] = file
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    prefix = _TEXT_PREFIX if any(n.startswith(_TEXT_PREFIX) for n in where) else ""
+    skipped = {n for n in where if prefix and n.startswith(_OTHER_TOWER_PREFIXES)}
+    skipped |= {prefix + n for n in _UNUSED}
+
+    with nnx.use_eager_sharding(False):  # no mesh here; placement is the caller's
+        abstract = nnx.eval_shape(lambda: SiglipTextEncoder(
+            spec, mask_padding=mask_padding, dtype=dtype, param_dtype=param_dtype,
+            rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    variables = dict(nnx.to_flat_state(state))  # our path -> abstract FrozenParam
+    table = _siglip_name_table(spec.num_hidden_layers)
+
+    missing, misshaped = [], []
+    for our_path, variable in variables.items():
+        name, conversion = table[our_path]
+        name = prefix + name
+        expected = _CONVERSIONS[conversion][0](tuple(variable.shape))
+        if name not in where:
+            missing.append(name)
+        elif shapes[name] != expected:
+            misshaped.append(f"{name} has shape {shapes[name]}, expected {expected}")
+    used = {prefix + table[p][0] for p in variables}
+    unexpected = sorted(set(where) - used - skipped)
+    problems = [f"{label}: {', '.join(items)}" for label, items in (
+        ("missing tensors", sorted(missing)), ("unexpected tensors", unexpected),
+        ("mis-shaped tensors", sorted(misshaped))) if items]
+    if problems:
+        raise CheckpointMismatchError(
+            f"SigLIP checkpoint {path} does not match the text tower its config.json describes "
+            f"({spec}): " + "; ".join(problems))
+
+    for file in files:
+        with safe_open(file, framework="flax") as f:
+            for our_path, variable in variables.items():
+                name, conversion = table[our_path]
+                if where[prefix + name] == file:
+                    tensor = f.get_tensor(prefix + name)
+                    value = _CONVERSIONS[conversion][1](tensor, tuple(variable.shape))
+                    variable.set_value(jnp.asarray(value, param_dtype))
+    return nnx.merge(graphdef, state)
+
+
+def load_siglip_tokenizer(path: str | pathlib.Path) -> Any:
+    """The SigLIP checkpoint's own tokenizer, from the same local directory (no network).
+
+    A `transformers` tokenizer via `AutoTokenizer`; SigLIP's SentencePiece tokenizer needs the
+    `sentencepiece` package unless the directory has a tokenizer.json.
+    """
+    from transformers import AutoTokenizer  # tokenizer files only; no model code from it
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def encode_siglip_text(tokenizer: Any, texts: Sequence[str], max_tokens: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(B, max_tokens) int32 ids, padded to max_length as SigLIP was trained, and the bool mask
+    of real tokens (from the tokenizer's attention_mask; SigLIP pads with a real id, not 0)."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_tokens,
+                    return_attention_mask=True, return_tensors="np")
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def make_text_encoder(config: ml_collections.ConfigDict, rngs: nnx.Rngs,
+                      vocab_size: int) -> TrainableTextEncoder | SiglipTextEncoder:
+    """The text encoder `config.model.text_encoder` names; its `text_width` is the DiT's kv width.
+
+    'trainable': sized by config.model.text_width/text_depth/text_num_heads (MLP width
+    mlp_ratio * text_width), `vocab_size` from the project tokenizer, positions for
+    config.data.max_text_tokens. 'siglip': loaded from config.model.text_encoder_path, with its
+    own vocabulary and width (`vocab_size` and `rngs` unused).
+    """
+    model = config.model
+    dtype, param_dtype = jnp.dtype(model.dtype), jnp.dtype(model.param_dtype)
+    if model.text_encoder == "trainable":
+        return TrainableTextEncoder(
+            vocab_size, config.data.max_text_tokens, width=model.text_width,
+            depth=model.text_depth, num_heads=model.text_num_heads, mlp_ratio=model.mlp_ratio,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if model.text_encoder == "siglip":
+        if not model.text_encoder_path:
+            raise ValueError("config.model.text_encoder = 'siglip' needs "
+                             "config.model.text_encoder_path: a local Hugging Face SigLIP "
+                             "checkpoint directory")
+        encoder = load_siglip_text_encoder(model.text_encoder_path, dtype=dtype,
+                                           param_dtype=param_dtype)
+        if config.data.max_text_tokens > encoder.max_len:
+            raise ValueError(
+                f"config.data.max_text_tokens = {config.data.max_text_tokens} exceeds the "
+                f"{encoder.max_len} positions of the SigLIP checkpoint at "
+                f"{model.text_encoder_path}; set it to {encoder.max_len} or less")
+        return encoder
+    raise ValueError(f"config.model.text_encoder = {model.text_encoder!r}; expected 'trainable' "
+                     "or 'siglip'")
