@@ -7,7 +7,9 @@ Generates a small tabletop dataset in a temporary directory at quickstart shapes
 (configs/pewm_base.py: 256x256 frames, 16 future frames), then reads training batches (per-process
 batch = the preset's global batch, one process; augmentation on, as in training) with each
 number of worker processes and prints clips/s after the first batch, and the time to that first
-batch (worker start-up). Compare clips/s with the train step's consumption for the headroom.
+batch (worker start-up). At quickstart shapes it also times the quickstart train step (loss +
+grad + AdamW, benchmarks/model_step.py) in the same run and prints the headroom: pipeline clips/s
+over the clips/s that step consumes (aim: >= 5x with 2 workers).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections  # noqa: E402
 
 from configs import pewm_base, quickstart  # noqa: E402
+from benchmarks import model_step  # noqa: E402
 from data_loaders import pipeline, tabletop  # noqa: E402
 
 
@@ -60,8 +63,13 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=40, help="train episodes generated")
     args = parser.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",")]
+    train = quickstart.get_config()
+    _, step_s = model_step.train_step_seconds(train, train.train.global_batch_size, steps=10)
+    consumed = train.train.global_batch_size / step_s
+    print(f"quickstart train step: {step_s * 1e3:.0f} ms per step of "
+          f"{train.train.global_batch_size} clips = {consumed:.1f} clips/s consumed")
     print(f"{'shapes':>10} {'frames':>9} {'batch':>5} {'workers':>7} {'clips/s':>8} "
-          f"{'first batch s':>13}")
+          f"{'first batch s':>13} {'headroom':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in shapes(args.episodes).items():
             config.data.dataset_dir = os.path.join(tmp, name)
@@ -70,8 +78,9 @@ def main() -> None:
             frames = f"{config.data.horizon}x{n}x{n}"
             for workers in worker_counts:
                 rate, first = clips_per_sec(config, workers, args.seconds, args.min_batches)
+                headroom = f"{rate / consumed:>8.1f}x" if name == "quickstart" else ""
                 print(f"{name:>10} {frames:>9} {config.train.global_batch_size:>5} {workers:>7} "
-                      f"{rate:>8.1f} {first:>13.2f}", flush=True)
+                      f"{rate:>8.1f} {first:>13.2f} {headroom:>9}", flush=True)
 
 
 if __name__ == "__main__":
