@@ -72,6 +72,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_loaders import segmenter as segmenter_lib
+from data_loaders import transforms
 from data_loaders.clip_dataset import DatasetError, DatasetMeta, write_dataset
 from data_loaders.clips import Clip, cut_clip
 from pewm_jax import config as config_lib
@@ -372,8 +373,7 @@ def square_frame(image: np.ndarray, size: int) -> np.ndarray:
 
 def square_point(xy: np.ndarray, height: int, width: int, size: int) -> np.ndarray:
     """Pixel (x, y) of the source image -> pixel of the square frame (same transform)."""
-    x0, y0, side = centre_crop_box(height, width)
-    return ((np.asarray(xy, np.float64) - (x0, y0)) * (size / side)).astype(np.float32)
+    return transforms.CropBox(*centre_crop_box(height, width)).map_points(xy, size)
 
 
 def project_points(points: np.ndarray, intrinsics: np.ndarray,
