@@ -31,19 +31,10 @@ from pewm_jax.diffusion import loss_fn, sample
 from pewm_jax.models import WorldModel
 from pewm_jax.models.flops import world_model_flops
 from pewm_jax.models.text_encoder import make_text_encoder
+from pewm_jax.train.metrics import measured_matmul_peak
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 1100  # about the size of a built tokenizer: specials, 1024 locations, words
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 matmul throughput in FLOP/s over `repeats` jitted n x n products."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, b).block_until_ready()
-    best = min(_timed(lambda: dot(a, b).block_until_ready()) for _ in range(repeats))
-    return 2 * n ** 3 / best
 
 
 def _timed(fn) -> float:
@@ -118,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"devices: {jax.devices()}")
-    peak = matmul_peak()
+    peak = measured_matmul_peak()
     print(f"matmul peak (float32 2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s")
     print(f"{'config':>11} {'batch':>5} {'compile s':>9} {'step s':>8} {'GFLOP/step':>10} "
           f"{'GFLOP/s':>8} {'MFU':>6}")

@@ -18,16 +18,20 @@ import logging
 import pathlib
 import sys
 
+import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 
 from pewm_jax import config as config_lib
+from pewm_jax.parallel import distributed
 
 JOBS: dict[str, str] = {
-    "run": "the main job: every stage in config.run.stages (preview, data) into --workdir",
+    "run": "the main job: every stage in config.run.stages (preview, data, train) into --workdir",
     "preview": "run the world's task experts; write a GIF/PNG of episodes and expert statistics",
     "data": "generate the built-in world's dataset: RLDS episodes, primitive clips, statistics, "
             "tokenizer (into config.data.dataset_dir, default <workdir>/data)",
+    "train": "train the world model on the run's dataset: sharded over the config's mesh, Orbax "
+             "checkpoints in <workdir>/world_model, TensorBoard logs in <workdir>/tensorboard",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
 }
 
@@ -44,8 +48,25 @@ def _define_flags(job: str) -> None:
     flags.DEFINE_string("config", None, "Config file `configs/<name>.py[:arg]`; override keys "
                         "with --config.<key>=<value> (e.g. --config.train.steps=50).")
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, pictures, reports.")
-    flags.DEFINE_bool("overwrite", False, "Replace outputs that exist but were made differently.")
+    flags.DEFINE_bool("overwrite", False, "Replace outputs that exist but were made differently "
+                      "(train: delete the run's checkpoints and TensorBoard logs, start afresh).")
     required = ["config", "workdir"]
+    if job in ("run", "train"):
+        flags.DEFINE_bool("resume", False, "Continue the newest committed checkpoint in "
+                          "<workdir>/world_model (start at step 0 if there is none).")
+        flags.DEFINE_integer("resume_step", None, "Continue from this checkpoint step; newer "
+                             "checkpoints are moved aside to <workdir>/superseded, not deleted.")
+        flags.DEFINE_string("init_from", None, "Start from the parameters of another run (its "
+                            "workdir, checkpoint directory or step directory) with a fresh "
+                            "optimizer; config.train.frozen patterns stay fixed.")
+        flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
+                            f"(default ${distributed.ENV_COORDINATOR}).")
+        flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes "
+                             f"(default ${distributed.ENV_NUM_PROCESSES}).")
+        flags.DEFINE_integer("process_id", None, "Multi-process: this process's id in "
+                             f"[0, num_processes) (default ${distributed.ENV_PROCESS_ID}).")
+        flags.DEFINE_bool("multihost", None, "Multi-process with JAX's cluster auto-detection "
+                          f"(Cloud TPU pods, SLURM) (default ${distributed.ENV_MULTIHOST}=1).")
     if job == "ingest":
         flags.DEFINE_string("spec", None, "Dataset spec file mapping the RLDS keys, e.g. "
                             "configs/rlds/bridge.py.")
@@ -60,6 +81,19 @@ def _define_flags(job: str) -> None:
 def _fail(message: str) -> None:
     print(f"pewm: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _start_processes(job: str) -> None:
+    """Joins a multi-process job when flags or environment ask for one (train jobs only)."""
+    if job not in ("run", "train"):
+        return
+    f = flags.FLAGS
+    try:
+        distributed.initialize(distributed.spec_from(
+            coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+            process_id=f.process_id, multihost=f.multihost))
+    except distributed.DistributedInitError as e:
+        _fail(f"multi-process start failed: {e}")
 
 
 def _load_config(overrides: list[str]):
@@ -115,7 +149,40 @@ def _ingest_job(config, workdir: pathlib.Path) -> None:
     print(f"  clips per split {meta.splits}; statistics and tokenizer beside them in {out}")
 
 
-_STAGES = {"preview": _preview_stage, "data": _data_stage}
+def _train_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
+    """Trains; False when the run was preempted (it saved; later stages must not run)."""
+    from data_loaders.clip_dataset import DatasetError
+    from pewm_jax.train import checkpoint, loop
+
+    f = flags.FLAGS
+    try:
+        # The flag's own string: pathlib would turn gs://bucket/run into gs:/bucket/run.
+        result = loop.train(config, f.workdir, resume=f.resume, resume_step=f.resume_step,
+                            overwrite=f.overwrite, init_from=f.init_from)
+    except (checkpoint.CheckpointError, config_lib.ConfigError, DatasetError,
+            FileNotFoundError) as e:
+        _fail(str(e))
+    except loop.TrainingDivergedError as e:
+        print(f"pewm: training diverged: {e}", file=sys.stderr)
+        sys.exit(3)
+    return result.status != "preempted"
+
+
+def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
+    """Runs one stage; with several processes only training runs on all of them, the other
+    stages on process 0 while the rest wait. False when the run must stop (preempted)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if stage == "train" or jax.process_count() == 1:
+        return _STAGES[stage](config, workdir) is not False
+    if jax.process_index() == 0:
+        _STAGES[stage](config, workdir)
+    multihost_utils.sync_global_devices(f"pewm_stage_{stage}")
+    return True
+
+
+_STAGES = {"preview": _preview_stage, "data": _data_stage, "train": _train_stage}
 
 
 def _job(job: str, overrides: list[str]):
@@ -124,6 +191,7 @@ def _job(job: str, overrides: list[str]):
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request (-v 0)
             absl_logging.set_verbosity(absl_logging.WARNING)
+        _start_processes(job)
         config = _load_config(overrides)
         workdir = pathlib.Path(flags.FLAGS.workdir)
         if job == "ingest":
@@ -133,7 +201,9 @@ def _job(job: str, overrides: list[str]):
             if stage not in _STAGES:
                 _fail(f"stage {stage!r} is not available in this version; set "
                       f"--config.run.stages to a subset of {tuple(_STAGES)}")
-            _STAGES[stage](config, workdir)
+            if not _run_stage(stage, config, workdir):
+                print(f"[{stage}] stopped early (preempted); rerun with --resume to continue")
+                return
     return run
 
 

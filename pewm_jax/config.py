@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,6 +89,9 @@ _NON_NEGATIVE = (
     "data.num_workers",
     "train.warmup_steps",
     "train.weight_decay",
+    "train.sample_clips",
+    "train.keep_period",
+    "train.peak_flops_per_device",
     "diffusion.text_guidance",
     "diffusion.sgg_guidance",
     "eval.seed",
@@ -105,6 +109,8 @@ _INTERVALS = (
     ("world.max_delta", 0.0, False, 1.0, True),
     ("diffusion.cond_dropout", 0.0, True, 1.0, False),
     ("train.ema_decay", 0.0, True, 1.0, False),
+    ("train.final_lr_fraction", 0.0, True, 1.0, True),
+    ("train.adam_b2", 0.0, True, 1.0, False),
 )
 
 
@@ -182,6 +188,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # most recent checkpoints kept on disk
     c.train.log_every = 50  # steps between scalar metric logs
     c.train.sample_every = 1000  # steps between sampled preview clips
+    c.train.sample_clips = 4  # validation clips sampled (EMA weights) beside ground truth; 0: none
+    c.train.final_lr_fraction = 0.1  # cosine decay ends at this fraction of learning_rate, [0, 1]
+    c.train.adam_b2 = 0.999  # AdamW second-moment decay, in [0, 1)
+    # Regular expressions over '/'-joined parameter paths (e.g. 'text_encoder/.*') whose
+    # parameters the optimizer leaves unchanged; pretrained SigLIP weights are always frozen.
+    c.train.frozen = ()
+    c.train.keep_period = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    c.train.async_checkpoints = True  # write checkpoints in the background while training goes on
+    # Peak FLOP/s of one device for MFU; 0: the vendor figure for known TPUs/GPUs, else measured
+    # (on CPU: a jitted matmul at start-up, for the whole host).
+    c.train.peak_flops_per_device = 0.0
 
     c.mesh = ml_collections.ConfigDict()  # device mesh; one axis may be -1 = fill from device count
     c.mesh.data = -1  # data-parallel axis size
@@ -204,7 +221,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.seed = 1234  # seed of the evaluation episodes
 
     c.run = ml_collections.ConfigDict()  # what `pewm run` executes
-    c.run.stages = ("preview", "data")  # stages to run, from 'preview', 'data', 'train', 'eval', 'export'
+    c.run.stages = ("preview", "data", "train")  # stages to run, from 'preview', 'data', 'train', 'eval', 'export'
     c.run.preview_episodes = 6  # preview: expert episodes drawn as a GIF grid and PNG strip
     c.run.preview_episodes_per_template = 20  # preview: episodes per task template for expert stats
     c.run.preview_scenes_per_primitive = 50  # preview: scenes per primitive for expert stats
@@ -269,6 +286,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_model(config)
     _check_mesh_and_batch(config, num_devices)
     _check_stages(config.run.stages)
+    _check_frozen(config.train.frozen)
 
 
 def config_file_function(path: str, example: str):
@@ -344,6 +362,9 @@ def _apply_override(
         bool: flags.BooleanParser().parse,
     }[type(default)]
     type_name = _TYPE_NAMES[type(default)]
+    if key in NULLABLE_KEYS and raw.strip() == "None":
+        holder[leaf] = None
+        return
     try:
         holder[leaf] = parser(raw)
     except ValueError as e:
@@ -550,6 +571,18 @@ def _check_stages(stages: Sequence) -> None:
             )
     if len(set(stages)) != len(stages):
         raise _error(key, tuple(stages), "names a stage twice", "list each stage once")
+
+
+def _check_frozen(patterns: Sequence) -> None:
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise _error(f"train.frozen[{i}]", pattern, "must be a string",
+                         "write regular expressions over parameter paths, e.g. 'text_encoder/.*'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise _error(f"train.frozen[{i}]", pattern, f"is not a regular expression ({e})",
+                         "fix the pattern") from None
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> object:

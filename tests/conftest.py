@@ -1,10 +1,17 @@
 """Session-wide test set-up: 8 fake CPU devices for sharding tests, set before JAX is imported."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for this session and the processes its tests start, so a
+# subprocess resuming a run does not compile the same train step again.
+_CACHE = os.path.join(tempfile.mkdtemp(prefix="pewm-test-jax-cache-"), "")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pathlib
 
@@ -13,6 +20,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_DATA = ["data.num_train_episodes=12", "data.num_val_episodes=3", "data.num_test_episodes=3",
              "data.num_holdout_episodes=3", "data.generation_workers=2"]
+
+
+# A world model small enough to train a few steps in seconds on 8 fake CPU devices.
+TINY_TRAIN = ["model.width=32", "model.depth=1", "model.num_heads=2", "model.text_width=32",
+              "model.text_num_heads=2", "train.log_every=1", "train.sample_clips=0",
+              "train.peak_flops_per_device=1e11", "train.warmup_steps=2"]
+# Resume tests: 2k steps with a checkpoint every k.
+K = 2
+RUN_STEPS = [f"train.steps={2 * K}", f"train.checkpoint_every={K}", "train.keep_checkpoints=3"]
 
 
 def tiny_config(*overrides: str):
@@ -30,3 +46,20 @@ def tabletop_dataset(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("tabletop") / "data"
     tabletop.generate_dataset(tiny_config(), out)
     return out
+
+
+def train_overrides(dataset: pathlib.Path, *overrides: str) -> list[str]:
+    """Overrides of a tiny training run on `dataset` (the session's tiny tabletop data)."""
+    return [*TINY_TRAIN, *RUN_STEPS, f"data.dataset_dir={dataset}", *overrides]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, tabletop_dataset):
+    """An uninterrupted 2k-step tiny run (checkpoints every k), trained once per session."""
+    from pewm_jax.train import loop
+
+    workdir = tmp_path_factory.mktemp("reference_run")
+    config = tiny_config(*train_overrides(tabletop_dataset, "train.sample_clips=2",
+                                          f"train.sample_every={2 * K}"))
+    result = loop.train(config, workdir)
+    return workdir, result

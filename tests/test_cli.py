@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_DATA
+from conftest import TINY_DATA, TINY_TRAIN
 from data_loaders import clip_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,13 +40,19 @@ def test_bad_config_stops_with_one_message(tmp_path, override, message):
     assert not (tmp_path / "preview").exists()  # nothing ran
 
 
-def test_main_job_writes_pictures_expert_statistics_and_data(tmp_path):
+def test_main_job_writes_pictures_expert_statistics_data_and_a_trained_model(tmp_path):
+    train = [*TINY_TRAIN, "train.steps=2", "train.checkpoint_every=2"]
     out = pewm("run", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
                "--config.run.preview_episodes=2", "--config.run.preview_episodes_per_template=2",
                "--config.run.preview_scenes_per_primitive=10",
-               *(f"--config.{o}" for o in TINY_DATA))
+               *(f"--config.{o}" for o in [*TINY_DATA, *train]))
     assert out.returncode == 0, out.stderr
     assert "generated: clips per split" in out.stdout
+    # train: checkpoints and TensorBoard logs, and the run says where they are
+    assert (tmp_path / "world_model" / "2" / "params").is_dir()
+    assert list((tmp_path / "tensorboard" / "world_model").glob("events.out.tfevents.*"))
+    assert f"checkpoints in {tmp_path / 'world_model'}" in out.stdout
+    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out.stdout
     assert clip_dataset.DatasetMeta.load(tmp_path / "data").splits["train"] > 0
     summary = json.loads((tmp_path / "preview" / "summary.json").read_text())
     assert len(summary["episodes"]) == 2

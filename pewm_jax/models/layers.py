@@ -22,7 +22,8 @@ import flax.core.spmd as flax_spmd
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec
+
+from pewm_jax.parallel.mesh import logical_to_mesh_spec
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 Names = tuple[str | None, ...]
@@ -46,17 +47,9 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
         raise ValueError(f"{len(names)} logical names {names} for an array of shape {x.shape}")
     if not _sharding_active():
         return x
-    rules = dict(flax_spmd.get_logical_axis_rules())
-    spec, used = [], set()
-    for name in names:
-        axes = rules.get(name) if name is not None else None
-        flat = set(axes) if isinstance(axes, (tuple, list)) else {axes}
-        if axes is None or flat & used:
-            spec.append(None)
-        else:
-            used |= flat
-            spec.append(tuple(axes) if isinstance(axes, list) else axes)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    spec = logical_to_mesh_spec(names, flax_spmd.get_logical_axis_rules(), x.shape,
+                                dict(jax.sharding.get_abstract_mesh().shape))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def make_param(init: Initializer, names: Names, key: jax.Array, shape: tuple[int, ...],

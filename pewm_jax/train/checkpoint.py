@@ -1,0 +1,312 @@
+"""Orbax checkpoints of a run: the item layout of DESIGN.md, exact resume, restore on any mesh.
+
+One Orbax `CheckpointManager` directory per model of a run (`<workdir>/world_model/`), one
+numbered step directory per checkpoint, each with the same items:
+
+    params, ema_params, opt_state   sharded arrays (StandardSave); restored against abstract
+                                    arrays carrying the *target* shardings, so a checkpoint
+                                    written on one mesh restores onto any other whose axes
+                                    divide the arrays, one device included
+    meta                            step, base RNG key, process count, mesh, library versions
+    data_iter                       the Grain iterator state of every process
+    config                          the run's config, checked on resume (`check_config`)
+    dataset_stats, tokenizer        what the data was normalised and tokenised with, so the
+                                    checkpoint alone is enough to evaluate or export
+
+Saves are asynchronous (training continues while arrays are written) and atomic: Orbax writes
+into a temporary directory and commits it by renaming, so a killed save leaves the previous
+checkpoints intact and a `<step>.orbax-checkpoint-tmp-*` directory that restore ignores and
+reports. A committed checkpoint that cannot be read raises `CheckpointError` naming it and the
+other steps to fall back to (`--resume_step`); nothing ever silently starts from scratch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from pewm_jax.train.state import StateLayout, TrainState
+
+MODEL_DIRS = ("world_model", "action_decoder", "planner")
+ARRAY_ITEMS = ("params", "ema_params", "opt_state")
+JSON_ITEMS = ("meta", "config", "dataset_stats", "tokenizer")
+ITEMS = ARRAY_ITEMS + ("meta", "data_iter", "config", "dataset_stats", "tokenizer")
+# Config keys that may differ between a checkpoint and the run resuming it: where and how the
+# run executes and reports, never what it computes. A key ending in '.' covers its group.
+RESUMABLE_KEYS = (
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.logical_axis_rules",  # topology
+    "train.steps",  # total steps (the cosine schedule stretches to the new total)
+    "train.log_every", "train.sample_every", "train.sample_clips", "train.peak_flops_per_device",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.keep_period",
+    "train.async_checkpoints",
+    "data.num_workers", "data.prefetch", "data.generation_workers",  # input parallelism
+    # Paths whose content is checked otherwise may move: the data (by the data order's
+    # fingerprint), the tokenizer (compared with the checkpoint's), the SigLIP weights (the
+    # checkpoint holds them).
+    "data.dataset_dir", "data.tokenizer", "model.text_encoder_path",
+    "run.", "eval.",
+)
+_VERSIONED = ("jax", "flax", "optax", "orbax-checkpoint", "grain", "pewm-jax")
+
+
+class IteratorState(Protocol):
+    """What the data_iter item saves: a Grain iterator or a snapshot of its state (JSON bytes)."""
+
+    def get_state(self) -> Any: ...
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the run that wants it."""
+
+
+def flatten_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted key -> value, with tuples as lists (the form a JSON round trip gives)."""
+    tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    flat: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for name, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{name}.")
+            else:
+                flat[prefix + name] = json.loads(json.dumps(value))
+
+    walk(tree, "")
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], current: ml_collections.ConfigDict
+                       ) -> list[str]:
+    """'key: saved -> current' for every key that differs and is not in RESUMABLE_KEYS."""
+    old, new = flatten_config(saved), flatten_config(current)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            diffs.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
+    return diffs
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries a checkpoint's format depends on."""
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    handlers: dict[str, ocp.CheckpointHandler] = {k: ocp.StandardCheckpointHandler()
+                                                  for k in ARRAY_ITEMS}
+    handlers.update({k: ocp.JsonCheckpointHandler() for k in JSON_ITEMS})
+    handlers["data_iter"] = grain.checkpoint.CheckpointHandler()
+    return handlers
+
+
+def _tree_problems(saved: Any, target: Any, item: str) -> list[str]:
+    """Paths missing, unexpected or of another shape/dtype between saved metadata and target."""
+    def by_path(tree: Any) -> dict[str, Any]:
+        leaves = jax.tree_util.tree_leaves_with_path(
+            tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+        return {jax.tree_util.keystr(p, simple=True, separator="/"): leaf for p, leaf in leaves}
+
+    old, new = by_path(saved), by_path(target)
+    problems = [f"{item}/{p} is in the checkpoint but not in the model" for p in old.keys() - new.keys()]
+    problems += [f"{item}/{p} is in the model but not in the checkpoint" for p in new.keys() - old.keys()]
+    for p in sorted(old.keys() & new.keys()):
+        if tuple(old[p].shape) != tuple(new[p].shape) or np.dtype(old[p].dtype) != np.dtype(new[p].dtype):
+            problems.append(f"{item}/{p}: checkpoint {old[p].dtype}{list(old[p].shape)}, model "
+                            f"{new[p].dtype}{list(new[p].shape)}")
+    return sorted(problems)
+
+
+class RunCheckpoints:
+    """The checkpoints of one model of a run (e.g. `<workdir>/world_model`), save and restore.
+
+    `max_to_keep` newest checkpoints are kept, plus every step divisible by `keep_period`.
+    """
+
+    def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int | None = None,
+                 keep_period: int = 0, async_save: bool = True, read_only: bool = False):
+        self.directory = epath.Path(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, keep_period=keep_period or None,
+            enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=_handlers())
+
+    def steps(self) -> list[int]:
+        """Committed checkpoint steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def uncommitted(self) -> list[str]:
+        """Names of half-written (uncommitted) checkpoint directories, which restore ignores."""
+        if not self.directory.exists():
+            return []
+        pattern = re.compile(r"^\d+" + re.escape(ocp.step.TMP_DIR_SUFFIX))
+        return sorted(p.name for p in self.directory.iterdir() if pattern.match(p.name))
+
+    def step_path(self, step: int) -> epath.Path:
+        """The directory of committed checkpoint `step`."""
+        return self.directory / str(step)
+
+    def save(self, step: int, state: TrainState, data_iter: IteratorState, *,
+             config: ml_collections.ConfigDict, dataset_stats: Mapping[str, Any],
+             tokenizer: Mapping[str, Any], mesh_shape: Mapping[str, int]) -> None:
+        """Starts writing checkpoint `step` (asynchronously; `wait` blocks until committed)."""
+        rng = np.asarray(state.rng.addressable_data(0)).tolist()
+        meta = {"step": step, "rng": rng, "process_count": jax.process_count(),
+                "mesh": dict(mesh_shape), "versions": versions(),
+                "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            ema_params=ocp.args.StandardSave(state.ema_params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            meta=ocp.args.JsonSave(meta),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config.to_dict()),
+            dataset_stats=ocp.args.JsonSave(dict(dataset_stats)),
+            tokenizer=ocp.args.JsonSave(dict(tokenizer))))
+
+    def wait(self) -> None:
+        """Blocks until every started save is committed (raises if one failed)."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's threads."""
+        self.manager.close()
+
+    def read_json(self, step: int, item: str) -> Any:
+        """One JSON item (meta, config, dataset_stats, tokenizer) of checkpoint `step`."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.JsonRestore()}))[item]
+        except Exception as e:
+            raise self._unreadable(step, item, e) from e
+
+    def check_config(self, step: int, config: ml_collections.ConfigDict) -> None:
+        """Raises CheckpointError listing config keys that differ and may not change on resume."""
+        diffs = config_differences(self.read_json(step, "config"), config)
+        if diffs:
+            raise CheckpointError(
+                f"the config differs from the one checkpoint {self.step_path(step)} was trained "
+                f"with, in keys that change what is computed:\n  " + "\n  ".join(diffs) +
+                "\nFix: resume with the saved values (they are in the checkpoint's config item), "
+                "or start a new run in another --workdir (or --init_from this one for its "
+                "weights). Keys that may change on resume: " + ", ".join(RESUMABLE_KEYS))
+
+    def restore(self, step: int, layout: StateLayout,
+                data_iter: grain.DatasetIterator | None) -> tuple[TrainState, dict[str, Any]]:
+        """The train state of checkpoint `step` on `layout`'s mesh, and its meta.
+
+        `data_iter` (or None to skip) gets the saved iterator state of this process.
+        """
+        meta = self.read_json(step, "meta")
+        target = layout.abstract
+        self._check_structure(step, {"params": target.params, "ema_params": target.ema_params,
+                                     "opt_state": target.opt_state})
+        args = {name: ocp.args.StandardRestore(getattr(target, name)) for name in ARRAY_ITEMS}
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:
+            raise self._unreadable(step, ", ".join(args), e) from e
+        if data_iter is not None:
+            self._restore_data_iter(step, data_iter)
+        rng = jax.device_put(np.asarray(meta["rng"], np.uint32), layout.shardings.rng)
+        count = jax.device_put(np.asarray(step, np.int32), layout.shardings.step)
+        state = TrainState(count, restored["params"], restored["ema_params"],
+                           restored["opt_state"], rng)
+        return state, meta
+
+    def _restore_data_iter(self, step: int, data_iter: grain.DatasetIterator) -> None:
+        """Sets `data_iter` to this process's saved state; a pipeline that would not continue
+        the saved data order (other data, seed or batch size) is named as such."""
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(
+                data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+        except (FileNotFoundError, OSError) as e:
+            raise self._unreadable(step, "data_iter", e) from e
+        except ValueError as e:
+            raise CheckpointError(
+                f"the input pipeline cannot continue the data order of checkpoint "
+                f"{self.step_path(step)}: {e}. Fix: resume with the dataset, seed and batch size "
+                "the run was trained with.") from e
+
+    def restore_params(self, step: int, abstract_params: Any, *, item: str = "params") -> Any:
+        """Only the parameters (`params` or `ema_params`) of checkpoint `step`, on the target
+        shardings `abstract_params` carries (for --init_from)."""
+        self._check_structure(step, {item: abstract_params})
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.StandardRestore(abstract_params)}))[item]
+        except Exception as e:
+            raise self._unreadable(step, item, e) from e
+
+    def _check_structure(self, step: int, targets: Mapping[str, Any]) -> None:
+        try:
+            saved = self.manager.item_metadata(step)
+        except Exception as e:
+            raise self._unreadable(step, "metadata", e) from e
+        problems = []
+        for item, target in targets.items():
+            if saved.get(item) is None:
+                raise self._unreadable(step, item, FileNotFoundError(f"no item {item!r}"))
+            problems += _tree_problems(saved[item].tree, target, item)
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise CheckpointError(
+                f"checkpoint {self.step_path(step)} does not fit this model:\n  {shown}{more}\n"
+                "Fix: use the config it was trained with (its config item), or a matching "
+                "checkpoint.")
+
+    def _unreadable(self, step: int, what: str, cause: Exception) -> CheckpointError:
+        others = [s for s in self.steps() if s != step]
+        fallback = (f"Fix: resume from another checkpoint with --resume_step N, N one of {others}"
+                    if others else "No other committed checkpoint exists in this directory")
+        return CheckpointError(
+            f"checkpoint {self.step_path(step)} is committed but cannot be read ({what}): "
+            f"{type(cause).__name__}: {cause}. {fallback}; the unreadable one is left in place.")
+
+
+def find_checkpoint(path: str | epath.PathLike, model: str = "world_model"
+                    ) -> tuple[RunCheckpoints, int]:
+    """The checkpoint directory and step `path` names, for --init_from.
+
+    `path` may be a step directory (`.../world_model/300`), a checkpoint directory (its
+    newest committed step) or a run's workdir (its `<model>/` directory).
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--init_from {path}: no such directory")
+    if (path / "params").exists() and path.name.isdigit():
+        return RunCheckpoints(path.parent, read_only=True), int(path.name)
+    if (path / model).is_dir():
+        path = path / model
+    checkpoints = RunCheckpoints(path, read_only=True)
+    steps = checkpoints.steps()
+    if not steps:
+        raise CheckpointError(
+            f"--init_from {path}: no committed checkpoint there. Fix: pass a run's --workdir, "
+            f"its {model}/ directory, or one step directory inside it.")
+    return checkpoints, steps[-1]
+
+
+def data_iter_restorable(meta: Mapping[str, Any]) -> bool:
+    """True when the saved Grain states are per-process states of the current process layout."""
+    return int(meta.get("process_count", 1)) == jax.process_count()

@@ -1,0 +1,464 @@
+"""The world-model train loop: start or resume, step, log, sample, checkpoint, survive preemption.
+
+Reads top to bottom as a run does:
+  1. where to start: a fresh state, the latest (--resume) or a chosen (--resume_step)
+     checkpoint, or another run's weights (--init_from); an existing run is never replaced
+     without --overwrite, and a checkpoint that cannot be restored raises;
+  2. the sharded state on the config's mesh, the Grain iterator at the start step;
+  3. per step: this process's rows -> one global batch -> the jitted step;
+  4. every log_every steps: loss, learning rate, gradient norm, steps/s, examples/s and MFU to
+     TensorBoard, metrics.jsonl and the progress bar; a NaN or Inf loss stops the run naming
+     the step, before any checkpoint of that state is written;
+  5. every sample_every steps: EMA-weight samples of fixed validation clips beside the truth;
+  6. every checkpoint_every steps and at the end: an asynchronous Orbax checkpoint;
+  7. on SIGTERM (a preemption notice): a checkpoint at a step all hosts agree on, exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from data_loaders import clip_dataset, pipeline
+from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax import config as config_lib
+from pewm_jax.diffusion import sample_from_config
+from pewm_jax.models.flops import world_model_flops
+from pewm_jax.parallel import mesh as mesh_lib
+from pewm_jax.parallel.global_batch import make_global_batch
+from pewm_jax.train import checkpoint as ckpt_lib
+from pewm_jax.train import metrics as metrics_lib
+from pewm_jax.train import state as state_lib
+
+MODEL = "world_model"
+TENSORBOARD_DIR = "tensorboard"
+SUPERSEDED_DIR = "superseded"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or Inf; the run stopped without checkpointing the bad state."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a call of `train` did."""
+
+    status: str  # 'completed', 'preempted' (SIGTERM; checkpoint written) or 'reused' (done before)
+    step: int  # the step the state is at
+    losses: dict[int, float]  # loss of every step this call ran
+    checkpoint_dir: epath.Path
+    log_dir: epath.Path
+    state: state_lib.TrainState | None = None  # the final state (None when reused)
+    run_seconds: float = 0.0  # wall time from the end of the first (compiling) step to the last
+    checkpoint_seconds: float = 0.0  # of that, time the loop was blocked starting async saves
+    final_wait_seconds: float = 0.0  # after the loop, waiting for the last saves to commit
+
+
+class Preemption:
+    """Whether a preemption notice (SIGTERM) has arrived, agreed on by every process.
+
+    One process: a SIGTERM handler sets a flag the loop reads at each step boundary. Several:
+    JAX's preemption sync manager (started by jax.distributed.initialize) catches SIGTERM and
+    `reached_preemption_sync_point` returns True on every process at the same step.
+    """
+
+    def __init__(self):
+        self.multi_process = jax.process_count() > 1
+        self._flag = threading.Event()
+        self._previous = None
+        if not self.multi_process:
+            if threading.current_thread() is not threading.main_thread():
+                _log("[train] not on the main thread: SIGTERM cannot be caught, so a preemption "
+                     "notice will not save a checkpoint")
+                return
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    def reached(self, step: int) -> bool:
+        """True at the step boundary where the run should save and stop."""
+        if self.multi_process:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # jax_enable_preemption_service is off: no notices arrive
+                return False
+        return self._flag.is_set()
+
+    def close(self) -> None:
+        """Puts the previous SIGTERM handler back."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _IteratorSnapshot:
+    """An iterator state captured at save time, so the checkpoint holds exactly that state even
+    if the iterator moves on while Orbax writes."""
+
+    def __init__(self, iterator: pipeline.ClipBatchIterator):
+        self._state = json.dumps(iterator.get_state()).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _data_artifacts(config: ml_collections.ConfigDict) -> tuple[str, dict, dict]:
+    """(tokenizer path, tokenizer JSON, dataset statistics per dataset) of the run's data."""
+    entries = pipeline.mixture_entries(config)
+    stats = {"datasets": []}
+    for directory, weight in entries:
+        root = clip_dataset.require_dataset(directory)
+        stats["datasets"].append({"dir": str(directory), "weight": weight, "statistics":
+                                  json.loads((root / clip_dataset.STATS_FILE).read_text())})
+    tokenizer_path = config.data.tokenizer or str(epath.Path(entries[0][0]) /
+                                                  clip_dataset.TOKENIZER_FILE)
+    tokenizer_lib.load_tokenizer(tokenizer_path)  # a clear error if it is missing or broken
+    return tokenizer_path, json.loads(epath.Path(tokenizer_path).read_text()), stats
+
+
+def _with_dataset_dir(config: ml_collections.ConfigDict, workdir: epath.Path
+                      ) -> ml_collections.ConfigDict:
+    """`config` with data.dataset_dir set to the run's own `<workdir>/data` when it names no
+    dataset (where `pewm data` writes), so the saved config says which data was used."""
+    if config.data.dataset_dir or config.data.mixture:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.dataset_dir = str(workdir / "data")
+    config.lock()
+    return config
+
+
+def _peak_flops(config: ml_collections.ConfigDict) -> float:
+    """Peak FLOP/s of all devices together, for MFU (see config.train.peak_flops_per_device)."""
+    if config.train.peak_flops_per_device:
+        return config.train.peak_flops_per_device * jax.device_count()
+    device, dtype = jax.devices()[0], jnp.dtype(config.model.dtype)
+    known = metrics_lib.device_peak_flops(device, dtype)
+    if known:
+        return known * jax.device_count()
+    measured = metrics_lib.measured_matmul_peak(dtype)
+    if device.platform == "cpu":  # fake CPU devices share the host: the peak is per host
+        return measured * jax.process_count()
+    return measured * jax.device_count()
+
+
+def _start_step(checkpoints: ckpt_lib.RunCheckpoints, config: ml_collections.ConfigDict, *,
+                resume: bool, resume_step: int | None) -> int | None:
+    """The checkpoint step to resume from, None to start afresh, or -1 when already trained."""
+    steps = checkpoints.steps()
+    if resume_step is not None:
+        if resume_step not in steps:
+            raise ckpt_lib.CheckpointError(
+                f"--resume_step {resume_step}: no committed checkpoint of that step in "
+                f"{checkpoints.directory}; its committed steps are {steps or 'none'}.")
+        return resume_step
+    if resume:
+        if not steps:
+            _log(f"[train] --resume: no committed checkpoint in {checkpoints.directory}; "
+                 "starting from step 0")
+            return None
+        return steps[-1]
+    if not steps:
+        return None
+    latest = steps[-1]
+    if latest >= config.train.steps and not ckpt_lib.config_differences(
+            checkpoints.read_json(latest, "config"), config):
+        return -1
+    raise ckpt_lib.CheckpointError(
+        f"{checkpoints.directory} already holds checkpoints (steps {steps}) of a run. Fix: pass "
+        "--resume to continue it, --resume_step N to continue from step N, or --overwrite to "
+        "delete them and start afresh (or use another --workdir).")
+
+
+def _move_newer_aside(checkpoints: ckpt_lib.RunCheckpoints, step: int,
+                      workdir: epath.Path) -> None:
+    """--resume_step: moves checkpoints newer than `step` to <workdir>/superseded (not deleted),
+    so the run can save its own steps; done only after `step` restored successfully."""
+    newer = [s for s in checkpoints.steps() if s > step]
+    _sync("pewm_superseded_listed")  # every process listed before any is moved
+    if not newer:
+        return
+    aside = workdir / SUPERSEDED_DIR / MODEL / time.strftime("%Y%m%d-%H%M%S")
+    _log(f"[train] resuming from step {step}: moving the newer checkpoints {newer} aside to "
+         f"{aside} (nothing is deleted)")
+    if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        for s in newer:
+            checkpoints.step_path(s).rename(aside / str(s))
+    _sync("pewm_superseded_moved")
+    checkpoints.manager.reload()
+
+
+def _remove_run(workdir: epath.Path) -> None:
+    """--overwrite: delete this model's checkpoints and TensorBoard logs (process 0)."""
+    if jax.process_index() == 0:
+        for path in (workdir / MODEL, workdir / TENSORBOARD_DIR / MODEL):
+            if path.exists():
+                _log(f"[train] --overwrite: deleting {path}")
+                path.rmtree()
+    _sync("pewm_overwrite")
+
+
+def _validation_clips(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                      ) -> dict[str, jax.Array] | None:
+    """The fixed validation clips sampled every sample_every steps (replicated), or None."""
+    count = config.train.sample_clips
+    if not count:
+        return None
+    try:
+        val = pipeline.ClipPipeline(config, "validation", augment=False, process_index=0,
+                                    process_count=1)
+    except clip_dataset.DatasetError as e:
+        _log(f"[train] no validation clips to sample ({e}); sampled previews are off")
+        return None
+    clips = [val.element(p) for p in range(count)]
+    batch = {k: np.stack([c[k] for c in clips]) for k in clips[0]}
+    sharding = mesh_lib.replicated(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def _make_sampler(config: ml_collections.ConfigDict, layout: state_lib.StateLayout
+                  ) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
+    """Jitted (ema_params, clips) -> sampled clips (B, T, N, N, 3) in [0, 1], replicated."""
+    graphdef = layout.graphdef
+
+    def run(ema_params, clips):
+        return sample_from_config(nnx.merge(graphdef, ema_params), clips,
+                                  jax.random.key(config.seed), config)
+
+    jitted = jax.jit(run, in_shardings=(layout.shardings.ema_params, None),
+                     out_shardings=mesh_lib.replicated(layout.mesh))
+
+    def sample(ema_params, clips):
+        with mesh_lib.activate(layout.mesh, layout.rules):
+            return jitted(ema_params, clips)
+
+    return sample
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this host."""
+    return np.asarray(x.addressable_data(0))
+
+
+def _copy_tree(tree: Any, shardings: Any) -> Any:
+    """A copy in new buffers (params and EMA must not share buffers: the state is donated)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
+          resume: bool = False, resume_step: int | None = None, overwrite: bool = False,
+          init_from: str | None = None,
+          hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+    """Trains the world model of `config` in `workdir` (see the module docstring).
+
+    `hooks` are called with the step number after each step is dispatched (e.g. for custom
+    evaluation). Raises ckpt_lib.CheckpointError for a checkpoint that cannot be used (or
+    --overwrite combined with a flag that needs the old run), TrainingDivergedError for a
+    NaN/Inf loss or gradient, config_lib.ConfigError for a config that does not fit.
+    """
+    workdir = epath.Path(workdir)
+    config_lib.validate(config, jax.device_count())
+    config = _with_dataset_dir(config, workdir)
+    if overwrite and (resume or resume_step is not None or init_from):
+        raise ckpt_lib.CheckpointError(
+            "--overwrite deletes the run's checkpoints, so it cannot be combined with --resume, "
+            "--resume_step or --init_from. Fix: drop --overwrite, or the other flag.")
+    preemption = Preemption()  # from the start: a notice during set-up still saves or exits 0
+    checkpoint_dir = workdir / MODEL
+    if overwrite:
+        _remove_run(workdir)
+    t = config.train
+    checkpoints = ckpt_lib.RunCheckpoints(checkpoint_dir, max_to_keep=t.keep_checkpoints,
+                                          keep_period=t.keep_period,
+                                          async_save=t.async_checkpoints)
+    try:
+        for name in checkpoints.uncommitted():
+            _log(f"[train] ignoring the uncommitted (half-written) checkpoint "
+                 f"{checkpoint_dir / name}, left by a save that was interrupted")
+        start = _start_step(checkpoints, config, resume=resume, resume_step=resume_step)
+        if start == -1:
+            step = checkpoints.steps()[-1]
+            _log(f"[train] {checkpoint_dir} already holds the finished run (step {step}); "
+                 "reusing it")
+            return TrainResult("reused", step, {}, checkpoint_dir,
+                               workdir / TENSORBOARD_DIR / MODEL)
+        return _train_from(config, workdir, checkpoints, preemption, start,
+                           resume_step=resume_step, init_from=init_from, hooks=hooks)
+    finally:
+        preemption.close()
+        checkpoints.close()
+
+
+def _initial_state(config: ml_collections.ConfigDict, workdir: epath.Path,
+                   checkpoints: ckpt_lib.RunCheckpoints, layout: state_lib.StateLayout,
+                   iterator: pipeline.ClipBatchIterator, start: int | None,
+                   tokenizer: tuple[str, dict], *, resume_step: int | None,
+                   init_from: str | None) -> state_lib.TrainState:
+    """The state to train from: restored from checkpoint `start`, or fresh (with --init_from's
+    parameters). A checkpoint that does not fit or cannot be read raises; never a fresh start."""
+    if start is None:
+        state = state_lib.create_train_state(config, layout)
+        if init_from:
+            source, source_step = ckpt_lib.find_checkpoint(init_from)
+            try:
+                params = source.restore_params(source_step, layout.abstract.params)
+            finally:
+                source.close()
+            state = state.replace(params=params,
+                                  ema_params=_copy_tree(params, layout.shardings.ema_params))
+            _log(f"[train] parameters from {source.step_path(source_step)}; fresh optimizer")
+        return state
+    checkpoints.check_config(start, config)
+    tokenizer_path, tokenizer_json = tokenizer
+    if checkpoints.read_json(start, "tokenizer") != tokenizer_json:
+        raise ckpt_lib.CheckpointError(
+            f"the tokenizer at {tokenizer_path} differs from the one checkpoint "
+            f"{checkpoints.step_path(start)} was trained with, so text would map to other ids. "
+            "Fix: point config.data.tokenizer at the run's tokenizer.")
+    restorable = ckpt_lib.data_iter_restorable(checkpoints.read_json(start, "meta"))
+    state, meta = checkpoints.restore(start, layout, iterator if restorable else None)
+    if not restorable:
+        _log(f"[train] checkpoint written by {meta['process_count']} processes, resuming on "
+             f"{jax.process_count()}: the data order continues from step {start}")
+    if resume_step is not None:
+        _move_newer_aside(checkpoints, start, workdir)
+    _log(f"[train] resumed from {checkpoints.step_path(start)} (step {start})")
+    return state
+
+
+def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
+                checkpoints: ckpt_lib.RunCheckpoints, preemption: Preemption, start: int | None,
+                *, resume_step: int | None, init_from: str | None,
+                hooks: Sequence[Callable[[int], None]]) -> TrainResult:
+    """Set-up, the step loop, and its logging, sampling and checkpointing."""
+    t = config.train
+    checkpoint_dir, log_dir = workdir / MODEL, workdir / TENSORBOARD_DIR / MODEL
+    tokenizer_path, tokenizer_json, dataset_stats = _data_artifacts(config)
+    vocab_size = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size()
+    mesh = mesh_lib.make_mesh(config)
+    layout = state_lib.state_layout(config, vocab_size, mesh)
+    iterator = pipeline.make_iterator(config, "train", start_step=start or 0)
+    first = start or 0
+    is_main = jax.process_index() == 0
+    writer = metrics_lib.MetricWriter(log_dir, enabled=is_main)
+    bar = metrics_lib.ProgressBar(t.steps, first, enabled=is_main)
+    losses: dict[int, float] = {}
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+    def drain() -> dict[str, float]:
+        """Fetches the pending steps' metrics; stops at the first non-finite loss or gradient
+        (a non-finite gradient makes that step's update, and the state saved after it, bad)."""
+        means: dict[str, list[float]] = {}
+        for s, m in pending:
+            values = {k: float(_host(v)) for k, v in m.items()}
+            bad = [k for k in ("loss", "grad_norm") if not math.isfinite(values[k])]
+            if bad:
+                raise TrainingDivergedError(
+                    f"the {bad[0]} is {values[bad[0]]} at step {s}; the run stopped there and "
+                    f"wrote no checkpoint of that state (committed steps: "
+                    f"{checkpoints.steps()}). Fix: lower train.learning_rate, keep "
+                    "train.grad_clip on, check the data, then --resume (or --resume_step N).")
+            losses[s] = values["loss"]
+            for k, v in values.items():
+                means.setdefault(k, []).append(v)
+        pending.clear()
+        return {k: float(np.mean(v)) for k, v in means.items()}
+
+    try:
+        state = _initial_state(config, workdir, checkpoints, layout, iterator, start,
+                               (tokenizer_path, tokenizer_json), resume_step=resume_step,
+                               init_from=init_from)
+        step_fn = state_lib.TrainStep(config, layout, iterator.pipeline.spec.shapes(1))
+        sampler = _make_sampler(config, layout)
+        val_clips = _validation_clips(config, mesh) if t.sample_clips else None
+        flops_per_step = world_model_flops(config, t.global_batch_size).forward_backward
+        peak = _peak_flops(config)
+        if first == 0:
+            writer.text(0, "config", f"```\n{config.to_json_best_effort(indent=2)}\n```")
+        _log(f"[train] mesh {dict(mesh.shape)} over {jax.device_count()} devices "
+             f"({jax.process_count()} processes); steps {first} -> {t.steps}; "
+             f"checkpoints: {checkpoint_dir}; TensorBoard: {log_dir}")
+
+        status, step = "completed", first
+        blocked = run_start = 0.0
+        mark_time, mark_step = 0.0, first
+        for step in range(first + 1, t.steps + 1):
+            batch = make_global_batch(next(iterator), mesh)
+            state, step_metrics = step_fn(state, batch)
+            pending.append((step, step_metrics))
+            for hook in hooks:
+                hook(step)
+            if step == first + 1:  # exclude compilation from the rates
+                jax.block_until_ready(step_metrics)
+                run_start = mark_time = time.perf_counter()
+                mark_step = step
+            preempted = preemption.reached(step)
+            log_now = step % t.log_every == 0 or step == t.steps
+            save_now = step % t.checkpoint_every == 0 or step == t.steps or preempted
+            if log_now or save_now:
+                values = drain()
+                now = time.perf_counter()
+                if log_now and step > mark_step:
+                    rate = (step - mark_step) / (now - mark_time)
+                    values |= {"steps_per_sec": rate,
+                               "examples_per_sec": rate * t.global_batch_size,
+                               "mfu": flops_per_step * rate / peak}
+                    mark_time, mark_step = now, step
+                if log_now:
+                    writer.scalars(step, values)
+                    bar.update(step, loss=values["loss"],
+                               **{"steps/s": values.get("steps_per_sec", 0.0)})
+            if val_clips is not None and (step % t.sample_every == 0 or step == t.steps):
+                sampled = _host(sampler(state.ema_params, val_clips))
+                clips = {k: _host(v) for k, v in val_clips.items()}
+                writer.images(step, {"samples/grid": metrics_lib.clip_grid(
+                    clips["context"], clips["frames"], sampled)})
+                writer.videos(step, {"samples/animation": metrics_lib.clip_animation(
+                    clips["context"], clips["frames"], sampled)})
+            if save_now:
+                began = time.perf_counter()
+                checkpoints.save(step, state, _IteratorSnapshot(iterator), config=config,
+                                 dataset_stats=dataset_stats, tokenizer=tokenizer_json,
+                                 mesh_shape=mesh.shape)
+                blocked += time.perf_counter() - began
+            if preempted:
+                status = "preempted"
+                _log(f"[train] preemption notice: saved step {step} and stopping")
+                break
+        loop_end = time.perf_counter()
+        checkpoints.wait()
+        final_wait = time.perf_counter() - loop_end
+    except BaseException:
+        checkpoints.wait()  # saves already started hold good states: let them commit
+        raise
+    finally:
+        bar.close()
+        writer.close()
+        iterator.close()
+    run_seconds = loop_end - run_start if run_start else 0.0
+    _log(f"[train] {status} at step {step}: checkpoints in {checkpoint_dir}, TensorBoard logs in "
+         f"{log_dir} (tensorboard --logdir {workdir / TENSORBOARD_DIR})")
+    return TrainResult(status, step, losses, checkpoint_dir, log_dir, state, run_seconds, blocked,
+                       final_wait)
