@@ -43,14 +43,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def random_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch of the `BatchSpec` keys the loss reads, with random content."""
+def random_batch(config, batch_size: int, seed: int = 0, vocab: int = VOCAB
+                 ) -> dict[str, np.ndarray]:
+    """A batch of the `BatchSpec` keys the loss reads, with random content (token ids < vocab)."""
     rng = np.random.default_rng(seed)
     n, h, c, l = (config.world.image_size, config.data.horizon, config.data.context_frames,
                   config.data.max_text_tokens)
     return {"context": rng.integers(0, 256, (batch_size, c, n, n, 3), np.uint8),
             "frames": rng.integers(0, 256, (batch_size, h, n, n, 3), np.uint8),
-            "text_tokens": rng.integers(1, VOCAB, (batch_size, l)).astype(np.int32),
+            "text_tokens": rng.integers(1, vocab, (batch_size, l)).astype(np.int32),
             "text_mask": np.ones((batch_size, l), bool),
             "start_xy": rng.uniform(0, n, (batch_size, 2)).astype(np.float32),
             "goal_xy": rng.uniform(0, n, (batch_size, 2)).astype(np.float32),

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from benchmarks import model_step
 from conftest import TINY_TRAIN, tiny_config
 from pewm_jax.diffusion import loss_fn
 from pewm_jax.parallel import mesh as mesh_lib
@@ -20,17 +21,8 @@ SMALL = [o for o in TINY_TRAIN if o.startswith("model.")] + [
 
 
 def random_batch(config, size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random clips with every key the loss reads (BatchSpec shapes and dtypes)."""
-    rng = np.random.default_rng(seed)
-    n, h, c, l = (config.world.image_size, config.data.horizon, config.data.context_frames,
-                  config.data.max_text_tokens)
-    return {"context": rng.integers(0, 256, (size, c, n, n, 3), np.uint8),
-            "frames": rng.integers(0, 256, (size, h, n, n, 3), np.uint8),
-            "text_tokens": rng.integers(1, VOCAB, (size, l)).astype(np.int32),
-            "text_mask": rng.random((size, l)) < 0.7,
-            "start_xy": rng.uniform(0, n, (size, 2)).astype(np.float32),
-            "goal_xy": rng.uniform(0, n, (size, 2)).astype(np.float32),
-            "sgg_valid": rng.random(size) < 0.8}
+    """Random clips with every key the loss reads, token ids below VOCAB."""
+    return model_step.random_batch(config, size, seed, vocab=VOCAB)
 
 
 def run_steps(config, devices, steps: int = 2):

@@ -363,7 +363,7 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
     first = start or 0
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(log_dir, enabled=is_main)
-    bar = metrics_lib.ProgressBar(t.steps, first, enabled=is_main)
+    bar = None
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict[str, jax.Array]]] = []
 
@@ -400,6 +400,7 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
         _log(f"[train] mesh {dict(mesh.shape)} over {jax.device_count()} devices "
              f"({jax.process_count()} processes); steps {first} -> {t.steps}; "
              f"checkpoints: {checkpoint_dir}; TensorBoard: {log_dir}")
+        bar = metrics_lib.ProgressBar(t.steps, first, enabled=is_main)
 
         status, step = "completed", first
         blocked = run_start = 0.0
@@ -454,7 +455,8 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
         checkpoints.wait()  # saves already started hold good states: let them commit
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         writer.close()
         iterator.close()
     run_seconds = loop_end - run_start if run_start else 0.0
