@@ -2,6 +2,7 @@
 
     pewm run     --config=configs/quickstart.py --workdir=runs/quickstart
     pewm data    --config=configs/quickstart.py --workdir=runs/quickstart --config.seed=3
+    pewm train   --config=configs/quickstart.py --workdir=runs/quickstart --resume
     pewm ingest  --config=configs/quickstart.py --workdir=runs/bridge \\
                  --spec=configs/rlds/bridge.py --source=/data/bridge_dataset/1.0.0
 

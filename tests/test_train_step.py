@@ -146,3 +146,12 @@ def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
     assert float(schedule(10)) == pytest.approx(1e-3)
     assert float(schedule(55)) == pytest.approx(1e-4 + 0.9e-3 * 0.5, rel=1e-4)
     assert float(schedule(100)) == pytest.approx(1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_losses(one_device_run):
+    config = tiny_config(*SMALL, "mesh.data=1", "model.dtype=bfloat16")
+    losses, state, _ = run_steps(config, jax.devices()[:1])
+    ref_losses, _, _ = one_device_run
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if np.ndim(x)} == {np.dtype(np.float32)}
+    np.testing.assert_allclose(losses, ref_losses, rtol=5e-2)  # bf16 has ~3 significant digits
