@@ -2,8 +2,11 @@
 
 import json
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -39,4 +42,31 @@ def test_two_processes_train_together_and_match_one(reference_run, tabletop_data
                                [ref.losses[s] for s in sorted(ref.losses)], rtol=1e-5)
     # Both wrote their Grain iterator state into the shared checkpoint.
     data_iter = workdir / "world_model" / str(2 * K) / "data_iter"
+    assert {p.name for p in data_iter.iterdir()} >= {"process_0-of-2.json", "process_1-of-2.json"}
+
+
+def test_sigterm_reaches_both_processes_which_save_the_same_step_and_exit_0(tabletop_dataset,
+                                                                            tmp_path):
+    workdir = tmp_path / "preempted"
+    overrides = [*TINY_DATA, *train_overrides(tabletop_dataset, "train.steps=500",
+                                              "train.checkpoint_every=500")]
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "local.py"), "--num_processes", "2", "--cpu",
+         "--devices_per_process", "4", "--grace_s", "60", "--",
+         sys.executable, "-m", "pewm_jax.cli", "train", "--config=configs/quickstart.py",
+         f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = workdir / "tensorboard" / "world_model" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not log.exists() or not log.read_text().strip():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)  # what a preempted host gets; the launcher forwards it
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, output[-4000:]
+    saved = re.findall(r"\[p(\d)\] \[train\] preemption notice: saved step (\d+)", output)
+    assert {p for p, _ in saved} == {"0"}  # process 0 reports; both stopped at the same step
+    steps = sorted(int(p.name) for p in (workdir / "world_model").iterdir() if p.name.isdigit())
+    assert steps == [int(saved[0][1])] and 1 <= steps[0] < 500
+    data_iter = workdir / "world_model" / str(steps[0]) / "data_iter"
     assert {p.name for p in data_iter.iterdir()} >= {"process_0-of-2.json", "process_1-of-2.json"}
