@@ -46,6 +46,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from pewm_jax.models.hf_checkpoint import CheckpointMismatchError, tensor_files
+
 Array = jax.Array
 LN_EPS = 1e-6  # SigLIP's layer_norm_eps; the trainable encoder uses the same
 
@@ -270,10 +272,6 @@ class SiglipTextEncoder(_TextTransformer):
 # Loading SigLIP from a local Hugging Face checkpoint.
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint lacks tensors the model needs, has ones it does not know, or mis-shaped ones."""
-
-
 # The checkpoint of a full SiglipModel (and of transformers 4.x SiglipTextModel) prefixes the
 # text tower with "text_model."; tensors of the other parts are known and skipped.
 _TEXT_PREFIX = "text_model."
@@ -345,17 +343,6 @@ def read_siglip_text_spec(path: str | pathlib.Path) -> SiglipTextSpec:
     return SiglipTextSpec(**{k: v for k, v in config.items() if k in fields})
 
 
-def _tensor_files(path: pathlib.Path) -> list[pathlib.Path]:
-    """The safetensors files of a checkpoint: the shards of its index, or model.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / shard for shard in shards]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
 def load_siglip_text_encoder(path: str | pathlib.Path, *, mask_padding: bool = False,
                              dtype: Any = jnp.float32,
                              param_dtype: Any = jnp.float32) -> SiglipTextEncoder:
@@ -368,7 +355,7 @@ def load_siglip_text_encoder(path: str | pathlib.Path, *, mask_padding: bool = F
     """
     path = pathlib.Path(path)
     spec = read_siglip_text_spec(path)
-    files = _tensor_files(path)
+    files = tensor_files(path)
     where: dict[str, pathlib.Path] = {}  # checkpoint name -> its file
     shapes: dict[str, tuple] = {}
     for file in files:
