@@ -297,10 +297,11 @@ def test_tpu_pod_detach_outlives_the_session_and_stop_sends_sigterm(tmp_path):
         time.sleep(0.05)
     try:
         assert tpu_pod("--tpu=t", "--zone=z", f"--repo_dir={repo}", "--stop", path=path).returncode == 0
-        while not (tmp_path / "saved").exists():
+        saved = tmp_path / "saved"
+        while not (saved.exists() and saved.read_text()):  # created, then written: wait for both
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert (tmp_path / "saved").read_text() == str(pid)
+        assert saved.read_text() == str(pid)
     finally:
         if not (tmp_path / "saved").exists():  # it did not stop: do not leave it running
             os.kill(pid, signal.SIGKILL)
