@@ -1,8 +1,6 @@
 """Runs that stop and start: exact resume after SIGKILL, SIGTERM saves, restore on other meshes,
 half-written and corrupted checkpoints, refused configs, --init_from, NaN stops, metrics."""
 
-import json
-import os
 import pathlib
 import shutil
 import signal

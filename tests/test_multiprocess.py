@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from conftest import K, ROOT, TINY_DATA, train_overrides
 
