@@ -44,9 +44,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
-from pewm_jax.models.hf_checkpoint import CheckpointMismatchError, tensor_files
+from pewm_jax.models.hf_checkpoint import CheckpointMismatchError, SafetensorsIndex
 
 Array = jax.Array
 LN_EPS = 1e-6  # SigLIP's layer_norm_eps; the trainable encoder uses the same
@@ -279,19 +278,6 @@ _OTHER_TOWER_PREFIXES = ("vision_model.", "logit_scale", "logit_bias")
 # Text-tower tensors we do not use: the projection of the pooled (last) token.
 _UNUSED = ("head.weight", "head.bias")
 
-# How a checkpoint tensor becomes our parameter: (its checkpoint shape given our shape,
-# our array given the tensor and our shape). torch.nn.Linear stores (out, in).
-_CONVERSIONS: dict[str, tuple[Callable[[tuple], tuple], Callable[[Array, tuple], Array]]] = {
-    "copy": (lambda s: s, lambda w, s: w),
-    "linear": (lambda s: s[::-1], lambda w, s: w.T),  # (out, in) -> (in, out)
-    "linear_to_heads": (lambda s: (s[1] * s[2], s[0]),
-                        lambda w, s: w.T.reshape(s)),  # (H*K, D) -> (D, H, K)
-    "bias_to_heads": (lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s)),  # (H*K,) -> (H, K)
-    "linear_from_heads": (lambda s: (s[2], s[0] * s[1]),
-                          lambda w, s: w.T.reshape(s)),  # (D, H*K) -> (H, K, D)
-}
-
-
 def _siglip_name_table(num_layers: int) -> dict[tuple, tuple[str, str]]:
     """Our parameter path -> (checkpoint name without prefix, conversion), for every parameter."""
     table = {
@@ -355,16 +341,9 @@ def load_siglip_text_encoder(path: str | pathlib.Path, *, mask_padding: bool = F
     """
     path = pathlib.Path(path)
     spec = read_siglip_text_spec(path)
-    files = tensor_files(path)
-    where: dict[str, pathlib.Path] = {}  # checkpoint name -> its file
-    shapes: dict[str, tuple] = {}
-    for file in files:
-        with safe_open(file, framework="flax") as f:
-            for name in f.keys():
-                where[name] = file
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    prefix = _TEXT_PREFIX if any(n.startswith(_TEXT_PREFIX) for n in where) else ""
-    skipped = {n for n in where if prefix and n.startswith(_OTHER_TOWER_PREFIXES)}
+    index = SafetensorsIndex(path)
+    prefix = _TEXT_PREFIX if any(n.startswith(_TEXT_PREFIX) for n in index.where) else ""
+    skipped = {n for n in index.where if prefix and n.startswith(_OTHER_TOWER_PREFIXES)}
     skipped |= {prefix + n for n in _UNUSED}
 
     with nnx.use_eager_sharding(False):  # no mesh here; placement is the caller's
@@ -373,35 +352,11 @@ def load_siglip_text_encoder(path: str | pathlib.Path, *, mask_padding: bool = F
             rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     variables = dict(nnx.to_flat_state(state))  # our path -> abstract FrozenParam
-    table = _siglip_name_table(spec.num_hidden_layers)
-
-    missing, misshaped = [], []
-    for our_path, variable in variables.items():
-        name, conversion = table[our_path]
-        name = prefix + name
-        expected = _CONVERSIONS[conversion][0](tuple(variable.shape))
-        if name not in where:
-            missing.append(name)
-        elif shapes[name] != expected:
-            misshaped.append(f"{name} has shape {shapes[name]}, expected {expected}")
-    used = {prefix + table[p][0] for p in variables}
-    unexpected = sorted(set(where) - used - skipped)
-    problems = [f"{label}: {', '.join(items)}" for label, items in (
-        ("missing tensors", sorted(missing)), ("unexpected tensors", unexpected),
-        ("mis-shaped tensors", sorted(misshaped))) if items]
-    if problems:
-        raise CheckpointMismatchError(
-            f"SigLIP checkpoint {path} does not match the text tower its config.json describes "
-            f"({spec}): " + "; ".join(problems))
-
-    for file in files:
-        with safe_open(file, framework="flax") as f:
-            for our_path, variable in variables.items():
-                name, conversion = table[our_path]
-                if where[prefix + name] == file:
-                    tensor = f.get_tensor(prefix + name)
-                    value = _CONVERSIONS[conversion][1](tensor, tuple(variable.shape))
-                    variable.set_value(jnp.asarray(value, param_dtype))
+    table = {path: (prefix + name, kind) for path, (name, kind)
+             in _siglip_name_table(spec.num_hidden_layers).items()}
+    index.load(variables, table, skipped=skipped, param_dtype=param_dtype,
+               describe=f"SigLIP checkpoint {path} does not match the text tower its "
+                        f"config.json describes ({spec})")
     return nnx.merge(graphdef, state)
 
 

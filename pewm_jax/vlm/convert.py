@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,32 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from safetensors import safe_open
 
-from pewm_jax.models.hf_checkpoint import CheckpointMismatchError, tensor_files
+from pewm_jax.models.hf_checkpoint import (CONVERSIONS, CheckpointMismatchError,
+                                           SafetensorsIndex)
 from pewm_jax.train.checkpoint import find_checkpoint
 from pewm_jax.vlm.paligemma import PaliGemma, PaliGemmaSpec, read_paligemma_config
 
 __all__ = ["CheckpointMismatchError", "read_hf_config", "load_paligemma", "save_params", "convert_checkpoint",
            "restore_paligemma", "export_hf"]
-
-Shape = tuple[int, ...]
-# How a checkpoint tensor becomes our parameter and back: (its checkpoint shape given our shape,
-# our array given the tensor and our shape, the tensor given our array). torch.nn.Linear stores
-# (out, in); Conv2d stores (out, in, kh, kw).
-_CONVERSIONS: dict[str, tuple[Callable[[Shape], Shape], Callable[[Any, Shape], Any],
-                              Callable[[np.ndarray], np.ndarray]]] = {
-    "copy": (lambda s: s, lambda w, s: w, lambda a: a),
-    "linear": (lambda s: s[::-1], lambda w, s: w.T, lambda a: a.T),  # (out, in) <-> (in, out)
-    "linear_to_heads": (lambda s: (s[1] * s[2], s[0]), lambda w, s: w.T.reshape(s),
-                        lambda a: a.reshape(a.shape[0], -1).T),  # (H*E, D) <-> (D, H, E)
-    "bias_to_heads": (lambda s: (s[0] * s[1],), lambda w, s: w.reshape(s),
-                      lambda a: a.reshape(-1)),  # (H*E,) <-> (H, E)
-    "linear_from_heads": (lambda s: (s[2], s[0] * s[1]), lambda w, s: w.T.reshape(s),
-                          lambda a: a.reshape(-1, a.shape[-1]).T),  # (D, H*E) <-> (H, E, D)
-    "conv_to_patch": (lambda s: (s[3], s[2], s[0], s[1]), lambda w, s: w.transpose(2, 3, 1, 0),
-                      lambda a: a.transpose(3, 2, 0, 1)),  # (Dv, C, p, p) <-> (p, p, C, Dv)
-}
 
 # Checkpoint-name prefixes of each part: the longest one some tensor name starts with is used
 # ("vision_tower." also prefixes "vision_tower.vision_model."); the first is what `export_hf`
@@ -158,14 +139,8 @@ def load_paligemma(path: str | pathlib.Path, *, dtype: Any = jnp.float32,
     """
     path = pathlib.Path(path)
     spec = PaliGemmaSpec.from_hf_config(read_hf_config(path))
-    files = tensor_files(path)
-    where: dict[str, pathlib.Path] = {}  # checkpoint name -> its file
-    shapes: dict[str, Shape] = {}
-    for file in files:
-        with safe_open(file, framework="flax") as f:
-            for name in f.keys():
-                where[name] = file
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+    index = SafetensorsIndex(path)
+    where = index.where
     prefix = {part: max((p for p in options if any(n.startswith(p) for n in where)), key=len,
                         default=options[0]) for part, options in _PREFIXES.items()}
     skipped = {n for n in where if n.startswith(tuple(prefix["vision"] + s for s in _SKIPPED))}
@@ -174,33 +149,12 @@ def load_paligemma(path: str | pathlib.Path, *, dtype: Any = jnp.float32,
 
     graphdef, state = nnx.split(_abstract_model(spec, dtype, param_dtype))
     variables = dict(nnx.to_flat_state(state))  # our path -> abstract nnx.Param
-    table = _name_table(spec)
-    names = {p: prefix[table[p][0]] + table[p][1] for p in variables}  # our path -> tensor name
-    missing, misshaped = [], []
-    for our_path, variable in variables.items():
-        name = names[our_path]
-        expected = _CONVERSIONS[table[our_path][2]][0](tuple(variable.shape))
-        if name not in where:
-            missing.append(name)
-        elif shapes[name] != expected:
-            misshaped.append(f"{name} has shape {shapes[name]}, expected {expected}")
-    unexpected = sorted(set(where) - set(names.values()) - skipped)
-    problems = [f"{label}: {', '.join(items)}" for label, items in (
-        ("missing tensors", sorted(missing)), ("unexpected tensors", unexpected),
-        ("mis-shaped tensors", sorted(misshaped))) if items]
-    if problems:
-        raise CheckpointMismatchError(
-            f"PaliGemma checkpoint {path} does not match the model its config.json describes: "
-            + "; ".join(problems))
-
-    for file in files:
-        with safe_open(file, framework="flax") as f:
-            for our_path, variable in variables.items():
-                if where[names[our_path]] == file:
-                    tensor = f.get_tensor(names[our_path])
-                    value = _CONVERSIONS[table[our_path][2]][1](tensor, tuple(variable.shape))
-                    variable.set_value(jnp.asarray(value, param_dtype))
-                    del tensor, value
+    # our path -> (tensor name, conversion kind)
+    table = {p: (prefix[part] + name, kind) for p, (part, name, kind) in _name_table(spec).items()}
+    index.load(variables, table, skipped=skipped,
+               param_dtype=param_dtype,
+               describe=f"PaliGemma checkpoint {path} does not match the model its config.json "
+                        "describes")
     return nnx.merge(graphdef, state)
 
 
@@ -255,7 +209,7 @@ def export_hf(model: PaliGemma, config: dict[str, Any], out_dir: str | pathlib.P
     for our_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         part, name, kind = table[our_path]
         value = np.asarray(jax.device_get(variable[...]))
-        tensors[_PREFIXES[part][0] + name] = np.ascontiguousarray(_CONVERSIONS[kind][2](value))
+        tensors[_PREFIXES[part][0] + name] = np.ascontiguousarray(CONVERSIONS[kind][2](value))
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
