@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from pewm_jax.config import load_config
 from pewm_jax.models.flops import world_model_flops
 from pewm_jax.train import loop
-from pewm_jax.train.metrics import measured_matmul_peak
+from pewm_jax.train import metrics
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 SMALL_DATA = ["data.num_train_episodes=40", "data.num_val_episodes=4",
@@ -48,7 +48,7 @@ def main() -> None:
     sizes, steps = args.sizes.split(","), [int(s) for s in args.steps.split(",")]
 
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
-    peak = measured_matmul_peak(jnp.dtype(args.dtype))
+    peak = metrics.measured_matmul_peak(jnp.dtype(args.dtype))
     print(f"measured matmul peak ({args.dtype}, one device): {peak / 1e9:,.1f} GFLOP/s")
     with tempfile.TemporaryDirectory(prefix="pewm-train-bench-") as tmp:
         dataset = args.dataset_dir or str(pathlib.Path(tmp) / "data")
@@ -66,8 +66,7 @@ def main() -> None:
             rate = (result.step - 1) / result.run_seconds
             batch = config.train.global_batch_size
             flops = world_model_flops(config, batch).forward_backward
-            mfu = flops * rate / (peak * (1 if jax.devices()[0].platform == "cpu"
-                                          else jax.device_count()))
+            mfu = metrics.mfu(flops, 1 / rate, *loop.peak_flops(config))
             rows.append((size, batch, rate, rate * batch, mfu,
                          result.checkpoint_seconds / result.run_seconds,
                          result.final_wait_seconds))

@@ -30,7 +30,7 @@ def run_steps(config, devices, steps: int = 2):
     mesh = mesh_lib.make_mesh(config, devices)
     layout = state_lib.state_layout(config, VOCAB, mesh)
     state = state_lib.create_train_state(config, layout)
-    step_fn = state_lib.TrainStep(config, layout, random_batch(config, 1))
+    step_fn = state_lib.TrainStep(config, layout)
     losses = []
     for i in range(steps):
         batch = make_global_batch(random_batch(config, config.train.global_batch_size, i), mesh)
@@ -70,7 +70,7 @@ def test_accumulated_gradients_are_the_mean_over_microbatches():
     state = state_lib.create_train_state(config, layout)
     params0 = jax.device_get(state.params)
     batch = random_batch(config, 8)
-    step_fn = state_lib.TrainStep(config, layout, batch)
+    step_fn = state_lib.TrainStep(config, layout)
     new_state, metrics = step_fn(state, make_global_batch(batch, mesh))
 
     # Reference: microbatch j = rows j, j + 2, ...; key fold_in(fold_in(base, step 0), j).

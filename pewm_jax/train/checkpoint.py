@@ -214,7 +214,9 @@ class RunCheckpoints:
                 data_iter: grain.DatasetIterator | None) -> tuple[TrainState, dict[str, Any]]:
         """The train state of checkpoint `step` on `layout`'s mesh, and its meta.
 
-        `data_iter` (or None to skip) gets the saved iterator state of this process.
+        `data_iter` (or None to skip) gets the saved iterator state of this process when the
+        checkpoint was written by as many processes (`data_iter_restorable`); otherwise the
+        pipeline, opened at the step, continues the same global order.
         """
         meta = self.read_json(step, "meta")
         target = layout.abstract
@@ -225,7 +227,7 @@ class RunCheckpoints:
             restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
             raise self._unreadable(step, ", ".join(args), e) from e
-        if data_iter is not None:
+        if data_iter is not None and data_iter_restorable(meta):
             self._restore_data_iter(step, data_iter)
         rng = jax.device_put(np.asarray(meta["rng"], np.uint32), layout.shardings.rng)
         count = jax.device_put(np.asarray(step, np.int32), layout.shardings.step)

@@ -149,18 +149,19 @@ def _with_dataset_dir(config: ml_collections.ConfigDict, workdir: epath.Path
     return config
 
 
-def _peak_flops(config: ml_collections.ConfigDict) -> float:
-    """Peak FLOP/s of all devices together, for MFU (see config.train.peak_flops_per_device)."""
+def peak_flops(config: ml_collections.ConfigDict) -> tuple[float, int]:
+    """(peak FLOP/s of one device, how many such devices the run has), MFU's denominator:
+    config.train.peak_flops_per_device, else the vendor figure, else a measured matmul peak."""
     if config.train.peak_flops_per_device:
-        return config.train.peak_flops_per_device * jax.device_count()
+        return config.train.peak_flops_per_device, jax.device_count()
     device, dtype = jax.devices()[0], jnp.dtype(config.model.dtype)
     known = metrics_lib.device_peak_flops(device, dtype)
     if known:
-        return known * jax.device_count()
+        return known, jax.device_count()
     measured = metrics_lib.measured_matmul_peak(dtype)
     if device.platform == "cpu":  # fake CPU devices share the host: the peak is per host
-        return measured * jax.process_count()
-    return measured * jax.device_count()
+        return measured, jax.process_count()
+    return measured, jax.device_count()
 
 
 def _start_step(checkpoints: ckpt_lib.RunCheckpoints, config: ml_collections.ConfigDict, *,
@@ -262,11 +263,6 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def _copy_tree(tree: Any, shardings: Any) -> Any:
-    """A copy in new buffers (params and EMA must not share buffers: the state is donated)."""
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
           resume: bool = False, resume_step: int | None = None, overwrite: bool = False,
           init_from: str | None = None,
@@ -327,7 +323,7 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: epath.Path,
             finally:
                 source.close()
             state = state.replace(params=params,
-                                  ema_params=_copy_tree(params, layout.shardings.ema_params))
+                                  ema_params=state_lib.copy_tree(params, layout.shardings.ema_params))
             _log(f"[train] parameters from {source.step_path(source_step)}; fresh optimizer")
         return state
     checkpoints.check_config(start, config)
@@ -337,9 +333,8 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: epath.Path,
             f"the tokenizer at {tokenizer_path} differs from the one checkpoint "
             f"{checkpoints.step_path(start)} was trained with, so text would map to other ids. "
             "Fix: point config.data.tokenizer at the run's tokenizer.")
-    restorable = ckpt_lib.data_iter_restorable(checkpoints.read_json(start, "meta"))
-    state, meta = checkpoints.restore(start, layout, iterator if restorable else None)
-    if not restorable:
+    state, meta = checkpoints.restore(start, layout, iterator)
+    if not ckpt_lib.data_iter_restorable(meta):
         _log(f"[train] checkpoint written by {meta['process_count']} processes, resuming on "
              f"{jax.process_count()}: the data order continues from step {start}")
     if resume_step is not None:
@@ -390,11 +385,11 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
         state = _initial_state(config, workdir, checkpoints, layout, iterator, start,
                                (tokenizer_path, tokenizer_json), resume_step=resume_step,
                                init_from=init_from)
-        step_fn = state_lib.TrainStep(config, layout, iterator.pipeline.spec.shapes(1))
+        step_fn = state_lib.TrainStep(config, layout)
         sampler = _make_sampler(config, layout)
         val_clips = _validation_clips(config, mesh) if t.sample_clips else None
         flops_per_step = world_model_flops(config, t.global_batch_size).forward_backward
-        peak = _peak_flops(config)
+        peak, peak_devices = peak_flops(config)
         if first == 0:
             writer.text(0, "config", f"```\n{config.to_json_best_effort(indent=2)}\n```")
         _log(f"[train] mesh {dict(mesh.shape)} over {jax.device_count()} devices "
@@ -425,7 +420,8 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
                     rate = (step - mark_step) / (now - mark_time)
                     values |= {"steps_per_sec": rate,
                                "examples_per_sec": rate * t.global_batch_size,
-                               "mfu": flops_per_step * rate / peak}
+                               "mfu": metrics_lib.mfu(flops_per_step, 1 / rate, peak,
+                                                      peak_devices)}
                     mark_time, mark_step = now, step
                 if log_now:
                     writer.scalars(step, values)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
@@ -193,6 +193,12 @@ def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout) -
     return state
 
 
+def copy_tree(tree: Any, shardings: Any) -> Any:
+    """A copy of `tree` in new buffers laid out by `shardings`: params and EMA params must not
+    share buffers, because the train step donates the state."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
 def load_pretrained(config: ml_collections.ConfigDict, state: TrainState,
                     layout: StateLayout) -> TrainState:
     """`state` with the SigLIP text tower's checkpoint weights in params and ema_params."""
@@ -202,7 +208,8 @@ def load_pretrained(config: ml_collections.ConfigDict, state: TrainState,
     pretrained = jax.device_put(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
                                 layout.shardings.params["text_encoder"])
     params = {**state.params, "text_encoder": pretrained}
-    ema = {**state.ema_params, "text_encoder": jax.tree.map(jnp.copy, pretrained)}
+    ema = {**state.ema_params, "text_encoder": copy_tree(
+        pretrained, layout.shardings.ema_params["text_encoder"])}
     return state.replace(params=params, ema_params=ema)
 
 
@@ -220,14 +227,13 @@ class TrainStep:
     grad_norm (trainable parameters, before clipping), learning_rate (of this step).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, layout: StateLayout,
-                 batch_keys: Iterable[str]):
+    def __init__(self, config: ml_collections.ConfigDict, layout: StateLayout):
         self.layout = layout
         accum = config.train.grad_accum_steps
         schedule = learning_rate_schedule(config)
         graphdef, labels, optimizer = layout.graphdef, layout.labels, layout.optimizer
-        data_axes = tuple(a for a in ("data", "fsdp") if a in layout.mesh.axis_names)
-        micro_sharding = NamedSharding(layout.mesh, PartitionSpec(None, data_axes))
+        rows = batch_sharding(layout.mesh)  # every batch key: rows over the data axes
+        micro_sharding = NamedSharding(layout.mesh, PartitionSpec(None, *rows.spec))
 
         def loss_of(params: Params, batch: Mapping[str, jax.Array], key: jax.Array):
             model = nnx.merge(graphdef, _stop_frozen(params, labels))
@@ -266,8 +272,7 @@ class TrainStep:
                            learning_rate=schedule(state.step))
             return TrainState(state.step + 1, params, ema, opt_state, state.rng), metrics
 
-        batch_shardings = {k: batch_sharding(layout.mesh) for k in batch_keys}
-        self._jitted = jax.jit(step, in_shardings=(layout.shardings, batch_shardings),
+        self._jitted = jax.jit(step, in_shardings=(layout.shardings, rows),
                                out_shardings=(layout.shardings, mesh_lib.replicated(layout.mesh)),
                                donate_argnums=0)
 
