@@ -67,6 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 100
     config.train.sample_every = 5000
 
+    # The planner fine-tunes on the same mesh: its batch splits over the same data axes.
+    config.planner.train.global_batch_size = global_batch_size
+    config.planner.dtype = "bfloat16"
+
     config.mesh.data = data
     config.mesh.fsdp = fsdp
     config.mesh.tensor = tensor

@@ -2,6 +2,7 @@
 
 For trying the whole pipeline end to end, not for quality. Used by:
     pewm run --config=configs/quickstart.py --workdir=runs/quickstart
+    pewm planner --config=configs/quickstart.py --workdir=runs/quickstart
 """
 
 import ml_collections
@@ -15,7 +16,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ConfigError(f"configs/quickstart.py takes no ':arg', got {arg!r}.")
     config = default_config()
 
-    config.data.num_train_episodes = 200
+    # 1000 episodes: the planner learns one example per episode (the world model's clips are
+    # plenty either way); generating them takes seconds.
+    config.data.num_train_episodes = 1000
     config.data.num_val_episodes = 20
     config.data.num_test_episodes = 20
     config.data.num_holdout_episodes = 20
@@ -35,6 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 2
     config.train.log_every = 10
     config.train.sample_every = 100
+
+    config.planner.train.steps = 1500  # `pewm planner`: about 7 minutes on a laptop CPU
+    config.planner.train.global_batch_size = 16
+    config.planner.train.checkpoint_every = 500
+    config.planner.train.sample_every = 500
 
     config.eval.episodes_per_template = 2
     return config

@@ -1,7 +1,8 @@
 """The batch contract: every key, shape and dtype a training batch carries (DESIGN.md "Batch").
 
 Every producer (Grain pipelines, synthetic test batches) and consumer (train step, sampler,
-policy) imports `BatchSpec`; `BatchSpec.check` is what tests run against each of them.
+policy) imports `BatchSpec`; `BatchSpec.check` is what tests run against each of them. The
+planner's fine-tuning batches follow `PlanBatchSpec` the same way.
 
 Frames stay uint8 until the jitted step (4x less host-to-device traffic than float32). Points
 are float32 pixels of the stored frame, (x, y), origin top-left (DESIGN.md "Coordinates").
@@ -16,9 +17,25 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from data_loaders.tokenizer import NUM_LOCATION_BINS
+
 
 class BatchSpecError(ValueError):
     """A batch does not follow the batch contract."""
+
+
+def check_shapes(batch: Mapping[str, np.ndarray],
+                 expected: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Raises BatchSpecError naming the first key that is missing, extra or mis-shaped."""
+    missing, extra = set(expected) - set(batch), set(batch) - set(expected)
+    if missing or extra:
+        raise BatchSpecError(f"batch keys differ from the spec: missing {sorted(missing)}, "
+                             f"unexpected {sorted(extra)}")
+    for key, (shape, dtype) in expected.items():
+        value = batch[key]
+        if tuple(value.shape) != shape or np.dtype(value.dtype) != dtype:
+            raise BatchSpecError(f"batch[{key!r}] is {np.dtype(value.dtype)}{list(value.shape)}, "
+                                 f"the spec says {dtype}{list(shape)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +78,7 @@ class BatchSpec:
             if "sgg_valid" not in batch:
                 raise BatchSpecError("batch has no 'sgg_valid' key to read the batch size from")
             batch_size = int(np.shape(batch["sgg_valid"])[0])
-        expected = self.shapes(batch_size)
-        missing, extra = set(expected) - set(batch), set(batch) - set(expected)
-        if missing or extra:
-            raise BatchSpecError(f"batch keys differ from the spec: missing {sorted(missing)}, "
-                                 f"unexpected {sorted(extra)}")
-        for key, (shape, dtype) in expected.items():
-            value = batch[key]
-            if tuple(value.shape) != shape or np.dtype(value.dtype) != dtype:
-                raise BatchSpecError(f"batch[{key!r}] is {np.dtype(value.dtype)}{list(value.shape)}, "
-                                     f"the spec says {dtype}{list(shape)}")
+        check_shapes(batch, self.shapes(batch_size))
         if np.any(np.asarray(batch["text_tokens"])[~np.asarray(batch["text_mask"])] != 0):
             raise BatchSpecError("batch['text_tokens'] must be 0 (padding) where text_mask is False")
         if not np.all(np.asarray(batch["action_mask"]).any(axis=1)):
@@ -78,3 +86,44 @@ class BatchSpec:
         if np.any(np.asarray(batch["actions"])[np.broadcast_to(
                 ~np.asarray(batch["action_mask"])[:, None, :], batch["actions"].shape)] != 0):
             raise BatchSpecError("batch['actions'] must be 0 in padded dimensions (action_mask False)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanBatchSpec:
+    """Shapes of one planner fine-tuning batch: first frames, prompt + plan tokens."""
+
+    image_size: int  # S: the planner's square input image
+    max_tokens: int  # L: <bos> + prompt + plan + <eos>, padded with <pad> (id 0)
+
+    @classmethod
+    def from_config(cls, config, image_size: int) -> "PlanBatchSpec":
+        """The spec of a config's planner pipeline (`image_size` is the planner model's)."""
+        return cls(image_size=image_size, max_tokens=config.planner.max_tokens)
+
+    def shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Key -> (shape, dtype) for a batch of `batch_size` examples."""
+        b, s, l = batch_size, self.image_size, self.max_tokens
+        return {
+            "image": ((b, s, s, 3), np.dtype(np.uint8)),  # the scene when the task starts
+            "tokens": ((b, l), np.dtype(np.int32)),  # <bos> prompt plan <eos> <pad>...
+            "target_mask": ((b, l), np.dtype(bool)),  # True on plan tokens (what is learnt)
+            "target_bins": ((b, l), np.dtype(np.int32)),  # a plan location token's bin, else -1
+            "prefix_len": ((b,), np.dtype(np.int32)),  # <bos> + padded prompt: attended both ways
+        }
+
+    def check(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Raises BatchSpecError naming the first key that is missing, extra or mis-shaped, or
+        a row whose plan does not directly follow its prompt."""
+        batch_size = int(np.shape(batch["prefix_len"])[0]) if "prefix_len" in batch else -1
+        check_shapes(batch, self.shapes(batch_size))
+        mask, prefix = np.asarray(batch["target_mask"]), np.asarray(batch["prefix_len"])
+        bins = np.asarray(batch["target_bins"])
+        if np.any(bins[~mask] != -1) or np.any(bins >= NUM_LOCATION_BINS) or np.any(bins < -1):
+            raise BatchSpecError("batch['target_bins'] must be -1 outside the plan and a bin in "
+                                 f"[0, {NUM_LOCATION_BINS}) or -1 on it")
+        for row in range(batch_size):
+            targets = np.flatnonzero(mask[row])
+            if (not len(targets) or targets[0] != prefix[row]
+                    or not np.array_equal(targets, np.arange(targets[0], targets[-1] + 1))):
+                raise BatchSpecError(f"row {row}: target_mask must mark one run of plan tokens "
+                                     f"starting at prefix_len = {prefix[row]}")

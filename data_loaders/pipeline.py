@@ -244,40 +244,30 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
     return int(process_index), int(process_count)
 
 
-class ClipPipeline:
-    """The input pipeline of one split for this process: global order, transforms, batching.
+class OrderedPipeline:
+    """What every input pipeline shares (DESIGN.md "Data order"): global element p of a split
+    goes to row p % B of global step p // B, process i of P takes its slice of each global
+    batch, and an iterator opens at any global step. Subclasses set `order` (p -> record),
+    `transform` ((p, record) -> example dict with ELEMENT_KEY and SKIPPED_KEY) and
+    `datasets` (what the order depends on besides seed and batch size)."""
 
-    `augment` defaults to config.data.augment on the train split and to False on the others;
-    process index and count default to this JAX process's.
-    """
+    order: GlobalOrder
+    transform: Any
+    datasets: list
 
-    def __init__(self, config: ml_collections.ConfigDict, split: str = "train", *,
-                 augment: bool | None = None, process_index: int | None = None,
-                 process_count: int | None = None, num_workers: int | None = None):
-        data = config.data
+    def __init__(self, config: ml_collections.ConfigDict, train: ml_collections.ConfigDict,
+                 split: str, process_index: int | None, process_count: int | None,
+                 num_workers: int | None):
         self.split = split
         self.seed = int(config.seed)
-        self.global_batch_size = int(config.train.global_batch_size)
+        self.global_batch_size = int(train.global_batch_size)
         self.process_index, self.process_count = _process_layout(process_index, process_count)
         if self.global_batch_size % self.process_count:
-            raise ValueError(f"config.train.global_batch_size = {self.global_batch_size} is not "
-                             f"divisible by the {self.process_count} processes")
+            raise ValueError(f"the global batch size {self.global_batch_size} is not divisible "
+                             f"by the {self.process_count} processes")
         self.local_batch_size = self.global_batch_size // self.process_count
-        self.num_workers = int(data.num_workers if num_workers is None else num_workers)
-        self.prefetch = int(data.prefetch)
-        self.mixture = ClipMixture(mixture_entries(config), split)
-        self.mixture.check_shapes(data.horizon, data.context_frames)
-        self.spec = BatchSpec.from_config(config, self.mixture.action_dim)
-        self.order = GlobalOrder(self.mixture.sizes, self.mixture.weights, self.seed)
-        tokenizer_path = data.tokenizer or os.path.join(self.mixture.dirs[0],
-                                                        clip_dataset.TOKENIZER_FILE)
-        tokenizer_lib.load_tokenizer(tokenizer_path)  # fail here, not in a worker
-        reader = _RecordReader(self.mixture.dirs, split, self.mixture.sizes, data.skip_corrupt)
-        self.transform = _ClipTransform(
-            reader, self.mixture, tokenizer_path, self.seed, config.world.image_size,
-            data.max_text_tokens,
-            data.augment and split == "train" if augment is None else augment,
-            data.crop_scale_min, data.color_jitter)
+        self.num_workers = int(config.data.num_workers if num_workers is None else num_workers)
+        self.prefetch = int(config.data.prefetch)
 
     def element(self, p: int) -> dict[str, np.ndarray]:
         """Global element p, transformed (what lands in row p % global batch of step p // it)."""
@@ -285,14 +275,14 @@ class ClipPipeline:
 
     def batches(self) -> grain.MapDataset:
         """Item s: this process's rows of global step s, as one batch dict."""
-        clips = self.order.dataset.map_with_index(self.transform)
-        return clips.batch(self.local_batch_size, drop_remainder=True)[
+        examples = self.order.dataset.map_with_index(self.transform)
+        return examples.batch(self.local_batch_size, drop_remainder=True)[
             self.process_index::self.process_count]
 
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a saved iterator state to continue the same global order."""
         return {"seed": self.seed, "global_batch_size": self.global_batch_size,
-                "split": self.split, "datasets": self.mixture.fingerprint()}
+                "split": self.split, "datasets": self.datasets}
 
     def layout(self) -> dict[str, int]:
         """How this process reads: a saved Grain state applies only to the same layout."""
@@ -320,6 +310,35 @@ class ClipPipeline:
         return ds.__iter__()
 
 
+class ClipPipeline(OrderedPipeline):
+    """The world model's input pipeline of one split for this process: global order over the
+    clip mixture, transforms, batching.
+
+    `augment` defaults to config.data.augment on the train split and to False on the others;
+    process index and count default to this JAX process's.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, split: str = "train", *,
+                 augment: bool | None = None, process_index: int | None = None,
+                 process_count: int | None = None, num_workers: int | None = None):
+        super().__init__(config, config.train, split, process_index, process_count, num_workers)
+        data = config.data
+        self.mixture = ClipMixture(mixture_entries(config), split)
+        self.mixture.check_shapes(data.horizon, data.context_frames)
+        self.datasets = self.mixture.fingerprint()
+        self.spec = BatchSpec.from_config(config, self.mixture.action_dim)
+        self.order = GlobalOrder(self.mixture.sizes, self.mixture.weights, self.seed)
+        tokenizer_path = data.tokenizer or os.path.join(self.mixture.dirs[0],
+                                                        clip_dataset.TOKENIZER_FILE)
+        tokenizer_lib.load_tokenizer(tokenizer_path)  # fail here, not in a worker
+        reader = _RecordReader(self.mixture.dirs, split, self.mixture.sizes, data.skip_corrupt)
+        self.transform = _ClipTransform(
+            reader, self.mixture, tokenizer_path, self.seed, config.world.image_size,
+            data.max_text_tokens,
+            data.augment and split == "train" if augment is None else augment,
+            data.crop_scale_min, data.color_jitter)
+
+
 class ClipBatchIterator(grain.DatasetIterator):
     """This process's batches in the global order; `get_state`/`set_state` resume exactly.
 
@@ -333,7 +352,7 @@ class ClipBatchIterator(grain.DatasetIterator):
 
     _inner: grain.DatasetIterator | None = None  # None only if opening it failed
 
-    def __init__(self, pipeline: ClipPipeline, start_step: int = 0):
+    def __init__(self, pipeline: OrderedPipeline, start_step: int = 0):
         super().__init__()
         self.pipeline = pipeline
         self._start = self._step = int(start_step)

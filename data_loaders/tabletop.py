@@ -21,17 +21,20 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_loaders.clip_dataset import DatasetError, DatasetMeta, staged_directory, write_clips
+from data_loaders.clip_dataset import (DatasetError, DatasetMeta, require_dataset, staged_directory,
+                                       write_clips)
 from data_loaders.clips import Clip, cut_clip
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim.episodes import Episode
+from pewm_jax.sim.primitives import all_primitives
+from pewm_jax.vlm.plan import plan_prompt
 
 EPISODES_DIR = "episodes"
 GRIPPER_DIMS = [2]  # the tabletop action is (dx, dy, grip)
@@ -153,6 +156,22 @@ def _rlds_episode(ep: Episode) -> dict:
                                                  "task_split": ep.split, "success": ep.success}}
 
 
+def episode_source(dataset_dir: str | pathlib.Path, split: str) -> Sequence[dict]:
+    """Random-access source over one split's stored RLDS episodes (decoded numpy dicts);
+    DatasetError when the directory holds no generated episodes or not that split."""
+    root = require_dataset(dataset_dir)
+    version = root / EPISODES_DIR / _EpisodeBuilder.name / str(_EpisodeBuilder.VERSION)
+    if not version.exists():
+        raise DatasetError(
+            f"{root} holds no built-in world episodes ({version} not found); the planner learns "
+            "from them. Fix: point config.data.dataset_dir at a dataset `pewm data` generated.")
+    builder = tfds.builder_from_directory(str(version))
+    if split not in builder.info.splits:
+        raise DatasetError(f"{root} has no episodes in split {split!r}; it has "
+                           f"{sorted(builder.info.splits)}")
+    return builder.as_data_source(split=split)
+
+
 def episode_clips(record: dict, data: ml_collections.ConfigDict) -> list[Clip]:
     """The primitive clips of one stored RLDS episode (per-step primitive annotations)."""
     steps = record["steps"]
@@ -168,13 +187,14 @@ def episode_clips(record: dict, data: ml_collections.ConfigDict) -> list[Clip]:
         clips.append(cut_clip(
             frames, actions, int(start), int(end), horizon=data.horizon, stride=data.frame_stride,
             context_frames=data.context_frames, gripper_dims=GRIPPER_DIMS,
-            text=_text(first["primitive_text"]), start_xy=first["primitive_start_xy"],
+            text=decode_text(first["primitive_text"]), start_xy=first["primitive_start_xy"],
             goal_xy=first["primitive_goal_xy"], sgg_valid=True,
             episode_id=int(record["episode_metadata"]["seed"]), segment_index=int(ids[start])))
     return clips
 
 
-def _text(value) -> str:
+def decode_text(value) -> str:
+    """A TFDS text feature (bytes or str) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -188,7 +208,11 @@ def generate_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.P
             tfds.disable_progress_bar()  # our own progress bar counts episodes
             builder.download_and_prepare()
         splits = {split: builder.as_data_source(split=split) for split in builder.info.splits}
-        tasks = {_text(record["steps"][0]["language_instruction"]) for record in splits["train"]}
+        # Tasks as the planner reads them (their words and the prompt's own), and every wording
+        # of every primitive of the world (what the planner may write, held-out ones included).
+        prompts = {plan_prompt(decode_text(record["steps"][0]["language_instruction"]))
+                   for record in splits["train"]}
+        wordings = {p.text(k) for p in all_primitives() for k in range(p.num_paraphrases())}
 
         def clips_of(source) -> Iterator[Clip]:
             for i in range(len(source)):
@@ -196,7 +220,7 @@ def generate_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.P
 
         return write_clips(stage, dataset_meta(config),
                            {s: clips_of(src) for s, src in splits.items()},
-                           tokenizer_texts=sorted(tasks))
+                           tokenizer_texts=sorted(prompts | wordings))
 
 
 def dataset_meta(config: ml_collections.ConfigDict) -> DatasetMeta:

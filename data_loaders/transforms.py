@@ -82,6 +82,13 @@ def crop_and_resize(frames: np.ndarray, box: CropBox, out_size: int) -> np.ndarr
     return out
 
 
+def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, size, size, 3) uint8, bicubic: the planner's input resize (what
+    Hugging Face's SigLIP image processor does), the same in training and at run time."""
+    return np.stack([img if img.shape[:2] == (size, size) else np.asarray(
+        Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC)) for img in images])
+
+
 def color_jitter(frames: np.ndarray, rng: np.random.Generator, strength: float,
                  reference: np.ndarray) -> np.ndarray:
     """Random brightness and contrast (each a factor in [1 - strength, 1 + strength]).

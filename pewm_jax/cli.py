@@ -3,6 +3,7 @@
     pewm run     --config=configs/quickstart.py --workdir=runs/quickstart
     pewm data    --config=configs/quickstart.py --workdir=runs/quickstart --config.seed=3
     pewm train   --config=configs/quickstart.py --workdir=runs/quickstart --resume
+    pewm planner --config=configs/quickstart.py --workdir=runs/quickstart
     pewm ingest  --config=configs/quickstart.py --workdir=runs/bridge \\
                  --spec=configs/rlds/bridge.py --source=/data/bridge_dataset/1.0.0
 
@@ -15,6 +16,7 @@ what is wrong and how to fix it, and nothing already on disk is replaced without
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import sys
@@ -27,14 +29,21 @@ from pewm_jax import config as config_lib
 from pewm_jax.parallel import distributed
 
 JOBS: dict[str, str] = {
-    "run": "the main job: every stage in config.run.stages (preview, data, train) into --workdir",
+    "run": "the main job: every stage in config.run.stages (preview, data, train, planner) into "
+           "--workdir",
     "preview": "run the world's task experts; write a GIF/PNG of episodes and expert statistics",
     "data": "generate the built-in world's dataset: RLDS episodes, primitive clips, statistics, "
             "tokenizer (into config.data.dataset_dir, default <workdir>/data)",
     "train": "train the world model on the run's dataset: sharded over the config's mesh, Orbax "
              "checkpoints in <workdir>/world_model, TensorBoard logs in <workdir>/tensorboard",
+    "planner": "fine-tune the planner VLM on the run's task decompositions (<workdir>/planner), "
+               "then score its plans on config.planner.eval_splits (<workdir>/planner_eval.json)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
 }
+
+
+# Jobs that train (and may run on several processes); `run` trains through its stages.
+TRAINING_JOBS = ("run", "train", "planner")
 
 
 def _usage() -> str:
@@ -52,14 +61,17 @@ def _define_flags(job: str) -> None:
     flags.DEFINE_bool("overwrite", False, "Replace outputs that exist but were made differently "
                       "(train: delete the run's checkpoints and TensorBoard logs, start afresh).")
     required = ["config", "workdir"]
-    if job in ("run", "train"):
+    if job in TRAINING_JOBS:
         flags.DEFINE_bool("resume", False, "Continue the newest committed checkpoint in "
-                          "<workdir>/world_model (start at step 0 if there is none).")
+                          "<workdir>/world_model (planner: <workdir>/planner); start at step 0 "
+                          "if there is none.")
         flags.DEFINE_integer("resume_step", None, "Continue from this checkpoint step; newer "
                              "checkpoints are moved aside to <workdir>/superseded, not deleted.")
         flags.DEFINE_string("init_from", None, "Start from the parameters of another run (its "
-                            "workdir, checkpoint directory or step directory) with a fresh "
-                            "optimizer; config.train.frozen patterns stay fixed.")
+                            "workdir, checkpoint directory or step directory; for the planner "
+                            "also a converted Hugging Face checkpoint) with a fresh optimizer; "
+                            "the train section's frozen patterns stay fixed. In `run` it "
+                            "applies to the world model.")
         flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
                             f"(default ${distributed.ENV_COORDINATOR}).")
         flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes "
@@ -85,8 +97,8 @@ def _fail(message: str) -> None:
 
 
 def _start_processes(job: str) -> None:
-    """Joins a multi-process job when flags or environment ask for one (train jobs only)."""
-    if job not in ("run", "train"):
+    """Joins a multi-process job when flags or environment ask for one (training jobs only)."""
+    if job not in TRAINING_JOBS:
         return
     f = flags.FLAGS
     try:
@@ -113,14 +125,14 @@ def dataset_dir(config, workdir: pathlib.Path) -> pathlib.Path:
     return pathlib.Path(config.data.dataset_dir or workdir / "data")
 
 
-def _preview_stage(config, workdir: pathlib.Path) -> None:
+def _preview_stage(config, workdir: pathlib.Path, job: str) -> None:
     from pewm_jax import preview
 
     print(f"[preview] expert episodes of the built-in world -> {workdir / 'preview'}")
     preview.print_summary(preview.run_preview(config, workdir))
 
 
-def _data_stage(config, workdir: pathlib.Path) -> None:
+def _data_stage(config, workdir: pathlib.Path, job: str) -> None:
     from data_loaders import clip_dataset, tabletop
 
     out = dataset_dir(config, workdir)
@@ -150,40 +162,80 @@ def _ingest_job(config, workdir: pathlib.Path) -> None:
     print(f"  clips per split {meta.splits}; statistics and tokenizer beside them in {out}")
 
 
-def _train_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
-    """Trains; False when the run was preempted (it saved; later stages must not run)."""
+def _train(config: ml_collections.ConfigDict, model: str, init_from: str | None):
+    """Trains `model` ('world_model' or 'planner'); exits 2 on bad input, 3 on divergence."""
     from data_loaders.clip_dataset import DatasetError
-    from pewm_jax.train import checkpoint, loop
+    from pewm_jax.train import checkpoint, kinds, loop
 
     f = flags.FLAGS
     try:
         # The flag's own string: pathlib would turn gs://bucket/run into gs:/bucket/run.
-        result = loop.train(config, f.workdir, resume=f.resume, resume_step=f.resume_step,
-                            overwrite=f.overwrite, init_from=f.init_from)
+        return loop.train(config, f.workdir, resume=f.resume, resume_step=f.resume_step,
+                          overwrite=f.overwrite, init_from=init_from, kind=kinds.KINDS[model])
     except (checkpoint.CheckpointError, config_lib.ConfigError, DatasetError,
             FileNotFoundError) as e:
         _fail(str(e))
     except loop.TrainingDivergedError as e:
         print(f"pewm: training diverged: {e}", file=sys.stderr)
         sys.exit(3)
-    return result.status != "preempted"
 
 
-def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path) -> bool:
+def _train_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                 job: str) -> bool:
+    """Trains the world model; False when preempted (it saved; later stages must not run)."""
+    return _train(config, "world_model", flags.FLAGS.init_from).status != "preempted"
+
+
+def _planner_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   job: str) -> bool:
+    """Fine-tunes the planner, then scores it on config.planner.eval_splits (one process:
+    several evaluate with `pewm planner` on one host, which reuses the finished run)."""
+    import json
+
+    import jax
+
+    from data_loaders.clip_dataset import DatasetError
+    from pewm_jax.vlm import evaluation
+
+    result = _train(config, "planner", flags.FLAGS.init_from if job == "planner" else None)
+    if result.status == "preempted":
+        return False
+    if jax.process_count() > 1:
+        print("[planner] evaluation runs on one process: run `pewm planner` with the same "
+              "config on one host (it reuses the finished run)")
+        return True
+    planner = evaluation.load_planner(result.checkpoint_dir)
+    scores = []
+    for split in config.planner.eval_splits:
+        try:
+            scores.append(evaluation.evaluate_planner(planner, dataset_dir(config, workdir),
+                                                      split))
+        except DatasetError as e:
+            print(f"[planner] not scoring {split!r}: {e}")
+    print(evaluation.scores_table(scores))
+    report = workdir / "planner_eval.json"
+    report.write_text(json.dumps([dataclasses.asdict(s) for s in scores], indent=1))
+    print(f"[planner] scores written to {report}")
+    return True
+
+
+def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
+               job: str) -> bool:
     """Runs one stage; with several processes only training runs on all of them, the other
     stages on process 0 while the rest wait. False when the run must stop (preempted)."""
     import jax
     from jax.experimental import multihost_utils
 
-    if stage == "train" or jax.process_count() == 1:
-        return _STAGES[stage](config, workdir) is not False
+    if stage in ("train", "planner") or jax.process_count() == 1:
+        return _STAGES[stage](config, workdir, job) is not False
     if jax.process_index() == 0:
-        _STAGES[stage](config, workdir)
+        _STAGES[stage](config, workdir, job)
     multihost_utils.sync_global_devices(f"pewm_stage_{stage}")
     return True
 
 
-_STAGES = {"preview": _preview_stage, "data": _data_stage, "train": _train_stage}
+_STAGES = {"preview": _preview_stage, "data": _data_stage, "train": _train_stage,
+           "planner": _planner_stage}
 
 
 def _job(job: str, overrides: list[str]):
@@ -202,7 +254,7 @@ def _job(job: str, overrides: list[str]):
             if stage not in _STAGES:
                 _fail(f"stage {stage!r} is not available in this version; set "
                       f"--config.run.stages to a subset of {tuple(_STAGES)}")
-            if not _run_stage(stage, config, workdir):
+            if not _run_stage(stage, config, workdir, job):
                 print(f"[{stage}] stopped early (preempted); rerun with --resume to continue")
                 return
     return run

@@ -32,7 +32,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis names models put on params and activations; every one needs a rule.
 LOGICAL_AXES = ("batch", "frames", "tokens", "embed", "heads", "mlp", "vocab", "kv")
 # The stages a `pewm run` can execute, in pipeline order.
-RUN_STAGES = ("preview", "data", "train", "eval", "export")
+RUN_STAGES = ("preview", "data", "train", "planner", "eval", "export")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 SAMPLERS = ("euler", "heun")
@@ -77,6 +77,15 @@ _POSITIVE = (
     "train.log_every",
     "train.sample_every",
     "eval.episodes_per_template",
+    "planner.image_size",
+    "planner.patch_size",
+    "planner.width",
+    "planner.depth",
+    "planner.kv_heads",
+    "planner.max_tokens",
+    "planner.prompt_tokens",
+    "planner.max_steps",
+    "planner.max_words",
     "run.preview_episodes",
     "run.preview_episodes_per_template",
     "run.preview_scenes_per_primitive",
@@ -95,6 +104,8 @@ _NON_NEGATIVE = (
     "diffusion.text_guidance",
     "diffusion.sgg_guidance",
     "eval.seed",
+    "planner.location_sigma_px",
+    "planner.location_input_noise_px",
 )
 _CHOICES = {
     "model.text_encoder": ("trainable", "siglip"),
@@ -102,7 +113,11 @@ _CHOICES = {
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,
     "diffusion.sampler": SAMPLERS,
+    "planner.dtype": DTYPES,
+    "planner.param_dtype": DTYPES,
 }
+# Sections with the `train_defaults` keys; checks of 'train.*' keys apply to each of them.
+TRAIN_SECTIONS = ("train", "planner.train")
 # (key, low, low inclusive, high, high inclusive)
 _INTERVALS = (
     ("data.crop_scale_min", 0.0, False, 1.0, True),
@@ -112,6 +127,40 @@ _INTERVALS = (
     ("train.final_lr_fraction", 0.0, True, 1.0, True),
     ("train.adam_b2", 0.0, True, 1.0, False),
 )
+
+
+def train_defaults() -> ml_collections.ConfigDict:
+    """The training settings of one model (`config.train`, `config.planner.train`).
+
+    Both sections have these keys, so one trainer reads either; the planner's defaults then
+    differ where `default_config` says."""
+    t = ml_collections.ConfigDict()
+    t.steps = 10_000  # optimizer steps in the run
+    t.global_batch_size = 32  # examples per step, all devices (divisible by data * fsdp)
+    t.learning_rate = 1e-4  # peak AdamW learning rate
+    t.warmup_steps = 500  # linear warmup steps before cosine decay
+    t.weight_decay = 0.0  # AdamW decoupled weight decay
+    t.grad_clip = 1.0  # global-norm gradient clip; None disables clipping
+    t.ema_decay = 0.999  # decay of the EMA copy of the parameters, in [0, 1)
+    t.grad_accum_steps = 1  # microbatches per step (divides global_batch_size)
+    t.checkpoint_every = 1000  # steps between Orbax checkpoints
+    t.keep_checkpoints = 3  # most recent checkpoints kept on disk
+    t.log_every = 50  # steps between scalar metric logs
+    t.sample_every = 1000  # steps between previews (EMA weights) of validation examples
+    # Validation examples previewed: world model clips sampled beside the truth, planner
+    # plans decoded beside the truth (TensorBoard); 0: none.
+    t.sample_clips = 4
+    t.final_lr_fraction = 0.1  # cosine decay ends at this fraction of learning_rate, [0, 1]
+    t.adam_b2 = 0.999  # AdamW second-moment decay, in [0, 1)
+    # Regular expressions over '/'-joined parameter paths (e.g. 'text_encoder/.*') whose
+    # parameters the optimizer leaves unchanged; pretrained SigLIP weights are always frozen.
+    t.frozen = ()
+    t.keep_period = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
+    t.async_checkpoints = True  # write checkpoints in the background while training goes on
+    # Peak FLOP/s of one device for MFU; 0: the vendor figure for known TPUs/GPUs, else measured
+    # (on CPU: a jitted matmul at start-up, for the whole host).
+    t.peak_flops_per_device = 0.0
+    return t
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -175,30 +224,45 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.time_logit_mean = 0.0  # mean of the logit-normal training time distribution
     c.diffusion.time_logit_std = 1.0  # standard deviation of the logit-normal time distribution
 
-    c.train = ml_collections.ConfigDict()  # optimisation, checkpoints and logging
-    c.train.steps = 10_000  # optimizer steps in the run
-    c.train.global_batch_size = 32  # clips per step, all devices (divisible by data * fsdp)
-    c.train.learning_rate = 1e-4  # peak AdamW learning rate
-    c.train.warmup_steps = 500  # linear warmup steps before cosine decay
-    c.train.weight_decay = 0.0  # AdamW decoupled weight decay
-    c.train.grad_clip = 1.0  # global-norm gradient clip; None disables clipping
-    c.train.ema_decay = 0.999  # decay of the EMA copy of the parameters, in [0, 1)
-    c.train.grad_accum_steps = 1  # microbatches per step (divides global_batch_size)
-    c.train.checkpoint_every = 1000  # steps between Orbax checkpoints
-    c.train.keep_checkpoints = 3  # most recent checkpoints kept on disk
-    c.train.log_every = 50  # steps between scalar metric logs
-    c.train.sample_every = 1000  # steps between sampled preview clips
-    c.train.sample_clips = 4  # validation clips sampled (EMA weights) beside ground truth; 0: none
-    c.train.final_lr_fraction = 0.1  # cosine decay ends at this fraction of learning_rate, [0, 1]
-    c.train.adam_b2 = 0.999  # AdamW second-moment decay, in [0, 1)
-    # Regular expressions over '/'-joined parameter paths (e.g. 'text_encoder/.*') whose
-    # parameters the optimizer leaves unchanged; pretrained SigLIP weights are always frozen.
-    c.train.frozen = ()
-    c.train.keep_period = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
-    c.train.async_checkpoints = True  # write checkpoints in the background while training goes on
-    # Peak FLOP/s of one device for MFU; 0: the vendor figure for known TPUs/GPUs, else measured
-    # (on CPU: a jitted matmul at start-up, for the whole host).
-    c.train.peak_flops_per_device = 0.0
+    c.train = train_defaults()  # the world model's optimisation, checkpoints and logging
+
+    # The planner VLM (pewm_jax/vlm): a PaliGemma that reads the first frame and the task and
+    # writes the plan; `pewm planner` fine-tunes it into <workdir>/planner and evaluates it.
+    c.planner = ml_collections.ConfigDict()
+    c.planner.image_size = 64  # the frame is resized to this square input (a multiple of patch_size)
+    c.planner.patch_size = 8  # SigLIP patch side in pixels
+    c.planner.width = 128  # SigLIP and Gemma width (a multiple of the 4 heads)
+    c.planner.depth = 2  # SigLIP and Gemma layers
+    c.planner.kv_heads = 1  # Gemma key/value heads (1, 2 or 4 of its 4 query heads)
+    # A converted model's architecture: a local Hugging Face PaliGemma config.json (or the
+    # directory holding it); then image_size..depth above are not used. '': the small planner
+    # above, trained from scratch over the dataset's tokenizer.
+    c.planner.hf_config = ""
+    c.planner.tokenizer = ""  # a converted model's own tokenizer.json; '': the dataset's
+    c.planner.prompt_tokens = 32  # <bos> + task prompt, padded with <pad>: the fixed prefix
+    c.planner.max_tokens = 112  # prefix + plan + <eos> per training example (longest plan)
+    # Location-token targets are a Gaussian over neighbouring bins with this standard deviation
+    # (pixels of the planner's image), so a near miss costs less than a far one; 0: one-hot.
+    c.planner.location_sigma_px = 1.0
+    # Training moves the plan's location tokens, where they are inputs, by Gaussian noise of
+    # this standard deviation (pixels), so the planner looks at the image instead of recalling
+    # a training scene from exact earlier points; 0: no noise.
+    c.planner.location_input_noise_px = 1.0
+    c.planner.max_steps = 8  # most primitives in a plan (the plan grammar)
+    c.planner.max_words = 16  # most words in one primitive's text (the plan grammar)
+    c.planner.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    c.planner.param_dtype = "float32"  # stored parameter dtype: 'float32' or 'bfloat16'
+    c.planner.train = train_defaults()  # its optimisation, checkpoints and logging
+    c.planner.train.steps = 3000
+    c.planner.train.learning_rate = 1e-3
+    c.planner.train.warmup_steps = 100
+    c.planner.train.weight_decay = 1e-4
+    c.planner.train.ema_decay = 0.99
+    c.planner.train.checkpoint_every = 500
+    c.planner.train.log_every = 50
+    c.planner.train.sample_every = 500
+    # Splits `pewm planner` evaluates after training (exact match, point error in pixels).
+    c.planner.eval_splits = ("test", "holdout_composition", "holdout_primitive")
 
     c.mesh = ml_collections.ConfigDict()  # device mesh; one axis may be -1 = fill from device count
     c.mesh.data = -1  # data-parallel axis size
@@ -221,7 +285,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.seed = 1234  # seed of the evaluation episodes
 
     c.run = ml_collections.ConfigDict()  # what `pewm run` executes
-    c.run.stages = ("preview", "data", "train")  # stages to run, from 'preview', 'data', 'train', 'eval', 'export'
+    c.run.stages = ("preview", "data", "train")  # stages to run, from RUN_STAGES, in that order
     c.run.preview_episodes = 6  # preview: expert episodes drawn as a GIF grid and PNG strip
     c.run.preview_episodes_per_template = 20  # preview: episodes per task template for expert stats
     c.run.preview_scenes_per_primitive = 50  # preview: scenes per primitive for expert stats
@@ -263,11 +327,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     """
     schema = default_config()
     _check_keys_and_types(config, schema, schema, prefix="")
-    for key in _POSITIVE:
+    for key in _in_train_sections(_POSITIVE):
         value = _get(config, key)
         if value is not None and value <= 0:
             raise _error(key, value, "must be positive", f"set config.{key} to a value > 0")
-    for key in _NON_NEGATIVE:
+    for key in _in_train_sections(_NON_NEGATIVE):
         value = _get(config, key)
         if value < 0:
             raise _error(key, value, "must not be negative", f"set config.{key} to a value >= 0")
@@ -275,7 +339,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         value = _get(config, key)
         if value not in choices:
             raise _error(key, value, f"must be one of {', '.join(map(repr, choices))}", "pick one")
-    for key, low, low_closed, high, high_closed in _INTERVALS:
+    for key, low, low_closed, high, high_closed in _INTERVALS + tuple(
+            (f"planner.{k}", *rest) for k, *rest in _INTERVALS if k.startswith("train.")):
         value = _get(config, key)
         above_low = value >= low if low_closed else value > low
         below_high = value <= high if high_closed else value < high
@@ -284,9 +349,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             raise _error(key, value, f"must lie in {interval}", f"set config.{key} inside it")
     _check_world(config)
     _check_model(config)
-    _check_mesh_and_batch(config, num_devices)
+    _check_planner(config)
+    for section in TRAIN_SECTIONS:
+        _check_mesh_and_batch(config, num_devices, section)
+        _check_frozen(_get(config, section).frozen, section)
     _check_stages(config.run.stages)
-    _check_frozen(config.train.frozen)
+
+
+def _in_train_sections(keys: Sequence[str]) -> list[str]:
+    """`keys` with each 'train.x' also named in every other section of TRAIN_SECTIONS."""
+    return list(keys) + [f"{section}.{key.removeprefix('train.')}" for key in keys
+                         if key.startswith("train.") for section in TRAIN_SECTIONS[1:]]
 
 
 def config_file_function(path: str, example: str):
@@ -478,6 +551,30 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
             )
 
 
+def _check_planner(config: ml_collections.ConfigDict) -> None:
+    p = config.planner
+    if p.prompt_tokens >= p.max_tokens:
+        raise _error("planner.prompt_tokens", p.prompt_tokens,
+                     f"leaves no room for the plan in config.planner.max_tokens = {p.max_tokens}",
+                     "make max_tokens larger")
+    if p.hf_config:
+        if not p.tokenizer:
+            raise _error("planner.tokenizer", p.tokenizer, "is empty while planner.hf_config "
+                         "names a converted model, whose token ids are its own",
+                         "point it at that model's tokenizer.json")
+        return
+    if p.image_size % p.patch_size:
+        raise _error("planner.image_size", p.image_size,
+                     f"is not a multiple of config.planner.patch_size = {p.patch_size}",
+                     "make it one")
+    if p.width % 4:
+        raise _error("planner.width", p.width, "is not a multiple of the planner's 4 heads",
+                     "use a multiple of 4")
+    if 4 % p.kv_heads:
+        raise _error("planner.kv_heads", p.kv_heads, "does not divide the planner's 4 heads",
+                     "use 1, 2 or 4")
+
+
 def _mesh_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
     """The configured mesh axis sizes, checked: each positive or -1, and at most one -1."""
     shape = {axis: config.mesh[axis] for axis in MESH_AXES}
@@ -500,18 +597,20 @@ def _mesh_dims(config: ml_collections.ConfigDict) -> dict[str, int]:
     return shape
 
 
-def _check_mesh_and_batch(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+def _check_mesh_and_batch(config: ml_collections.ConfigDict, num_devices: int | None,
+                          section: str = "train") -> None:
     if num_devices is None:
         shape = _mesh_dims(config)
     else:
         shape = resolve_mesh_shape(config, num_devices)
     _check_axis_rules(config.mesh.logical_axis_rules)
-    batch, accum = config.train.global_batch_size, config.train.grad_accum_steps
+    train = _get(config, section)
+    batch, accum = train.global_batch_size, train.grad_accum_steps
     if batch % accum:
         raise _error(
-            "train.global_batch_size",
+            f"{section}.global_batch_size",
             batch,
-            f"is not divisible by config.train.grad_accum_steps = {accum}",
+            f"is not divisible by config.{section}.grad_accum_steps = {accum}",
             "make it a multiple of grad_accum_steps",
         )
     if shape["data"] == -1 or shape["fsdp"] == -1:
@@ -521,7 +620,7 @@ def _check_mesh_and_batch(config: ml_collections.ConfigDict, num_devices: int | 
         split = "" if accum == 1 else f"split into {accum} microbatches of {batch // accum} "
         devices = "" if num_devices is None else f" on {num_devices} devices"
         raise _error(
-            "train.global_batch_size",
+            f"{section}.global_batch_size",
             batch,
             f"{split}is not divisible by the data-parallel size config.mesh.data * "
             f"config.mesh.fsdp = {shape['data']} * {shape['fsdp']} = {data_parallel}{devices}",
@@ -573,15 +672,15 @@ def _check_stages(stages: Sequence) -> None:
         raise _error(key, tuple(stages), "names a stage twice", "list each stage once")
 
 
-def _check_frozen(patterns: Sequence) -> None:
+def _check_frozen(patterns: Sequence, section: str = "train") -> None:
     for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str):
-            raise _error(f"train.frozen[{i}]", pattern, "must be a string",
+            raise _error(f"{section}.frozen[{i}]", pattern, "must be a string",
                          "write regular expressions over parameter paths, e.g. 'text_encoder/.*'")
         try:
             re.compile(pattern)
         except re.error as e:
-            raise _error(f"train.frozen[{i}]", pattern, f"is not a regular expression ({e})",
+            raise _error(f"{section}.frozen[{i}]", pattern, f"is not a regular expression ({e})",
                          "fix the pattern") from None
 
 

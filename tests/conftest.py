@@ -29,6 +29,12 @@ TINY_TRAIN = ["model.width=32", "model.depth=1", "model.num_heads=2", "model.tex
 # Resume tests: 2k steps with a checkpoint every k.
 K = 2
 RUN_STEPS = [f"train.steps={2 * K}", f"train.checkpoint_every={K}", "train.keep_checkpoints=3"]
+# A planner small enough to fine-tune a few steps in seconds: 16 image tokens of 8 x 8 pixels.
+TINY_PLANNER = ["planner.image_size=32", "planner.patch_size=8", "planner.width=32",
+                "planner.depth=1", "planner.train.log_every=1", "planner.train.sample_clips=0",
+                "planner.train.peak_flops_per_device=1e11", "planner.train.warmup_steps=2",
+                "planner.train.global_batch_size=8", f"planner.train.steps={2 * K}",
+                f"planner.train.checkpoint_every={K}"]
 
 
 def tiny_config(*overrides: str):

@@ -17,6 +17,7 @@ from data_loaders.tokenizer import load_tokenizer
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.train import loop, metrics
+from pewm_jax.train import kinds
 from pewm_jax.train import state as state_lib
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -25,12 +26,13 @@ TESTS = pathlib.Path(__file__).resolve().parent
 def layout_on(config, devices: int) -> state_lib.StateLayout:
     """The train-state layout of `config` on a mesh over the first `devices` devices."""
     vocab = load_tokenizer(pathlib.Path(config.data.dataset_dir, "tokenizer.json")).get_vocab_size()
-    return state_lib.state_layout(config, vocab, mesh_lib.make_mesh(config, jax.devices()[:devices]))
+    return state_lib.state_layout(config, vocab, mesh_lib.make_mesh(config, jax.devices()[:devices]),
+                                  kinds.WORLD_MODEL)
 
 
 def saved_params(config, workdir: pathlib.Path, step: int) -> dict:
     """The params of checkpoint `step` of a run of `config`, restored onto one device."""
-    checkpoints = ckpt_lib.RunCheckpoints(workdir / loop.MODEL, read_only=True)
+    checkpoints = ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True)
     return jax.device_get(checkpoints.restore_params(step, layout_on(config, 1).abstract.params))
 
 
@@ -47,9 +49,9 @@ def test_reference_run_writes_checkpoints_metrics_and_samples(reference_run):
     workdir, result = reference_run
     assert result.status == "completed" and result.step == 2 * K
     assert sorted(result.losses) == list(range(1, 2 * K + 1))
-    checkpoints = ckpt_lib.RunCheckpoints(workdir / loop.MODEL, read_only=True)
+    checkpoints = ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True)
     assert checkpoints.steps() == [K, 2 * K]
-    step_dir = workdir / loop.MODEL / str(2 * K)
+    step_dir = workdir / kinds.WORLD_MODEL.name / str(2 * K)
     assert {p.name for p in step_dir.iterdir()} >= set(ckpt_lib.ITEMS)
     meta = checkpoints.read_json(2 * K, "meta")
     assert meta["step"] == 2 * K and meta["process_count"] == 1 and "jax" in meta["versions"]
@@ -76,9 +78,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(reference_run, tableto
          "--kill_after_checkpoint", str(K), *TINY_DATA, *train_overrides(tabletop_dataset)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    checkpoints = ckpt_lib.RunCheckpoints(workdir / loop.MODEL, read_only=True)
+    checkpoints = ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True)
     assert checkpoints.steps() == [K]
-    killed_losses = metrics.read_metrics(workdir / loop.TENSORBOARD_DIR / loop.MODEL)
+    killed_losses = metrics.read_metrics(workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name)
 
     config = tiny_config(*train_overrides(tabletop_dataset))
     result = loop.train(config, workdir, resume=True)
@@ -97,7 +99,7 @@ def test_sigterm_saves_exits_0_and_resume_continues_at_that_step(tabletop_datase
         [sys.executable, "-m", "pewm_jax.cli", "train", "--config=configs/quickstart.py",
          f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = workdir / loop.TENSORBOARD_DIR / loop.MODEL
+    log = workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name
     deadline = time.monotonic() + 300
     while not (log / metrics.METRICS_FILE).exists() or not metrics.read_metrics(log):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
@@ -106,7 +108,7 @@ def test_sigterm_saves_exits_0_and_resume_continues_at_that_step(tabletop_datase
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "preemption notice: saved step" in stdout
-    steps = ckpt_lib.RunCheckpoints(workdir / loop.MODEL, read_only=True).steps()
+    steps = ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True).steps()
     assert len(steps) == 1 and 1 <= steps[0] < 500
     saved = steps[0]
 
@@ -118,7 +120,7 @@ def test_sigterm_saves_exits_0_and_resume_continues_at_that_step(tabletop_datase
 def test_a_checkpoint_from_8_devices_restores_onto_fewer(reference_run, tabletop_dataset, devices):
     workdir, ref = reference_run
     layout = layout_on(tiny_config(*train_overrides(tabletop_dataset)), devices)
-    checkpoints = ckpt_lib.RunCheckpoints(workdir / loop.MODEL, read_only=True)
+    checkpoints = ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True)
     state, meta = checkpoints.restore(2 * K, layout, None)
     assert meta["mesh"]["data"] == 8
     assert {len(x.sharding.device_set) for x in jax.tree.leaves(state)} == {devices}
@@ -129,7 +131,7 @@ def test_half_written_and_corrupted_checkpoints(reference_run, tabletop_dataset,
                                                 capsys):
     ref_dir, ref = reference_run
     workdir = copy_run(ref_dir, tmp_path / "run")
-    model_dir = workdir / loop.MODEL
+    model_dir = workdir / kinds.WORLD_MODEL.name
     # A save killed mid-write leaves an uncommitted temporary directory: ignored, reported.
     half = model_dir / f"{3 * K}.orbax-checkpoint-tmp-1234"
     shutil.copytree(model_dir / str(2 * K), half)
@@ -147,12 +149,12 @@ def test_half_written_and_corrupted_checkpoints(reference_run, tabletop_dataset,
                        match=rf"{model_dir / str(2 * K)} is committed but cannot be read.*"
                              rf"--resume_step N, N one of \[{K}\]"):
         loop.train(config, workdir, resume=True)
-    assert not (workdir / loop.MODEL / "0").exists()
+    assert not (workdir / kinds.WORLD_MODEL.name / "0").exists()
 
     # --resume_step k continues from the good one; the bad one is moved aside, not deleted.
     result = loop.train(config, workdir, resume_step=K)
     assert result.losses == {s: ref.losses[s] for s in range(K + 1, 2 * K + 1)}
-    aside = list((workdir / loop.SUPERSEDED_DIR / loop.MODEL).glob(f"*/{2 * K}"))
+    aside = list((workdir / loop.SUPERSEDED_DIR / kinds.WORLD_MODEL.name).glob(f"*/{2 * K}"))
     assert len(aside) == 1 and (aside[0] / "params").is_dir()
     assert ckpt_lib.RunCheckpoints(model_dir, read_only=True).steps() == [K, 2 * K]
 
@@ -179,12 +181,12 @@ def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference
     # --overwrite cannot be combined with flags that need the old run; nothing is deleted
     with pytest.raises(ckpt_lib.CheckpointError, match="cannot be combined with --resume"):
         loop.train(same, workdir, overwrite=True, resume=True)
-    assert ckpt_lib.RunCheckpoints(workdir / loop.MODEL, read_only=True).steps() == [K, 2 * K]
+    assert ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True).steps() == [K, 2 * K]
     # --overwrite starts afresh
     result = loop.train(tiny_config(*train_overrides(tabletop_dataset, "train.steps=1")),
                         workdir, overwrite=True)
     assert result.losses.keys() == {1}
-    assert ckpt_lib.RunCheckpoints(workdir / loop.MODEL, read_only=True).steps() == [1]
+    assert ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True).steps() == [1]
 
 
 def test_init_from_loads_params_only(reference_run, tabletop_dataset, tmp_path):
@@ -212,5 +214,5 @@ def test_a_nan_loss_stops_the_run_without_saving_that_state(tabletop_dataset, tm
     with pytest.raises(loop.TrainingDivergedError, match=r"at step (\d+)") as error:
         loop.train(config, tmp_path)
     bad = int(error.value.args[0].split("at step ")[1].split(";")[0])
-    steps = ckpt_lib.RunCheckpoints(tmp_path / loop.MODEL, read_only=True).steps()
+    steps = ckpt_lib.RunCheckpoints(tmp_path / kinds.WORLD_MODEL.name, read_only=True).steps()
     assert steps == list(range(1, bad)) and bad > 1

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import TINY_DATA, TINY_TRAIN
+from conftest import TINY_DATA, TINY_PLANNER, TINY_TRAIN
 from data_loaders import clip_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,8 +40,9 @@ def test_bad_config_stops_with_one_message(tmp_path, override, message):
     assert not (tmp_path / "preview").exists()  # nothing ran
 
 
-def test_main_job_writes_pictures_expert_statistics_data_and_a_trained_model(tmp_path):
-    train = [*TINY_TRAIN, "train.steps=2", "train.checkpoint_every=2"]
+def test_main_job_writes_pictures_expert_statistics_data_and_trained_models(tmp_path):
+    train = [*TINY_TRAIN, "train.steps=2", "train.checkpoint_every=2", *TINY_PLANNER,
+             "planner.train.steps=2", "run.stages=('preview','data','train','planner')"]
     out = pewm("run", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
                "--config.run.preview_episodes=2", "--config.run.preview_episodes_per_template=2",
                "--config.run.preview_scenes_per_primitive=10",
@@ -54,6 +55,12 @@ def test_main_job_writes_pictures_expert_statistics_data_and_a_trained_model(tmp
     assert f"checkpoints in {tmp_path / 'world_model'}" in out.stdout
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out.stdout
     assert clip_dataset.DatasetMeta.load(tmp_path / "data").splits["train"] > 0
+    # planner: fine-tuned beside the world model, then scored on the evaluation splits
+    assert (tmp_path / "planner" / "2" / "params").is_dir()
+    scores = json.loads((tmp_path / "planner_eval.json").read_text())
+    assert [s["split"] for s in scores] == ["test", "holdout_composition", "holdout_primitive"]
+    assert all(0.0 <= s["exact_match"] <= 1.0 and s["episodes"] == 3 for s in scores)
+    assert "exact match" in out.stdout
     summary = json.loads((tmp_path / "preview" / "summary.json").read_text())
     assert len(summary["episodes"]) == 2
     assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place", "push"}

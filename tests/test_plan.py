@@ -14,7 +14,7 @@ from data_loaders.tokenizer import (EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD
 from pewm_jax.sim.primitives import DIRECTIONS, KINDS, Primitive
 from pewm_jax.sim.world import OBJECT_NAMES, ZONES
 from pewm_jax.vlm.plan import (Plan, PlanGrammar, PlanParseError, PlanStep, format_plan,
-                               parse_plan, plan_examples, plan_prompt)
+                               parse_plan, plan_prompt)
 
 MAX_STEPS, MAX_WORDS = 4, 8  # a small grammar keeps walks and decoding short
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -250,18 +250,3 @@ def test_format_rejects_bad_steps():
         PlanStep("pick", (np.nan, 1), (2, 2))
     with pytest.raises(ValueError):
         Plan(())
-
-
-def test_plan_examples_from_an_expert_episode(tok):
-    from pewm_jax.sim.env import TabletopEnv
-    from pewm_jax.sim.episodes import expert_episode
-
-    episode = expert_episode(TabletopEnv(image_size=32), seed=0)
-    prompt, target = plan_examples(episode, 224)
-    assert prompt == plan_prompt(episode.task) and prompt.startswith("plan: ")
-    plan = parse_plan(target, 224, tok)
-    assert [s.text for s in plan.steps] == [seg.text for seg in episode.segments]
-    half_bin = 0.5 * 224 / NUM_LOCATION_BINS
-    for step, seg in zip(plan.steps, episode.segments, strict=True):
-        assert np.all(np.abs(np.subtract(step.start_xy, seg.start_xy * 7)) <= half_bin + 1e-4)
-        assert np.all(np.abs(np.subtract(step.goal_xy, seg.goal_xy * 7)) <= half_bin + 1e-4)

@@ -12,6 +12,7 @@ from conftest import TINY_TRAIN, tiny_config
 from pewm_jax.diffusion import loss_fn
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel.global_batch import make_global_batch
+from pewm_jax.train import kinds
 from pewm_jax.train import state as state_lib
 
 VOCAB = 64
@@ -28,7 +29,7 @@ def random_batch(config, size: int, seed: int = 0) -> dict[str, np.ndarray]:
 def run_steps(config, devices, steps: int = 2):
     """(losses, final params on the host) of `steps` train steps on a mesh over `devices`."""
     mesh = mesh_lib.make_mesh(config, devices)
-    layout = state_lib.state_layout(config, VOCAB, mesh)
+    layout = state_lib.state_layout(config, VOCAB, mesh, kinds.WORLD_MODEL)
     state = state_lib.create_train_state(config, layout)
     step_fn = state_lib.TrainStep(config, layout)
     losses = []
@@ -66,7 +67,7 @@ def test_accumulated_gradients_are_the_mean_over_microbatches():
                          "train.grad_accum_steps=2", "train.global_batch_size=8",
                          "train.grad_clip=None", "train.weight_decay=0.0")
     mesh = mesh_lib.make_mesh(config, jax.devices()[:2])
-    layout = state_lib.state_layout(config, VOCAB, mesh)
+    layout = state_lib.state_layout(config, VOCAB, mesh, kinds.WORLD_MODEL)
     state = state_lib.create_train_state(config, layout)
     params0 = jax.device_get(state.params)
     batch = random_batch(config, 8)
@@ -90,7 +91,7 @@ def test_accumulated_gradients_are_the_mean_over_microbatches():
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.tree.norm(mean_grad)),
                                rtol=1e-4)
-    tx = state_lib.make_optimizer(config, layout.labels)
+    tx = state_lib.make_optimizer(config.train, layout.labels)
     expected = jax.jit(lambda g, p: optax.apply_updates(p, tx.update(g, tx.init(p), p)[0]))(
         mean_grad, params0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
@@ -104,7 +105,7 @@ def test_frozen_groups_do_not_move_and_the_rest_does(one_device_run):
     _, free_state, _ = one_device_run  # the same 2 steps without frozen groups
     mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
     init = jax.device_get(state_lib.create_train_state(config, state_lib.state_layout(
-        config, VOCAB, mesh)).params)
+        config, VOCAB, mesh, kinds.WORLD_MODEL)).params)
 
     def moved(a, b):
         return jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(x != y)), a, b))
@@ -119,19 +120,19 @@ def test_frozen_groups_do_not_move_and_the_rest_does(one_device_run):
 def test_a_frozen_pattern_that_matches_nothing_is_an_error():
     config = tiny_config(*SMALL, "train.frozen=('text_encodr/.*',)")
     with pytest.raises(ValueError, match="'text_encodr/.*' matches no parameter"):
-        state_lib.state_layout(config, VOCAB, mesh_lib.make_mesh(config))
+        state_lib.state_layout(config, VOCAB, mesh_lib.make_mesh(config), kinds.WORLD_MODEL)
 
 
 def test_ema_follows_the_documented_decay():
     config = tiny_config(*SMALL, "mesh.data=1")
     mesh = mesh_lib.make_mesh(config, jax.devices()[:1])
     init = jax.device_get(state_lib.create_train_state(
-        config, state_lib.state_layout(config, VOCAB, mesh)).params)
+        config, state_lib.state_layout(config, VOCAB, mesh, kinds.WORLD_MODEL)).params)
     _, state, _ = run_steps(config, jax.devices()[:1], steps=1)
     # decay at step s: min(ema_decay, (1 + s) / (10 + s)) -> 0.1 at step 0
-    d0 = float(state_lib.ema_decay(config, jnp.asarray(0)))
+    d0 = float(state_lib.ema_decay(config.train, jnp.asarray(0)))
     assert d0 == pytest.approx(0.1)
-    assert float(state_lib.ema_decay(config, jnp.asarray(10**6))) == pytest.approx(config.train.ema_decay)
+    assert float(state_lib.ema_decay(config.train, jnp.asarray(10**6))) == pytest.approx(config.train.ema_decay)
     expected = jax.tree.map(lambda p0, p1: d0 * p0 + (1 - d0) * p1, init, state.params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  state.ema_params, expected)
@@ -140,7 +141,7 @@ def test_ema_follows_the_documented_decay():
 def test_learning_rate_warms_up_then_decays_to_the_final_fraction():
     config = tiny_config("train.steps=100", "train.warmup_steps=10", "train.learning_rate=1e-3",
                          "train.final_lr_fraction=0.1")
-    schedule = state_lib.learning_rate_schedule(config)
+    schedule = state_lib.learning_rate_schedule(config.train)
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(5e-4)
     assert float(schedule(10)) == pytest.approx(1e-3)

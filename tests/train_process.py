@@ -36,7 +36,7 @@ def main() -> None:
     import numpy as np
 
     from pewm_jax.config import load_config
-    from pewm_jax.train import loop
+    from pewm_jax.train import kinds, loop
 
     root = pathlib.Path(__file__).resolve().parents[1]
     config = load_config(str(root / "configs" / "quickstart.py"), args.overrides,
@@ -44,7 +44,7 @@ def main() -> None:
     hooks = []
     if args.kill_after_checkpoint is not None:
         k = args.kill_after_checkpoint
-        committed = pathlib.Path(args.workdir) / loop.MODEL / str(k)
+        committed = pathlib.Path(args.workdir) / kinds.WORLD_MODEL.name / str(k)
 
         def kill_once_committed(step: int) -> None:
             if step > k:

@@ -65,12 +65,14 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
-def make_checkpoint(name: str, root: pathlib.Path, seed: int = 0) -> HFCheckpoint:
-    """A tiny random `PaliGemmaForConditionalGeneration` of CONFIGS[name], saved under root."""
+def make_checkpoint(name: str, root: pathlib.Path, seed: int = 0, vocab: int = VOCAB
+                    ) -> HFCheckpoint:
+    """A tiny random `PaliGemmaForConditionalGeneration` of CONFIGS[name] with `vocab` ids (the
+    last one the <image> placeholder), saved under root."""
     vision, text = CONFIGS[name]
     config = transformers.PaliGemmaConfig(
-        vision_config={**_VISION, **vision}, text_config={**_TEXT, **text},
-        image_token_index=IMAGE_TOKEN, vocab_size=VOCAB, projection_dim=_TEXT["hidden_size"],
+        vision_config={**_VISION, **vision}, text_config={**_TEXT, **text, "vocab_size": vocab},
+        image_token_index=vocab - 1, vocab_size=vocab, projection_dim=_TEXT["hidden_size"],
         hidden_size=_TEXT["hidden_size"], tie_word_embeddings=text.get("tie_word_embeddings", True))
     config._attn_implementation = "eager"  # the plain reference computation
     torch.manual_seed(seed)

@@ -21,6 +21,7 @@ Kinds and their plans (start is always the gripper's position when the primitive
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -144,6 +145,33 @@ class Primitive:
         ops: list[tuple] = [("grip", False)] if state.closed else []
         ops += [("move", lower_at), ("grip", True), ("move", goal), ("grip", False)]
         return PrimitivePlan(self, state.gripper.copy(), goal, ops, obj_index=i, target=target)
+
+
+def all_primitives() -> tuple[Primitive, ...]:
+    """Every primitive of the world: each kind over each object and each target it takes."""
+    targets = {"place": tuple(ZONES), "push": tuple(DIRECTIONS) + tuple(ZONES)}
+    return tuple(Primitive(kind, obj, target) for kind in KINDS for obj in OBJECT_NAMES
+                 for target in targets.get(kind, (None,)))
+
+
+@functools.cache
+def _primitive_of_text() -> dict[str, Primitive]:
+    words = {}
+    for primitive in all_primitives():
+        for k in range(primitive.num_paraphrases()):
+            words[" ".join(primitive.text(k).split())] = primitive
+    return words
+
+
+def primitive_from_text(text: str) -> Primitive:
+    """The primitive whose wording (canonical or a paraphrase) `text` is, whitespace and case
+    aside; ValueError for words that name no primitive of this world."""
+    key = " ".join(text.lower().split())
+    found = _primitive_of_text().get(key)
+    if found is None:
+        raise ValueError(f"{text!r} names no primitive of the tabletop world; primitives read "
+                         f"like {Primitive('pick', OBJECT_NAMES[0]).text()!r}")
+    return found
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ import datetime
 import importlib.metadata
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from pewm_jax.config import TRAIN_SECTIONS
 from pewm_jax.train.state import StateLayout, TrainState
 
 MODEL_DIRS = ("world_model", "action_decoder", "planner")
@@ -44,18 +45,21 @@ JSON_ITEMS = ("meta", "config", "dataset_stats", "tokenizer")
 ITEMS = ARRAY_ITEMS + ("meta", "data_iter", "config", "dataset_stats", "tokenizer")
 # Config keys that may differ between a checkpoint and the run resuming it: where and how the
 # run executes and reports, never what it computes. A key ending in '.' covers its group.
+# Keys of a train section (config.train, config.planner.train) that may change on resume.
+_RESUMABLE_TRAIN_KEYS = (
+    "steps",  # total steps (the cosine schedule stretches to the new total)
+    "log_every", "sample_every", "sample_clips", "peak_flops_per_device",
+    "checkpoint_every", "keep_checkpoints", "keep_period", "async_checkpoints",
+)
 RESUMABLE_KEYS = (
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.logical_axis_rules",  # topology
-    "train.steps",  # total steps (the cosine schedule stretches to the new total)
-    "train.log_every", "train.sample_every", "train.sample_clips", "train.peak_flops_per_device",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.keep_period",
-    "train.async_checkpoints",
+    *(f"{section}.{key}" for section in TRAIN_SECTIONS for key in _RESUMABLE_TRAIN_KEYS),
     "data.num_workers", "data.prefetch", "data.generation_workers",  # input parallelism
     # Paths whose content is checked otherwise may move: the data (by the data order's
     # fingerprint), the tokenizer (compared with the checkpoint's), the SigLIP weights (the
     # checkpoint holds them).
-    "data.dataset_dir", "data.tokenizer", "model.text_encoder_path",
-    "run.", "eval.",
+    "data.dataset_dir", "data.tokenizer", "model.text_encoder_path", "planner.tokenizer",
+    "run.", "eval.", "planner.eval_splits",
 )
 _VERSIONED = ("jax", "flax", "optax", "orbax-checkpoint", "grain", "pewm-jax")
 
@@ -86,13 +90,15 @@ def flatten_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dic
     return flat
 
 
-def config_differences(saved: Mapping[str, Any], current: ml_collections.ConfigDict
-                       ) -> list[str]:
-    """'key: saved -> current' for every key that differs and is not in RESUMABLE_KEYS."""
+def config_differences(saved: Mapping[str, Any], current: ml_collections.ConfigDict,
+                       unrelated: Sequence[str] = ()) -> list[str]:
+    """'key: saved -> current' for every key that differs and is neither in RESUMABLE_KEYS
+    nor in `unrelated` (keys, or prefixes ending in '.', that the model does not depend on)."""
     old, new = flatten_config(saved), flatten_config(current)
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS):
+        if any(key == k or (k.endswith(".") and key.startswith(k))
+               for k in (*RESUMABLE_KEYS, *unrelated)):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             diffs.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
@@ -199,9 +205,11 @@ class RunCheckpoints:
         except Exception as e:
             raise self._unreadable(step, item, e) from e
 
-    def check_config(self, step: int, config: ml_collections.ConfigDict) -> None:
-        """Raises CheckpointError listing config keys that differ and may not change on resume."""
-        diffs = config_differences(self.read_json(step, "config"), config)
+    def check_config(self, step: int, config: ml_collections.ConfigDict,
+                     unrelated: Sequence[str] = ()) -> None:
+        """Raises CheckpointError listing config keys that differ and may not change on resume
+        (`unrelated`: keys the model does not depend on, see `config_differences`)."""
+        diffs = config_differences(self.read_json(step, "config"), config, unrelated)
         if diffs:
             raise CheckpointError(
                 f"the config differs from the one checkpoint {self.step_path(step)} was trained "

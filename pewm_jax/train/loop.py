@@ -1,6 +1,8 @@
-"""The world-model train loop: start or resume, step, log, sample, checkpoint, survive preemption.
+"""The train loop: start or resume, step, log, preview, checkpoint, survive preemption.
 
-Reads top to bottom as a run does:
+One loop for every model of the run directory (`kinds`: the world model, the planner); each
+trains in `<workdir>/<kind.name>/` with its own settings section. Reads top to bottom as a
+run does:
   1. where to start: a fresh state, the latest (--resume) or a chosen (--resume_step)
      checkpoint, or another run's weights (--init_from); an existing run is never replaced
      without --overwrite, and a checkpoint that cannot be restored raises;
@@ -9,7 +11,8 @@ Reads top to bottom as a run does:
   4. every log_every steps: loss, learning rate, gradient norm, steps/s, examples/s and MFU to
      TensorBoard, metrics.jsonl and the progress bar; a NaN or Inf loss stops the run naming
      the step, before any checkpoint of that state is written;
-  5. every sample_every steps: EMA-weight samples of fixed validation clips beside the truth;
+  5. every sample_every steps: the kind's previews with EMA weights (sampled clips, or decoded
+     plans, beside the truth);
   6. every checkpoint_every steps and at the end: an asynchronous Orbax checkpoint;
   7. on SIGTERM (a preemption notice): a checkpoint at a step all hosts agree on, exit 0.
 """
@@ -22,29 +25,26 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from data_loaders import clip_dataset, pipeline
 from data_loaders import tokenizer as tokenizer_lib
 from pewm_jax import config as config_lib
-from pewm_jax.diffusion import sample_from_config
-from pewm_jax.models.flops import world_model_flops
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel.global_batch import make_global_batch
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.train import metrics as metrics_lib
+from pewm_jax.train.metrics import log
 from pewm_jax.train import state as state_lib
+from pewm_jax.train.kinds import WORLD_MODEL, ModelKind
 
-MODEL = "world_model"
 TENSORBOARD_DIR = "tensorboard"
 SUPERSEDED_DIR = "superseded"
 
@@ -82,7 +82,7 @@ class Preemption:
         self._previous = None
         if not self.multi_process:
             if threading.current_thread() is not threading.main_thread():
-                _log("[train] not on the main thread: SIGTERM cannot be caught, so a preemption "
+                log("[train] not on the main thread: SIGTERM cannot be caught, so a preemption "
                      "notice will not save a checkpoint")
                 return
             self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
@@ -113,17 +113,13 @@ class _IteratorSnapshot:
         return self._state
 
 
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
 
-def _data_artifacts(config: ml_collections.ConfigDict) -> tuple[str, dict, dict]:
+def _data_artifacts(config: ml_collections.ConfigDict, kind: ModelKind
+                    ) -> tuple[str, dict, dict]:
     """(tokenizer path, tokenizer JSON, dataset statistics per dataset) of the run's data."""
     entries = pipeline.mixture_entries(config)
     stats = {"datasets": []}
@@ -131,8 +127,7 @@ def _data_artifacts(config: ml_collections.ConfigDict) -> tuple[str, dict, dict]
         root = clip_dataset.require_dataset(directory)
         stats["datasets"].append({"dir": str(directory), "weight": weight, "statistics":
                                   json.loads((root / clip_dataset.STATS_FILE).read_text())})
-    tokenizer_path = config.data.tokenizer or str(epath.Path(entries[0][0]) /
-                                                  clip_dataset.TOKENIZER_FILE)
+    tokenizer_path = kind.tokenizer_path(config)
     tokenizer_lib.load_tokenizer(tokenizer_path)  # a clear error if it is missing or broken
     return tokenizer_path, json.loads(epath.Path(tokenizer_path).read_text()), stats
 
@@ -149,12 +144,14 @@ def _with_dataset_dir(config: ml_collections.ConfigDict, workdir: epath.Path
     return config
 
 
-def peak_flops(config: ml_collections.ConfigDict) -> tuple[float, int]:
-    """(peak FLOP/s of one device, how many such devices the run has), MFU's denominator:
-    config.train.peak_flops_per_device, else the vendor figure, else a measured matmul peak."""
-    if config.train.peak_flops_per_device:
-        return config.train.peak_flops_per_device, jax.device_count()
-    device, dtype = jax.devices()[0], jnp.dtype(config.model.dtype)
+def peak_flops(config: ml_collections.ConfigDict, kind: ModelKind = WORLD_MODEL
+               ) -> tuple[float, int]:
+    """(peak FLOP/s of one device, how many such devices the run has), MFU's denominator: the
+    train section's peak_flops_per_device, else the vendor figure for the kind's compute
+    dtype, else a measured matmul peak."""
+    if kind.train(config).peak_flops_per_device:
+        return kind.train(config).peak_flops_per_device, jax.device_count()
+    device, dtype = jax.devices()[0], jnp.dtype(kind.compute_dtype(config))
     known = metrics_lib.device_peak_flops(device, dtype)
     if known:
         return known, jax.device_count()
@@ -164,8 +161,8 @@ def peak_flops(config: ml_collections.ConfigDict) -> tuple[float, int]:
     return measured, jax.device_count()
 
 
-def _start_step(checkpoints: ckpt_lib.RunCheckpoints, config: ml_collections.ConfigDict, *,
-                resume: bool, resume_step: int | None) -> int | None:
+def _start_step(checkpoints: ckpt_lib.RunCheckpoints, config: ml_collections.ConfigDict,
+                kind: ModelKind, *, resume: bool, resume_step: int | None) -> int | None:
     """The checkpoint step to resume from, None to start afresh, or -1 when already trained."""
     steps = checkpoints.steps()
     if resume_step is not None:
@@ -176,15 +173,15 @@ def _start_step(checkpoints: ckpt_lib.RunCheckpoints, config: ml_collections.Con
         return resume_step
     if resume:
         if not steps:
-            _log(f"[train] --resume: no committed checkpoint in {checkpoints.directory}; "
+            log(f"[train] --resume: no committed checkpoint in {checkpoints.directory}; "
                  "starting from step 0")
             return None
         return steps[-1]
     if not steps:
         return None
     latest = steps[-1]
-    if latest >= config.train.steps and not ckpt_lib.config_differences(
-            checkpoints.read_json(latest, "config"), config):
+    if latest >= kind.train(config).steps and not ckpt_lib.config_differences(
+            checkpoints.read_json(latest, "config"), config, kind.unrelated):
         return -1
     raise ckpt_lib.CheckpointError(
         f"{checkpoints.directory} already holds checkpoints (steps {steps}) of a run. Fix: pass "
@@ -193,15 +190,15 @@ def _start_step(checkpoints: ckpt_lib.RunCheckpoints, config: ml_collections.Con
 
 
 def _move_newer_aside(checkpoints: ckpt_lib.RunCheckpoints, step: int,
-                      workdir: epath.Path) -> None:
+                      workdir: epath.Path, kind: ModelKind) -> None:
     """--resume_step: moves checkpoints newer than `step` to <workdir>/superseded (not deleted),
     so the run can save its own steps; done only after `step` restored successfully."""
     newer = [s for s in checkpoints.steps() if s > step]
     _sync("pewm_superseded_listed")  # every process listed before any is moved
     if not newer:
         return
-    aside = workdir / SUPERSEDED_DIR / MODEL / time.strftime("%Y%m%d-%H%M%S")
-    _log(f"[train] resuming from step {step}: moving the newer checkpoints {newer} aside to "
+    aside = workdir / SUPERSEDED_DIR / kind.name / time.strftime("%Y%m%d-%H%M%S")
+    log(f"[train] resuming from step {step}: moving the newer checkpoints {newer} aside to "
          f"{aside} (nothing is deleted)")
     if jax.process_index() == 0:
         aside.mkdir(parents=True, exist_ok=True)
@@ -211,63 +208,21 @@ def _move_newer_aside(checkpoints: ckpt_lib.RunCheckpoints, step: int,
     checkpoints.manager.reload()
 
 
-def _remove_run(workdir: epath.Path) -> None:
+def _remove_run(workdir: epath.Path, kind: ModelKind) -> None:
     """--overwrite: delete this model's checkpoints and TensorBoard logs (process 0)."""
     if jax.process_index() == 0:
-        for path in (workdir / MODEL, workdir / TENSORBOARD_DIR / MODEL):
+        for path in (workdir / kind.name, workdir / TENSORBOARD_DIR / kind.name):
             if path.exists():
-                _log(f"[train] --overwrite: deleting {path}")
+                log(f"[train] --overwrite: deleting {path}")
                 path.rmtree()
     _sync("pewm_overwrite")
 
 
-def _validation_clips(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                      ) -> dict[str, jax.Array] | None:
-    """The fixed validation clips sampled every sample_every steps (replicated), or None."""
-    count = config.train.sample_clips
-    if not count:
-        return None
-    try:
-        val = pipeline.ClipPipeline(config, "validation", augment=False, process_index=0,
-                                    process_count=1)
-    except clip_dataset.DatasetError as e:
-        _log(f"[train] no validation clips to sample ({e}); sampled previews are off")
-        return None
-    clips = [val.element(p) for p in range(count)]
-    batch = {k: np.stack([c[k] for c in clips]) for k in clips[0]}
-    sharding = mesh_lib.replicated(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def _make_sampler(config: ml_collections.ConfigDict, layout: state_lib.StateLayout
-                  ) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
-    """Jitted (ema_params, clips) -> sampled clips (B, T, N, N, 3) in [0, 1], replicated."""
-    graphdef = layout.graphdef
-
-    def run(ema_params, clips):
-        return sample_from_config(nnx.merge(graphdef, ema_params), clips,
-                                  jax.random.key(config.seed), config)
-
-    jitted = jax.jit(run, in_shardings=(layout.shardings.ema_params, None),
-                     out_shardings=mesh_lib.replicated(layout.mesh))
-
-    def sample(ema_params, clips):
-        with mesh_lib.activate(layout.mesh, layout.rules):
-            return jitted(ema_params, clips)
-
-    return sample
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    """A replicated array's value on this host."""
-    return np.asarray(x.addressable_data(0))
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
           resume: bool = False, resume_step: int | None = None, overwrite: bool = False,
-          init_from: str | None = None,
+          init_from: str | None = None, kind: ModelKind = WORLD_MODEL,
           hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
-    """Trains the world model of `config` in `workdir` (see the module docstring).
+    """Trains the `kind` model of `config` in `workdir/<kind.name>` (see the module docstring).
 
     `hooks` are called with the step number after each step is dispatched (e.g. for custom
     evaluation). Raises ckpt_lib.CheckpointError for a checkpoint that cannot be used (or
@@ -282,25 +237,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
             "--overwrite deletes the run's checkpoints, so it cannot be combined with --resume, "
             "--resume_step or --init_from. Fix: drop --overwrite, or the other flag.")
     preemption = Preemption()  # from the start: a notice during set-up still saves or exits 0
-    checkpoint_dir = workdir / MODEL
+    checkpoint_dir = workdir / kind.name
     if overwrite:
-        _remove_run(workdir)
-    t = config.train
+        _remove_run(workdir, kind)
+    t = kind.train(config)
     checkpoints = ckpt_lib.RunCheckpoints(checkpoint_dir, max_to_keep=t.keep_checkpoints,
                                           keep_period=t.keep_period,
                                           async_save=t.async_checkpoints)
     try:
         for name in checkpoints.uncommitted():
-            _log(f"[train] ignoring the uncommitted (half-written) checkpoint "
+            log(f"[train] ignoring the uncommitted (half-written) checkpoint "
                  f"{checkpoint_dir / name}, left by a save that was interrupted")
-        start = _start_step(checkpoints, config, resume=resume, resume_step=resume_step)
+        start = _start_step(checkpoints, config, kind, resume=resume, resume_step=resume_step)
         if start == -1:
             step = checkpoints.steps()[-1]
-            _log(f"[train] {checkpoint_dir} already holds the finished run (step {step}); "
+            log(f"[train] {checkpoint_dir} already holds the finished run (step {step}); "
                  "reusing it")
             return TrainResult("reused", step, {}, checkpoint_dir,
-                               workdir / TENSORBOARD_DIR / MODEL)
-        return _train_from(config, workdir, checkpoints, preemption, start,
+                               workdir / TENSORBOARD_DIR / kind.name)
+        return _train_from(config, kind, workdir, checkpoints, preemption, start,
                            resume_step=resume_step, init_from=init_from, hooks=hooks)
     finally:
         preemption.close()
@@ -317,44 +272,45 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: epath.Path,
     if start is None:
         state = state_lib.create_train_state(config, layout)
         if init_from:
-            source, source_step = ckpt_lib.find_checkpoint(init_from)
+            source, source_step = ckpt_lib.find_checkpoint(init_from, model=layout.kind.name)
             try:
                 params = source.restore_params(source_step, layout.abstract.params)
             finally:
                 source.close()
             state = state.replace(params=params,
                                   ema_params=state_lib.copy_tree(params, layout.shardings.ema_params))
-            _log(f"[train] parameters from {source.step_path(source_step)}; fresh optimizer")
+            log(f"[train] parameters from {source.step_path(source_step)}; fresh optimizer")
         return state
-    checkpoints.check_config(start, config)
+    checkpoints.check_config(start, config, layout.kind.unrelated)
     tokenizer_path, tokenizer_json = tokenizer
     if checkpoints.read_json(start, "tokenizer") != tokenizer_json:
+        key = "planner.tokenizer" if layout.kind.section != "train" else "data.tokenizer"
         raise ckpt_lib.CheckpointError(
             f"the tokenizer at {tokenizer_path} differs from the one checkpoint "
             f"{checkpoints.step_path(start)} was trained with, so text would map to other ids. "
-            "Fix: point config.data.tokenizer at the run's tokenizer.")
+            f"Fix: point config.{key} at the run's tokenizer.")
     state, meta = checkpoints.restore(start, layout, iterator)
     if not ckpt_lib.data_iter_restorable(meta):
-        _log(f"[train] checkpoint written by {meta['process_count']} processes, resuming on "
+        log(f"[train] checkpoint written by {meta['process_count']} processes, resuming on "
              f"{jax.process_count()}: the data order continues from step {start}")
     if resume_step is not None:
-        _move_newer_aside(checkpoints, start, workdir)
-    _log(f"[train] resumed from {checkpoints.step_path(start)} (step {start})")
+        _move_newer_aside(checkpoints, start, workdir, layout.kind)
+    log(f"[train] resumed from {checkpoints.step_path(start)} (step {start})")
     return state
 
 
-def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
+def _train_from(config: ml_collections.ConfigDict, kind: ModelKind, workdir: epath.Path,
                 checkpoints: ckpt_lib.RunCheckpoints, preemption: Preemption, start: int | None,
                 *, resume_step: int | None, init_from: str | None,
                 hooks: Sequence[Callable[[int], None]]) -> TrainResult:
-    """Set-up, the step loop, and its logging, sampling and checkpointing."""
-    t = config.train
-    checkpoint_dir, log_dir = workdir / MODEL, workdir / TENSORBOARD_DIR / MODEL
-    tokenizer_path, tokenizer_json, dataset_stats = _data_artifacts(config)
+    """Set-up, the step loop, and its logging, previews and checkpointing."""
+    t = kind.train(config)
+    checkpoint_dir, log_dir = workdir / kind.name, workdir / TENSORBOARD_DIR / kind.name
+    tokenizer_path, tokenizer_json, dataset_stats = _data_artifacts(config, kind)
     vocab_size = tokenizer_lib.load_tokenizer(tokenizer_path).get_vocab_size()
     mesh = mesh_lib.make_mesh(config)
-    layout = state_lib.state_layout(config, vocab_size, mesh)
-    iterator = pipeline.make_iterator(config, "train", start_step=start or 0)
+    layout = state_lib.state_layout(config, vocab_size, mesh, kind)
+    iterator = kind.iterator(config, vocab_size, "train", start or 0)
     first = start or 0
     is_main = jax.process_index() == 0
     writer = metrics_lib.MetricWriter(log_dir, enabled=is_main)
@@ -367,7 +323,7 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
         (a non-finite gradient makes that step's update, and the state saved after it, bad)."""
         means: dict[str, list[float]] = {}
         for s, m in pending:
-            values = {k: float(_host(v)) for k, v in m.items()}
+            values = {k: float(metrics_lib.host_value(v)) for k, v in m.items()}
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(values[k])]
             if bad:
                 raise TrainingDivergedError(
@@ -386,13 +342,12 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
                                (tokenizer_path, tokenizer_json), resume_step=resume_step,
                                init_from=init_from)
         step_fn = state_lib.TrainStep(config, layout)
-        sampler = _make_sampler(config, layout)
-        val_clips = _validation_clips(config, mesh) if t.sample_clips else None
-        flops_per_step = world_model_flops(config, t.global_batch_size).forward_backward
-        peak, peak_devices = peak_flops(config)
+        previews = kind.previews(config, layout)
+        flops_per_step = kind.flops_per_step(config, vocab_size)
+        peak, peak_devices = peak_flops(config, kind)
         if first == 0:
             writer.text(0, "config", f"```\n{config.to_json_best_effort(indent=2)}\n```")
-        _log(f"[train] mesh {dict(mesh.shape)} over {jax.device_count()} devices "
+        log(f"[train] {kind.name}: mesh {dict(mesh.shape)} over {jax.device_count()} devices "
              f"({jax.process_count()} processes); steps {first} -> {t.steps}; "
              f"checkpoints: {checkpoint_dir}; TensorBoard: {log_dir}")
         bar = metrics_lib.ProgressBar(t.steps, first, enabled=is_main)
@@ -427,13 +382,8 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
                     writer.scalars(step, values)
                     bar.update(step, loss=values["loss"],
                                **{"steps/s": values.get("steps_per_sec", 0.0)})
-            if val_clips is not None and (step % t.sample_every == 0 or step == t.steps):
-                sampled = _host(sampler(state.ema_params, val_clips))
-                clips = {k: _host(v) for k, v in val_clips.items()}
-                writer.images(step, {"samples/grid": metrics_lib.clip_grid(
-                    clips["context"], clips["frames"], sampled)})
-                writer.videos(step, {"samples/animation": metrics_lib.clip_animation(
-                    clips["context"], clips["frames"], sampled)})
+            if previews is not None and (step % t.sample_every == 0 or step == t.steps):
+                previews(step, state, writer)
             if save_now:
                 began = time.perf_counter()
                 checkpoints.save(step, state, _IteratorSnapshot(iterator), config=config,
@@ -442,7 +392,7 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
                 blocked += time.perf_counter() - began
             if preempted:
                 status = "preempted"
-                _log(f"[train] preemption notice: saved step {step} and stopping")
+                log(f"[train] preemption notice: saved step {step} and stopping")
                 break
         loop_end = time.perf_counter()
         checkpoints.wait()
@@ -456,7 +406,7 @@ def _train_from(config: ml_collections.ConfigDict, workdir: epath.Path,
         writer.close()
         iterator.close()
     run_seconds = loop_end - run_start if run_start else 0.0
-    _log(f"[train] {status} at step {step}: checkpoints in {checkpoint_dir}, TensorBoard logs in "
+    log(f"[train] {status} at step {step}: checkpoints in {checkpoint_dir}, TensorBoard logs in "
          f"{log_dir} (tensorboard --logdir {workdir / TENSORBOARD_DIR})")
     return TrainResult(status, step, losses, checkpoint_dir, log_dir, state, run_seconds, blocked,
                        final_wait)

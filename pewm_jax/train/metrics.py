@@ -115,6 +115,17 @@ class MetricWriter:
                                                summary=summary_pb2.Summary(value=values)))
 
 
+def log(message: str) -> None:
+    """Prints `message` on process 0 only (the one that also writes the metrics)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """A replicated array's value on this host (no cross-host transfer)."""
+    return np.asarray(x.addressable_data(0))
+
+
 def _image_value(tag: str, frames: list[np.ndarray], fmt: str,
                  options: dict) -> summary_pb2.Summary.Value:
     if frames[0].dtype != np.uint8 or frames[0].ndim != 3 or frames[0].shape[-1] != 3:

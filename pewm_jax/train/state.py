@@ -1,5 +1,8 @@
 """The train state, the optimizer, and the one jitted train step, all laid out on the mesh.
 
+The same for every model the trainer trains; what differs (the module, its loss, its training
+settings `config.train` or `config.planner.train`) comes from the `ModelKind` in the layout.
+
     TrainState   step (int32), params and ema_params (pure dicts of arrays, the checkpoint
                  format), opt_state (optax), rng (uint32 key data; step keys are
                  fold_in(rng, step), so randomness is a pure function of (seed, step))
@@ -12,10 +15,10 @@ with explicit in/out shardings and the state donated.
 
 Optimizer: AdamW with linear warmup and cosine decay, global-norm clipping, decoupled weight
 decay on matrices only, inside `optax.multi_transform` so frozen parameters (pretrained SigLIP,
-`config.train.frozen` patterns) get `optax.set_to_zero()` and no gradient is computed for them.
-Gradient accumulation runs `config.train.grad_accum_steps` microbatches in a `lax.scan` inside
-the step; mixed precision is config.model.dtype (compute) over config.model.param_dtype
-(storage), with the loss and optimizer in float32.
+the train section's `frozen` patterns) get `optax.set_to_zero()` and no gradient is computed for
+them. Gradient accumulation runs `grad_accum_steps` microbatches in a `lax.scan` inside the
+step; mixed precision is the model's compute dtype over its parameter dtype, with the loss and
+optimizer in float32.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.struct
 import jax
@@ -34,12 +37,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pewm_jax.config import ConfigError
-from pewm_jax.diffusion import loss_fn
-from pewm_jax.models import WorldModel
-from pewm_jax.models.text_encoder import (SiglipTextEncoder, load_siglip_text_encoder,
-                                          make_text_encoder, param_labels, read_siglip_text_spec)
+from pewm_jax.models.text_encoder import param_labels
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel.global_batch import batch_sharding
+
+if TYPE_CHECKING:
+    from pewm_jax.train.kinds import ModelKind
 
 Params = dict[str, Any]
 FROZEN, TRAINABLE = "frozen", "trainable"
@@ -56,26 +59,9 @@ class TrainState:
     rng: jax.Array  # (2,) uint32 key data of the run's base key
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> WorldModel:
-    """A randomly initialised world model for `config` (SigLIP weights, if any, come later).
-
-    With model.text_encoder = 'siglip' the tower is built from its checkpoint's config.json with
-    random weights, so the whole model initialises inside jit; `load_pretrained` fills it in.
-    """
-    m = config.model
-    if m.text_encoder == "siglip":
-        encoder = SiglipTextEncoder(read_siglip_text_spec(m.text_encoder_path),
-                                    dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                                    rngs=rngs)
-    else:
-        encoder = make_text_encoder(config, rngs, vocab_size)
-    return WorldModel.from_config(config, rngs, encoder)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warmup from 0 to train.learning_rate, then cosine decay to
-    final_lr_fraction * learning_rate at train.steps."""
-    t = config.train
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate, then cosine decay to final_lr_fraction *
+    learning_rate at `steps` (of the train section `t`)."""
     warmup = min(t.warmup_steps, t.steps)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, t.learning_rate, max(warmup, 1)),
@@ -88,14 +74,16 @@ def _path(keys: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys)
 
 
-def frozen_labels(config: ml_collections.ConfigDict, abstract_params: nnx.State) -> Params:
-    """'frozen' or 'trainable' per parameter (pure dict): FrozenParam types plus train.frozen.
+def frozen_labels(t: ml_collections.ConfigDict, abstract_params: nnx.State,
+                  section: str = "train") -> Params:
+    """'frozen' or 'trainable' per parameter (pure dict): FrozenParam types plus the patterns
+    of `t.frozen` (the train section `section`).
 
-    Raises ConfigError for a train.frozen pattern that matches no parameter (a typo would
-    otherwise silently train everything).
+    Raises ConfigError for a pattern that matches no parameter (a typo would otherwise silently
+    train everything).
     """
     labels = nnx.to_pure_dict(param_labels(abstract_params))
-    patterns = [re.compile(p) for p in config.train.frozen]
+    patterns = [re.compile(p) for p in t.frozen]
     hits = {p.pattern: 0 for p in patterns}
 
     def label(keys: tuple, value: str) -> str:
@@ -109,32 +97,34 @@ def frozen_labels(config: ml_collections.ConfigDict, abstract_params: nnx.State)
     unmatched = [p for p, n in hits.items() if n == 0]
     if unmatched:
         some = ", ".join(_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(labels)[:6])
-        raise ConfigError(f"config.train.frozen pattern {unmatched[0]!r} matches no parameter. "
+        raise ConfigError(f"config.{section}.frozen pattern {unmatched[0]!r} matches no parameter. "
                          f"Fix: patterns fully match '/'-joined paths such as {some}, ...")
     return labels
 
 
-def make_optimizer(config: ml_collections.ConfigDict, labels: Params) -> optax.GradientTransformation:
-    """AdamW + warmup/cosine + clipping for trainable parameters; frozen ones never change."""
-    t = config.train
+def make_optimizer(t: ml_collections.ConfigDict, labels: Params) -> optax.GradientTransformation:
+    """AdamW + warmup/cosine + clipping (train section `t`) for trainable parameters; frozen
+    ones never change."""
     inner = optax.chain(
         optax.clip_by_global_norm(t.grad_clip) if t.grad_clip else optax.identity(),
-        optax.adamw(learning_rate_schedule(config), b2=t.adam_b2, weight_decay=t.weight_decay,
+        optax.adamw(learning_rate_schedule(t), b2=t.adam_b2, weight_decay=t.weight_decay,
                     mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
     return optax.multi_transform({TRAINABLE: inner, FROZEN: optax.set_to_zero()}, labels)
 
 
-def ema_decay(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
-    """EMA decay at `step`: min(train.ema_decay, (1 + step) / (10 + step)), so early averages
-    are not dominated by the random initialisation."""
+def ema_decay(t: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+    """EMA decay at `step`: min(t.ema_decay, (1 + step) / (10 + step)), so early averages are
+    not dominated by the random initialisation."""
     step = step.astype(jnp.float32)
-    return jnp.minimum(config.train.ema_decay, (1.0 + step) / (10.0 + step))
+    return jnp.minimum(t.ema_decay, (1.0 + step) / (10.0 + step))
 
 
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
-    """What the run needs besides the state: the model graph, optimizer, labels, shardings."""
+    """What the run needs besides the state: the model kind and graph, optimizer, labels,
+    shardings."""
 
+    kind: ModelKind
     graphdef: nnx.GraphDef
     vocab_size: int
     optimizer: optax.GradientTransformation
@@ -145,18 +135,19 @@ class StateLayout:
     rules: mesh_lib.Rules
 
 
-def state_layout(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh) -> StateLayout:
-    """Shapes, shardings and optimizer of the train state, without allocating it."""
+def state_layout(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
+                 kind: ModelKind) -> StateLayout:
+    """Shapes, shardings and optimizer of the train state of `kind`, without allocating it."""
     rules = mesh_lib.axis_rules(config)
     with nnx.use_eager_sharding(False):
-        abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size,
-                                                            nnx.Rngs(config.seed)))
+        abstract_model = nnx.eval_shape(lambda: kind.build(config, vocab_size,
+                                                           nnx.Rngs(config.seed)))
     graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(rest):
-        raise ValueError(f"the world model holds non-parameter state {rest}; the train state "
+        raise ValueError(f"the {kind.name} holds non-parameter state {rest}; the train state "
                          "only carries nnx.Param")
-    labels = frozen_labels(config, abstract_params)
-    optimizer = make_optimizer(config, labels)
+    labels = frozen_labels(kind.train(config), abstract_params, kind.section)
+    optimizer = make_optimizer(kind.train(config), labels)
     param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh, rules))
     repl = mesh_lib.replicated(mesh)
 
@@ -175,42 +166,28 @@ def state_layout(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh)
     shardings = TrainState(repl, param_shardings, param_shardings, opt_shardings, repl)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
-    return StateLayout(graphdef, vocab_size, optimizer, labels, shardings, abstract, mesh, rules)
+    return StateLayout(kind, graphdef, vocab_size, optimizer, labels, shardings, abstract, mesh,
+                       rules)
 
 
 def create_train_state(config: ml_collections.ConfigDict, layout: StateLayout) -> TrainState:
-    """A fresh train state at step 0, initialised directly into its shards."""
+    """A fresh train state at step 0, initialised directly into its shards (then the kind's
+    pretrained parts, if any, loaded into them)."""
     def init() -> TrainState:
         with nnx.use_eager_sharding(False):
-            model = build_model(config, layout.vocab_size, nnx.Rngs(config.seed))
+            model = layout.kind.build(config, layout.vocab_size, nnx.Rngs(config.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(jnp.zeros((), jnp.int32), params, params, layout.optimizer.init(params),
                           jax.random.key_data(jax.random.key(config.seed)))
 
     state = jax.jit(init, out_shardings=layout.shardings)()
-    if config.model.text_encoder == "siglip":
-        state = load_pretrained(config, state, layout)
-    return state
+    return layout.kind.load_pretrained(config, state, layout)
 
 
 def copy_tree(tree: Any, shardings: Any) -> Any:
     """A copy of `tree` in new buffers laid out by `shardings`: params and EMA params must not
     share buffers, because the train step donates the state."""
     return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
-
-
-def load_pretrained(config: ml_collections.ConfigDict, state: TrainState,
-                    layout: StateLayout) -> TrainState:
-    """`state` with the SigLIP text tower's checkpoint weights in params and ema_params."""
-    encoder = load_siglip_text_encoder(config.model.text_encoder_path,
-                                       dtype=jnp.dtype(config.model.dtype),
-                                       param_dtype=jnp.dtype(config.model.param_dtype))
-    pretrained = jax.device_put(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
-                                layout.shardings.params["text_encoder"])
-    params = {**state.params, "text_encoder": pretrained}
-    ema = {**state.ema_params, "text_encoder": copy_tree(
-        pretrained, layout.shardings.ema_params["text_encoder"])}
-    return state.replace(params=params, ema_params=ema)
 
 
 def _stop_frozen(params: Params, labels: Params) -> Params:
@@ -222,16 +199,18 @@ def _stop_frozen(params: Params, labels: Params) -> Params:
 class TrainStep:
     """`(state, batch) -> (state, metrics)`: one optimizer step, jitted with explicit shardings.
 
-    The batch is the global batch (`BatchSpec` keys, leading dimension sharded over the data
-    axes); the state is donated. Metrics (replicated scalars): loss and the loss's own metrics,
+    The batch is the global batch (the kind's batch spec, leading dimension sharded over the
+    data axes); the state is donated. Metrics (replicated scalars): loss and the loss's own metrics,
     grad_norm (trainable parameters, before clipping), learning_rate (of this step).
     """
 
     def __init__(self, config: ml_collections.ConfigDict, layout: StateLayout):
         self.layout = layout
-        accum = config.train.grad_accum_steps
-        schedule = learning_rate_schedule(config)
+        train = layout.kind.train(config)
+        accum = train.grad_accum_steps
+        schedule = learning_rate_schedule(train)
         graphdef, labels, optimizer = layout.graphdef, layout.labels, layout.optimizer
+        loss_fn = layout.kind.loss
         rows = batch_sharding(layout.mesh)  # every batch key: rows over the data axes
         micro_sharding = NamedSharding(layout.mesh, PartitionSpec(None, *rows.spec))
 
@@ -265,7 +244,7 @@ class TrainStep:
             grads, metrics = gradients(state.params, batch, key)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            decay = ema_decay(config, state.step)
+            decay = ema_decay(train, state.step)
             ema = jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
                                state.ema_params, params)
             metrics = dict(metrics, grad_norm=optax.tree.norm(grads),

@@ -241,12 +241,16 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 def attention_mask(q_index: Array, k_index: Array, prefix_len: Array | int,
                    window: int | None) -> Array:
-    """Prefix-LM mask (T, S) bool: key k is visible from query q when k <= q (and q - k <
-    window on sliding layers), or when both lie in the prefix (k, q < prefix_len)."""
+    """Prefix-LM mask bool, (T, S) for a scalar prefix_len or (B, T, S) for one per row (B,):
+    key k is visible from query q when k <= q (and q - k < window on sliding layers), or when
+    both lie in the prefix (k, q < prefix_len)."""
     q, k = q_index[:, None], k_index[None, :]  # (T, 1), (1, S)
     causal = k <= q
     if window is not None:
         causal = causal & (k > q - window)
+    prefix_len = jnp.asarray(prefix_len)
+    if prefix_len.ndim:  # (B,) -> (B, 1, 1)
+        prefix_len = prefix_len[:, None, None]
     return causal | ((q < prefix_len) & (k < prefix_len))
 
 
@@ -294,7 +298,9 @@ class GemmaAttention(nnx.Module):
         logits = logits * self.scale  # (B, G, H/G, T, S)
         if self.softcap is not None:
             logits = jnp.tanh(logits / self.softcap) * self.softcap
-        mask = attention_mask(index, k_index, prefix_len, self.window)  # (T, S)
+        mask = attention_mask(index, k_index, prefix_len, self.window)  # ([B,] T, S)
+        if mask.ndim == 3:
+            mask = mask[:, None, None]  # (B, 1, 1, T, S)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         o = jnp.einsum("bgrts,bsge->btgre", weights, v.astype(self.dtype))
@@ -408,8 +414,8 @@ class PaliGemma(nnx.Module):
                  ) -> Array:
         """image (B, H, W, C), text tokens (B, L) after the image -> logits (B, N + L, V) float32.
 
-        The first `prefix_len` text tokens (default: all) are the prompt, attended both ways
-        with the image; the rest attend causally.
+        The first `prefix_len` text tokens (default: all; an int or one per row (B,)) are the
+        prompt, attended both ways with the image; the rest attend causally.
         """
         prefix_len = tokens.shape[1] if prefix_len is None else prefix_len
         x = jnp.concatenate([self.embed_image(image), self.text.embed_tokens(tokens)], axis=1)

@@ -27,17 +27,13 @@ import dataclasses
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from data_loaders.tokenizer import (EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, SEP, SPECIALS,
-                                    UNK, location_tokens)
-
-if TYPE_CHECKING:
-    from pewm_jax.sim.episodes import Episode
+from data_loaders.tokenizer import (BOS, EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, SEP,
+                                    SPECIALS, UNK, location_tokens)
 
 DEFAULT_MAX_STEPS = 8  # the built-in world's tasks chain 2 to 6 primitives
 DEFAULT_MAX_WORDS = 16  # its longest primitive wording has 8 words
@@ -92,6 +88,28 @@ def plan_prompt(task_text: str) -> str:
     if not task_text.strip():
         raise ValueError("the task text is empty")
     return f"plan: {' '.join(task_text.split())}"
+
+
+def prompt_ids(tokenizer: tokenizers.Tokenizer, task_text: str, length: int | None = None
+               ) -> list[int]:
+    """The planner's prompt ids: <bos> then the tokens of `plan_prompt(task_text)` (PaliGemma's
+    prefix after the image tokens), padded with <pad> to `length` when given (ValueError if
+    the prompt is longer)."""
+    ids = ([tokenizer.token_to_id(BOS)]
+           + tokenizer.encode(plan_prompt(task_text), add_special_tokens=False).ids)
+    if length is None:
+        return ids
+    if len(ids) > length:
+        raise ValueError(f"the prompt for task {task_text!r} has {len(ids)} tokens, more than "
+                         f"the planner's {length} (config.planner.prompt_tokens); shorten the "
+                         "task or raise prompt_tokens and fine-tune with it")
+    return ids + [tokenizer.token_to_id(PAD)] * (length - len(ids))
+
+
+def target_ids(tokenizer: tokenizers.Tokenizer, plan: "Plan", image_size: int) -> list[int]:
+    """The ids of `format_plan(plan, image_size)`, ending with <eos>: what the planner learns
+    to write after the prompt."""
+    return tokenizer.encode(format_plan(plan, image_size), add_special_tokens=False).ids
 
 
 def _token_kind(token: str) -> str:
@@ -279,14 +297,3 @@ class PlanGrammar:
         state = jnp.asarray(state, jnp.int32)
         rows = jnp.asarray(self.next_state)[jnp.maximum(state, 0)]
         return jnp.where((state >= 0)[..., None], rows, -1)
-
-
-def plan_examples(episode: Episode, image_size: int) -> tuple[str, str]:
-    """A fine-tuning pair from an expert episode: (prompt, target plan) for its first frame.
-
-    Segment points are in pixels of the stored frames; they are rescaled to `image_size`.
-    """
-    scale = image_size / episode.frames.shape[1]
-    plan = Plan(tuple(PlanStep(seg.text, np.asarray(seg.start_xy) * scale,
-                               np.asarray(seg.goal_xy) * scale) for seg in episode.segments))
-    return plan_prompt(episode.task), format_plan(plan, image_size)

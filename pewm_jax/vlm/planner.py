@@ -5,7 +5,8 @@
 1. input transform: the uint8 RGB image is resized (bicubic, to a square, as Hugging Face's
    SigLIP image processor does) to the model's `image_size` and scaled to [-1, 1] (SigLIP's
    mean 0.5, std 0.5); the prompt is `<bos>` + the project tokenizer's ids of
-   `plan_prompt(task)` (PaliGemma's prefix: image tokens, <bos>, prompt);
+   `plan_prompt(task)` (PaliGemma's prefix: image tokens, <bos>, prompt), padded with <pad>
+   to a fixed length for a fine-tuned planner (what its training data looked like);
 2. `paligemma.generate` for `PlanGrammar.max_length` tokens, greedy or sampled; constrained
    decoding masks, at every step, the tokens the plan grammar forbids (`GrammarHook`);
 3. output transform: the generated ids up to and including the first <eos> are read by
@@ -25,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
-from PIL import Image
 
-from data_loaders.tokenizer import BOS, EOS
+from data_loaders.tokenizer import EOS
+from data_loaders.transforms import resize_bicubic
 from pewm_jax.vlm.paligemma import FULL, PaliGemma, PaliGemmaSpec, StepState, generate
 from pewm_jax.vlm.plan import (DEFAULT_MAX_STEPS, DEFAULT_MAX_WORDS, Plan, PlanGrammar,
-                               parse_plan, plan_prompt)
+                               parse_plan, prompt_ids)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,14 +59,14 @@ class GrammarHook:
 
 
 def tiny_planner_spec(vocab_size: int, image_size: int, patch_size: int = 8, width: int = 128,
-                      num_layers: int = 2) -> PaliGemmaSpec:
+                      num_layers: int = 2, kv_heads: int = 1) -> PaliGemmaSpec:
     """A small PaliGemma (Gemma 1 decoder) to train from scratch over the project tokenizer.
 
     `vocab_size` is the tokenizer's (`tok.get_vocab_size()`); the model gets one more row, id
     `vocab_size`, for PaliGemma's <image> placeholder, which only a Hugging Face export reads
     (the plan grammar never allows it). SigLIP and Gemma both get `width` and `num_layers`,
-    4 heads (the decoder's keys and values shared by all of them, as in Gemma 2B) and an MLP
-    of 4 x width; `image_size` must be a multiple of `patch_size`.
+    4 heads and an MLP of 4 x width; the decoder has `kv_heads` key/value heads (1: shared by
+    all heads, as in Gemma 2B). `image_size` must be a multiple of `patch_size`.
     """
     if image_size % patch_size:
         raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -75,10 +76,16 @@ def tiny_planner_spec(vocab_size: int, image_size: int, patch_size: int = 8, wid
         image_size=image_size, patch_size=patch_size, num_channels=3, vision_width=width,
         vision_mlp_dim=4 * width, vision_layers=num_layers, vision_heads=4, vision_eps=1e-6,
         text_model_type="gemma", vocab_size=vocab_size + 1, width=width, mlp_dim=4 * width,
-        num_layers=num_layers, num_heads=4, num_kv_heads=1, head_dim=width // 4, rms_eps=1e-6,
+        num_layers=num_layers, num_heads=4, num_kv_heads=kv_heads, head_dim=width // 4,
+        rms_eps=1e-6,
         rope_theta=10000.0, attention_bias=False, query_pre_attn_scalar=width // 4,
         attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=None,
         layer_types=(FULL,) * num_layers, tie_word_embeddings=True, image_token_id=vocab_size)
+
+
+def unit_pixels(images: jax.Array | np.ndarray) -> jax.Array:
+    """uint8 RGB -> float32 in [-1, 1] (SigLIP's mean 0.5, std 0.5); jittable."""
+    return jnp.asarray(images).astype(jnp.float32) / 127.5 - 1.0
 
 
 def preprocess_images(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -87,49 +94,52 @@ def preprocess_images(images: np.ndarray, image_size: int) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 RGB images (B, H, W, 3), got {images.dtype} "
                          f"{images.shape}")
-    resized = np.stack([
-        img if img.shape[:2] == (image_size, image_size) else np.asarray(
-            Image.fromarray(img).resize((image_size, image_size), Image.Resampling.BICUBIC))
-        for img in images])
-    return resized.astype(np.float32) / 127.5 - 1.0
+    return np.asarray(unit_pixels(resize_bicubic(images, image_size)))
 
 
 class Planner:
     """A PaliGemma planner with its tokenizer and plan grammar: image + task -> `Plan`."""
 
     def __init__(self, model: PaliGemma, tokenizer: tokenizers.Tokenizer, *,
-                 max_steps: int = DEFAULT_MAX_STEPS, max_words: int = DEFAULT_MAX_WORDS):
+                 max_steps: int = DEFAULT_MAX_STEPS, max_words: int = DEFAULT_MAX_WORDS,
+                 prompt_tokens: int | None = None, max_new_tokens: int | None = None):
+        """`prompt_tokens`: pad every prompt to this length, as the fine-tuning data does
+        (one compiled decoder for every task); None: unpadded prompts. `max_new_tokens`:
+        decode at most this many plan tokens (default: the grammar's longest plan)."""
         self.model, self.tokenizer = model, tokenizer
         self.image_size = model.spec.image_size
         self.grammar = PlanGrammar.from_tokenizer(tokenizer, max_steps, max_words,
                                                   model.spec.vocab_size)
         self.hook = GrammarHook(self.grammar)
-        self._bos, self._eos = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = min(max_new_tokens or self.grammar.max_length,
+                                  self.grammar.max_length)
+        self._eos = tokenizer.token_to_id(EOS)
 
     def prompt_ids(self, task_text: str) -> np.ndarray:
-        """The prompt ids (L,) int32: <bos> then the tokens of `plan_prompt(task_text)`."""
-        ids = self.tokenizer.encode(plan_prompt(task_text), add_special_tokens=False).ids
-        return np.asarray([self._bos] + ids, np.int32)
+        """The prompt ids (L,) int32: <bos>, the tokens of `plan_prompt(task_text)`, and
+        <pad> up to `prompt_tokens` if set."""
+        return np.asarray(prompt_ids(self.tokenizer, task_text, self.prompt_tokens), np.int32)
 
     def generate_ids(self, images: np.ndarray, task_texts: Sequence[str], *,
                      constrained: bool = True, temperature: float = 0.0,
                      rng: jax.Array | None = None) -> np.ndarray:
-        """Raw output ids (B, grammar.max_length) for uint8 images (B, H, W, 3) and B tasks.
+        """Raw output ids (B, max_new_tokens) for uint8 images (B, H, W, 3) and B tasks.
 
-        Rows are batched by prompt length (`generate` takes no padding); each length group
-        samples with its own key folded from `rng`.
+        Rows are batched by prompt length (one batch when prompts are padded); each length
+        group samples with its own key folded from `rng`.
         """
         if len(images) != len(task_texts):
             raise ValueError(f"{len(images)} images but {len(task_texts)} task texts")
         pixels = preprocess_images(images, self.image_size)
         prompts = [self.prompt_ids(t) for t in task_texts]
-        out = np.zeros((len(prompts), self.grammar.max_length), np.int32)
+        out = np.zeros((len(prompts), self.max_new_tokens), np.int32)
         for length in sorted({len(p) for p in prompts}):
             rows = [i for i, p in enumerate(prompts) if len(p) == length]
             key = None if rng is None else jax.random.fold_in(rng, length)
             out[rows] = np.asarray(generate(
                 self.model, jnp.asarray(pixels[rows]),
-                jnp.asarray(np.stack([prompts[i] for i in rows])), self.grammar.max_length,
+                jnp.asarray(np.stack([prompts[i] for i in rows])), self.max_new_tokens,
                 temperature=temperature, rng=key,
                 logits_mask_fn=self.hook if constrained else None,
                 mask_state=self.hook.initial_state(len(rows)) if constrained else None))

@@ -1,0 +1,192 @@
+"""The planner's input pipeline: built-in world episodes -> (first frame, task) -> plan batches.
+
+One example per stored expert episode (`tabletop.episode_source`):
+
+    image        the first observation, resized (bicubic) to the planner's input size
+    tokens       <bos> plan_prompt(task) <pad>... | plan <eos> | <pad>...   (`plan.prompt_ids`
+                 padded to config.planner.prompt_tokens, `plan.target_ids`); the plan's steps
+                 are the episode's primitives in their canonical wording (`primitive_from_text`: the stored words may be a
+                 paraphrase) with start/goal points as location tokens of the input image
+    target_mask  True on the plan tokens: the loss is the plan's likelihood given the prompt
+    target_bins  the bin of each location token of the plan (-1 elsewhere), for the soft
+                 location targets of `finetune.plan_loss`
+    prefix_len   prompt_tokens: the prefix attended both ways with the image (prefix-LM)
+
+The order follows the data-order contract exactly as the clip pipeline does (`OrderedPipeline`:
+a pure function of seed and global step, checkpointable Grain iterator). No augmentation: the
+plan's points are exact pixels of the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import ml_collections
+import numpy as np
+import tokenizers
+
+from data_loaders import clip_dataset, tabletop, transforms
+from data_loaders import tokenizer as tokenizer_lib
+from data_loaders.batch_spec import PlanBatchSpec
+from data_loaders.clip_dataset import DatasetError
+from data_loaders.pipeline import (ELEMENT_KEY, SKIPPED_KEY, ClipBatchIterator, GlobalOrder,
+                                   OrderedPipeline, mixture_entries)
+from data_loaders.tokenizer import LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, UNK
+from pewm_jax.sim.primitives import primitive_from_text
+from pewm_jax.vlm.plan import Plan, PlanStep, prompt_ids, target_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodePlan:
+    """What the planner sees and should say for one stored episode."""
+
+    image: np.ndarray  # (N, N, 3) uint8: the first observation at its stored size
+    task: str  # the task's words
+    plan: Plan  # its primitives (canonical wording), points in pixels of the stored frame
+
+
+def episode_plan(record: dict) -> EpisodePlan:
+    """The first frame, task and expert plan of a stored RLDS episode (tabletop layout)."""
+    steps = record["steps"]
+    first = steps[0]
+    ids = np.array([steps[t]["primitive_id"] for t in range(len(steps))])
+    plan_steps = []
+    for start in np.flatnonzero(np.diff(ids, prepend=-1)):
+        step = steps[int(start)]
+        words = tabletop.decode_text(step["primitive_text"])
+        try:
+            canonical = primitive_from_text(words).text()
+        except ValueError as e:
+            raise DatasetError(f"episode {record['episode_metadata']['seed']}: {e}") from None
+        plan_steps.append(PlanStep(canonical, tuple(step["primitive_start_xy"]),
+                                   tuple(step["primitive_goal_xy"])))
+    return EpisodePlan(np.asarray(first["observation"]["image"]),
+                       tabletop.decode_text(first["language_instruction"]), Plan(tuple(plan_steps)))
+
+
+def scale_plan(plan: Plan, factor: float) -> Plan:
+    """`plan` with every point multiplied by `factor` (pixels of another image size)."""
+    return Plan(tuple(PlanStep(s.text, np.asarray(s.start_xy) * factor,
+                               np.asarray(s.goal_xy) * factor) for s in plan.steps))
+
+
+def planner_tokenizer_path(config: ml_collections.ConfigDict) -> str:
+    """config.planner.tokenizer (a converted model's own), else the dataset's tokenizer."""
+    if config.planner.tokenizer:
+        return config.planner.tokenizer
+    return os.path.join(mixture_entries(config)[0][0], clip_dataset.TOKENIZER_FILE)
+
+
+def location_base(tok: tokenizers.Tokenizer, where: str) -> int:
+    """The id of <loc0000>, checked: the 1024 location tokens must have consecutive ids (as in
+    the project tokenizer and PaliGemma's), which the loss's soft location targets rely on."""
+    ids = [tok.token_to_id(t) for t in LOCATION_TOKENS]
+    if None in ids or ids != list(range(ids[0], ids[0] + NUM_LOCATION_BINS)):
+        raise DatasetError(f"the tokenizer {where} lacks the location tokens <loc0000>.."
+                           "<loc1023> with consecutive ids that plans are written in. Fix: use "
+                           "the dataset's tokenizer or the converted model's own.")
+    return ids[0]
+
+
+class _PlanTransform:
+    """(global element p, (0, episode index)) -> one planner example (PlanBatchSpec row)."""
+
+    def __init__(self, dataset_dir: str, split: str, tokenizer_path: str, image_size: int,
+                 prompt_tokens: int, max_tokens: int):
+        self.dataset_dir, self.split, self.tokenizer_path = dataset_dir, split, tokenizer_path
+        self.image_size, self.prompt_tokens, self.max_tokens = (image_size, prompt_tokens,
+                                                                max_tokens)
+        self._source = self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_source": None, "_tokenizer": None}
+
+    def tokenizer(self) -> tokenizers.Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = tokenizer_lib.load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def location_base(self) -> int:
+        """The id of <loc0000>; the location tokens' ids follow it in order."""
+        return location_base(self.tokenizer(), self.tokenizer_path)
+
+    def __call__(self, p: int, record: tuple[int, int]) -> dict[str, np.ndarray]:
+        if self._source is None:
+            self._source = tabletop.episode_source(self.dataset_dir, self.split)
+        example = episode_plan(self._source[record[1]])
+        tok = self.tokenizer()
+        scale = self.image_size / example.image.shape[0]
+        try:
+            prompt = prompt_ids(tok, example.task, self.prompt_tokens)
+        except ValueError as e:
+            raise DatasetError(f"{self.split} episode {record[1]}: {e}") from None
+        plan = target_ids(tok, scale_plan(example.plan, scale), self.image_size)
+        if tok.token_to_id(UNK) in plan:
+            unknown = [w for w in " ".join(s.text for s in example.plan.steps).split()
+                       if tok.token_to_id(w) is None]
+            raise DatasetError(
+                f"the tokenizer {self.tokenizer_path} lacks the plan words {sorted(set(unknown))} "
+                f"of {self.split} episode {record[1]}, so the planner could never write them. "
+                "Fix: regenerate the dataset (its tokenizer holds every primitive's words), or "
+                "give config.planner.tokenizer one that does.")
+        ids = prompt + plan
+        if len(ids) > self.max_tokens:
+            raise DatasetError(
+                f"the planner example of {self.split} episode {record[1]} has {len(ids)} tokens "
+                f"(prompt {len(prompt)}, plan {len(plan)}), more than config.planner.max_tokens "
+                f"= {self.max_tokens}. Fix: raise --config.planner.max_tokens to {len(ids)} or "
+                "more.")
+        tokens = np.full(self.max_tokens, tok.token_to_id(PAD), np.int32)
+        tokens[:len(ids)] = ids
+        mask = np.zeros(self.max_tokens, bool)
+        mask[len(prompt):len(ids)] = True
+        bins = np.full(self.max_tokens, -1, np.int32)
+        plan_bins = np.asarray(plan) - self.location_base
+        is_loc = (plan_bins >= 0) & (plan_bins < NUM_LOCATION_BINS)
+        bins[len(prompt):len(ids)] = np.where(is_loc, plan_bins, -1)
+        image = transforms.resize_bicubic(example.image[None], self.image_size)[0]
+        return {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins,
+                "prefix_len": np.asarray(len(prompt), np.int32),
+                SKIPPED_KEY: np.asarray(0, np.int32), ELEMENT_KEY: np.asarray(p, np.int64)}
+
+
+class PlanPipeline(OrderedPipeline):
+    """The planner's input pipeline of one split for this process (module docstring).
+
+    `image_size` is the planner model's input size; process index and count default to this
+    JAX process's.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, image_size: int, split: str = "train",
+                 *, process_index: int | None = None, process_count: int | None = None,
+                 num_workers: int | None = None):
+        super().__init__(config, config.planner.train, split, process_index, process_count,
+                         num_workers)
+        entries = mixture_entries(config)
+        if len(entries) > 1:
+            raise DatasetError("the planner learns from one built-in world dataset; "
+                               "config.data.mixture names several. Fix: set "
+                               "config.data.dataset_dir to the generated one.")
+        dataset_dir = str(entries[0][0])
+        size = len(tabletop.episode_source(dataset_dir, split))
+        if size == 0:
+            raise DatasetError(f"{dataset_dir} has no episodes in split {split!r}")
+        self.datasets = [["pewm_tabletop_episodes", size, 1.0]]
+        self.spec = PlanBatchSpec.from_config(config, image_size)
+        self.order = GlobalOrder([size], [1.0], self.seed)
+        tokenizer_path = planner_tokenizer_path(config)
+        location_base(tokenizer_lib.load_tokenizer(tokenizer_path), tokenizer_path)  # fail here
+        self.transform = _PlanTransform(dataset_dir, split, tokenizer_path, image_size,
+                                        config.planner.prompt_tokens, config.planner.max_tokens)
+
+
+def make_plan_iterator(config: ml_collections.ConfigDict, image_size: int,
+                       split: str = "train", *, start_step: int = 0,
+                       process_index: int | None = None, process_count: int | None = None,
+                       num_workers: int | None = None) -> ClipBatchIterator:
+    """This process's planner batch iterator for `split` from `start_step`."""
+    return PlanPipeline(config, image_size, split, process_index=process_index,
+                        process_count=process_count, num_workers=num_workers
+                        ).iterator(start_step)

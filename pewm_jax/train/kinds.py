@@ -1,0 +1,251 @@
+"""What the trainer trains: one `ModelKind` per model of the run directory.
+
+The train state, step, checkpoints and loop (`state`, `checkpoint`, `loop`) are shared; a kind
+says what differs between the world model and the planner:
+
+    name          its directory in the run (DESIGN.md "Run directory") and TensorBoard run
+    section       where its training settings live: config.train, config.planner.train
+    unrelated     config keys it does not depend on (they may change when it resumes)
+    build, loss   the randomly initialised nnx module; (module, batch, rng, config) ->
+                  (loss, metrics holding 'loss')
+    iterator      its Grain input pipeline (data-order contract) at a global step
+    previews      what it shows in TensorBoard every sample_every steps: sampled clips beside
+                  the truth (world model), decoded plans beside the truth (planner)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop
+from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax.diffusion import loss_fn, sample_from_config
+from pewm_jax.models import WorldModel
+from pewm_jax.models.flops import world_model_flops
+from pewm_jax.models.text_encoder import (SiglipTextEncoder, load_siglip_text_encoder,
+                                          make_text_encoder, read_siglip_text_spec)
+from pewm_jax.parallel import mesh as mesh_lib
+from pewm_jax.train import metrics as metrics_lib
+from pewm_jax.train.metrics import log
+from pewm_jax.train.state import StateLayout, TrainState, copy_tree
+from pewm_jax.vlm import finetune
+
+Previews = Callable[[int, TrainState, metrics_lib.MetricWriter], None]
+
+
+class ModelKind:
+    """A model the trainer can train (module docstring); subclasses fill in the parts."""
+
+    name: str
+    section: str
+    unrelated: tuple[str, ...] = ()
+
+    def train(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """Its training settings (the `train_defaults` keys)."""
+        section = config
+        for part in self.section.split("."):
+            section = section[part]
+        return section
+
+    def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
+        raise NotImplementedError
+
+    def build(self, config: ml_collections.ConfigDict, vocab_size: int,
+              rngs: nnx.Rngs) -> nnx.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array,
+             config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def load_pretrained(self, config: ml_collections.ConfigDict, state: TrainState,
+                        layout: StateLayout) -> TrainState:
+        """`state` with the parts that come pretrained from the config filled in (default:
+        none; `--init_from` is the trainer's own way to start from other weights)."""
+        del config, layout
+        return state
+
+    def tokenizer_path(self, config: ml_collections.ConfigDict) -> str:
+        raise NotImplementedError
+
+    def iterator(self, config: ml_collections.ConfigDict, vocab_size: int, split: str,
+                 start_step: int) -> pipeline.ClipBatchIterator:
+        raise NotImplementedError
+
+    def flops_per_step(self, config: ml_collections.ConfigDict, vocab_size: int) -> float:
+        """Matmul FLOPs of one train step (forward and backward) on the global batch."""
+        raise NotImplementedError
+
+    def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
+                 ) -> Previews | None:
+        """What to draw every sample_every steps, or None (nothing to preview)."""
+        raise NotImplementedError
+
+
+class WorldModelKind(ModelKind):
+    """The primitive world model: flow matching on clips (DESIGN.md "The primitive world
+    model")."""
+
+    name, section = "world_model", "train"
+    unrelated = ("planner.",)
+
+    def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
+        return config.model.dtype
+
+    def build(self, config: ml_collections.ConfigDict, vocab_size: int,
+              rngs: nnx.Rngs) -> WorldModel:
+        """A randomly initialised world model; with model.text_encoder = 'siglip' the tower is
+        built from its checkpoint's config.json (random weights, so the whole model initialises
+        inside jit) and `load_pretrained` fills it in."""
+        m = config.model
+        if m.text_encoder == "siglip":
+            encoder = SiglipTextEncoder(read_siglip_text_spec(m.text_encoder_path),
+                                        dtype=jnp.dtype(m.dtype),
+                                        param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+        else:
+            encoder = make_text_encoder(config, rngs, vocab_size)
+        return WorldModel.from_config(config, rngs, encoder)
+
+    def loss(self, model, batch, rng, config):
+        return loss_fn(model, batch, rng, config)
+
+    def load_pretrained(self, config: ml_collections.ConfigDict, state: TrainState,
+                        layout: StateLayout) -> TrainState:
+        """With a SigLIP text tower: its checkpoint weights in params and ema_params."""
+        if config.model.text_encoder != "siglip":
+            return state
+        encoder = load_siglip_text_encoder(config.model.text_encoder_path,
+                                           dtype=jnp.dtype(config.model.dtype),
+                                           param_dtype=jnp.dtype(config.model.param_dtype))
+        pretrained = jax.device_put(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
+                                    layout.shardings.params["text_encoder"])
+        params = {**state.params, "text_encoder": pretrained}
+        ema = {**state.ema_params, "text_encoder": copy_tree(
+            pretrained, layout.shardings.ema_params["text_encoder"])}
+        return state.replace(params=params, ema_params=ema)
+
+    def tokenizer_path(self, config: ml_collections.ConfigDict) -> str:
+        return config.data.tokenizer or str(epath.Path(pipeline.mixture_entries(config)[0][0])
+                                            / clip_dataset.TOKENIZER_FILE)
+
+    def iterator(self, config, vocab_size, split, start_step):
+        return pipeline.make_iterator(config, split, start_step=start_step)
+
+    def flops_per_step(self, config, vocab_size):
+        return world_model_flops(config, config.train.global_batch_size).forward_backward
+
+    def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
+                 ) -> Previews | None:
+        """EMA-weight samples of the first sample_clips validation clips beside the truth."""
+        count = config.train.sample_clips
+        if not count:
+            return None
+        try:
+            val = pipeline.ClipPipeline(config, "validation", augment=False, process_index=0,
+                                        process_count=1)
+        except clip_dataset.DatasetError as e:
+            log(f"[train] no validation clips to sample ({e}); sampled previews are off")
+            return None
+        examples = [val.element(p) for p in range(count)]
+        batch = {k: np.stack([c[k] for c in examples]) for k in examples[0]}
+        repl = mesh_lib.replicated(layout.mesh)
+        clips = {k: jax.make_array_from_process_local_data(repl, v) for k, v in batch.items()}
+        graphdef = layout.graphdef
+
+        def run(ema_params, clips):
+            return sample_from_config(nnx.merge(graphdef, ema_params), clips,
+                                      jax.random.key(config.seed), config)
+
+        sampler = jax.jit(run, in_shardings=(layout.shardings.ema_params, None),
+                          out_shardings=repl)
+
+        def draw(step: int, state: TrainState, writer: metrics_lib.MetricWriter) -> None:
+            with mesh_lib.activate(layout.mesh, layout.rules):
+                sampled = metrics_lib.host_value(sampler(state.ema_params, clips))
+            context, frames = batch["context"], batch["frames"]
+            writer.images(step, {"samples/grid": metrics_lib.clip_grid(context, frames,
+                                                                       sampled)})
+            writer.videos(step, {"samples/animation": metrics_lib.clip_animation(
+                context, frames, sampled)})
+
+        return draw
+
+
+class PlannerKind(ModelKind):
+    """The planner VLM: plan likelihood given first frame and task (DESIGN.md "The
+    planner")."""
+
+    name, section = "planner", "planner.train"
+    unrelated = ("model.", "diffusion.", "train.", "data.augment", "data.crop_scale_min",
+                 "data.color_jitter", "data.max_text_tokens", "data.skip_corrupt",
+                 "data.tokenizer")
+
+    def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
+        return config.planner.dtype
+
+    def build(self, config, vocab_size, rngs):
+        return finetune.build_planner(config, vocab_size, rngs)
+
+    def loss(self, model, batch, rng, config):
+        return finetune.plan_loss(model, batch, rng, config)
+
+    def tokenizer_path(self, config: ml_collections.ConfigDict) -> str:
+        return plan_pipeline.planner_tokenizer_path(config)
+
+    def iterator(self, config, vocab_size, split, start_step):
+        image_size = finetune.planner_spec(config, vocab_size).image_size
+        return plan_pipeline.make_plan_iterator(config, image_size, split,
+                                                start_step=start_step)
+
+    def flops_per_step(self, config, vocab_size):
+        return finetune.planner_flops(finetune.planner_spec(config, vocab_size),
+                                      config.planner.train.global_batch_size,
+                                      config.planner.max_tokens)
+
+    def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
+                 ) -> Previews | None:
+        """Greedy constrained plans (EMA weights) of the first sample_clips validation
+        episodes beside the expert's, and the fraction whose primitives match exactly."""
+        count = config.planner.train.sample_clips
+        if not count:
+            return None
+        try:
+            source = tabletop.episode_source(pipeline.mixture_entries(config)[0][0],
+                                             "validation")
+        except clip_dataset.DatasetError as e:
+            log(f"[train] no validation episodes to plan ({e}); plan previews are off")
+            return None
+        examples = [plan_pipeline.episode_plan(source[i]) for i in range(min(count,
+                                                                             len(source)))]
+        tokenizer = tokenizer_lib.load_tokenizer(self.tokenizer_path(config))
+
+        def draw(step: int, state: TrainState, writer: metrics_lib.MetricWriter) -> None:
+            planner = finetune.make_planner(nnx.merge(layout.graphdef, state.ema_params),
+                                            tokenizer, config)
+            with mesh_lib.activate(layout.mesh, layout.rules):
+                plans = planner.plan(np.stack([e.image for e in examples]),
+                                     [e.task for e in examples])
+            rows, matches = [], 0
+            for example, plan in zip(examples, plans):
+                said = [s.text for s in plan.steps]
+                truth = [s.text for s in example.plan.steps]
+                matches += said == truth
+                rows.append(f"| {example.task} | {'; '.join(said)} | {'; '.join(truth)} |")
+            writer.text(step, "plans", "| task | planned | expert |\n|---|---|---|\n"
+                        + "\n".join(rows))
+            writer.scalars(step, {"val_plan_exact_match": matches / len(examples)})
+
+        return draw
+
+
+WORLD_MODEL = WorldModelKind()
+PLANNER = PlannerKind()
+KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (WORLD_MODEL, PLANNER)}
+

@@ -1,0 +1,132 @@
+"""Planner evaluation: does it name the expert's primitives, and does it point where they go?
+
+For every stored episode of a split, the planner plans from the first frame and the task
+(greedy, constrained decoding) and is scored against the expert's plan (`episode_plan`):
+
+    exact_match     fraction of episodes whose primitive sequence equals the expert's (each
+                    step's words read as a primitive of the world, so a paraphrase still
+                    counts; words that name no primitive do not match)
+    point_error_px  mean distance (pixels of the stored frame) between planned and expert
+                    start and goal points, over the steps of plans with as many steps as the
+                    expert's (steps aligned by position)
+    centre_error_px the same points guessed at the image centre: the error to beat
+    unparsed        plans the token budget cut off before <eos> (misses; constrained decoding
+                    writes nothing else that fails to parse)
+
+`load_planner` restores a fine-tuned planner (EMA weights) from a run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tokenizers
+from etils import epath
+from flax import nnx
+
+from data_loaders import tabletop
+from data_loaders.plan_pipeline import EpisodePlan, episode_plan
+from pewm_jax.sim.primitives import Primitive, primitive_from_text
+from pewm_jax.train.checkpoint import find_checkpoint
+from pewm_jax.vlm.finetune import build_planner, make_planner
+from pewm_jax.vlm.plan import Plan, PlanParseError
+from pewm_jax.vlm.planner import Planner
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanScores:
+    """The planner's scores on one split (module docstring)."""
+
+    split: str
+    episodes: int
+    exact_match: float
+    point_error_px: float  # nan when no plan had the expert's number of steps
+    centre_error_px: float
+    points: int  # how many points the two errors average over
+    unparsed: int = 0  # plans cut off by the token budget before <eos> (counted as misses)
+
+
+def _primitive(text: str) -> Primitive | None:
+    try:
+        return primitive_from_text(text)
+    except ValueError:
+        return None
+
+
+def score_plans(plans: Sequence[Plan | None], truths: Sequence[EpisodePlan], planner_size: int,
+                split: str = "") -> PlanScores:
+    """Scores `plans` (points in pixels of the planner's `planner_size` image; None for output
+    that did not parse) against the expert plans of `truths` (points in pixels of their
+    stored frames)."""
+    matches, errors, centre = 0, [], []
+    unparsed = sum(plan is None for plan in plans)
+    for plan, truth in zip(plans, truths, strict=True):
+        if plan is None:
+            continue
+        said = [_primitive(step.text) for step in plan.steps]
+        expert = [_primitive(step.text) for step in truth.plan.steps]
+        matches += None not in said and said == expert
+        if len(plan.steps) != len(truth.plan.steps):
+            continue
+        size = truth.image.shape[0]
+        for mine, theirs in zip(plan.steps, truth.plan.steps):
+            for a, b in ((mine.start_xy, theirs.start_xy), (mine.goal_xy, theirs.goal_xy)):
+                errors.append(np.hypot(*(np.asarray(a) * size / planner_size - np.asarray(b))))
+                centre.append(np.hypot(*(np.full(2, size / 2) - np.asarray(b))))
+    return PlanScores(split, len(truths), matches / max(len(truths), 1),
+                      float(np.mean(errors)) if errors else float("nan"),
+                      float(np.mean(centre)) if centre else float("nan"), len(errors), unparsed)
+
+
+def evaluate_planner(planner: Planner, dataset_dir: str | epath.PathLike, split: str, *,
+                     batch_size: int = 32, max_episodes: int | None = None) -> PlanScores:
+    """Plans every episode of `split` (or its first `max_episodes`) and scores the plans."""
+    source = tabletop.episode_source(dataset_dir, split)
+    count = len(source) if max_episodes is None else min(max_episodes, len(source))
+    truths = [episode_plan(source[i]) for i in range(count)]
+    plans: list[Plan | None] = []
+    for first in range(0, count, batch_size):
+        chunk = truths[first:first + batch_size]
+        for row in planner.generate_ids(np.stack([t.image for t in chunk]),
+                                        [t.task for t in chunk]):
+            try:
+                plans.append(planner.parse(row))
+            except PlanParseError:  # ran out of tokens before <eos>: a miss, counted
+                plans.append(None)
+    return score_plans(plans, truths, planner.image_size, split)
+
+
+def load_planner(path: str | epath.PathLike, *, use_ema: bool = True) -> Planner:
+    """The planner of a fine-tuning run: `path` is its workdir, its planner/ directory or one
+    step directory. Its config and tokenizer come from the checkpoint itself."""
+    checkpoints, step = find_checkpoint(path, model="planner")
+    try:
+        config = ml_collections.ConfigDict(checkpoints.read_json(step, "config"))
+        tokenizer = tokenizers.Tokenizer.from_str(
+            json.dumps(checkpoints.read_json(step, "tokenizer")))
+        abstract_model = nnx.eval_shape(lambda: build_planner(
+            config, tokenizer.get_vocab_size(), nnx.Rngs(0)))
+        graphdef, abstract = nnx.split(abstract_model, nnx.Param)
+        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                              nnx.to_pure_dict(abstract))
+        params = checkpoints.restore_params(step, target,
+                                            item="ema_params" if use_ema else "params")
+    finally:
+        checkpoints.close()
+    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, params))
+    return make_planner(nnx.merge(graphdef, abstract), tokenizer, config)
+
+
+def scores_table(scores: Sequence[PlanScores]) -> str:
+    """The scores as a small fixed-width table for the terminal."""
+    lines = [f"{'split':<22}{'episodes':>9}{'exact match':>13}{'point err px':>14}"
+             f"{'centre err px':>15}"]
+    lines += [f"{s.split:<22}{s.episodes:>9}{s.exact_match:>13.1%}{s.point_error_px:>14.2f}"
+              f"{s.centre_error_px:>15.2f}" for s in scores]
+    return "\n".join(lines)

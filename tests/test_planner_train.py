@@ -1,0 +1,265 @@
+"""Planner fine-tuning: its data, its loss, the shared trainer on it, and its evaluation."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import K, TINY_DATA, TINY_PLANNER, tiny_config
+from flax import nnx
+
+from data_loaders import tabletop
+from data_loaders.clip_dataset import DatasetError
+from data_loaders.plan_pipeline import (EpisodePlan, PlanPipeline, episode_plan,
+                                        make_plan_iterator)
+from data_loaders.tokenizer import NUM_LOCATION_BINS, UNK, load_tokenizer
+from pewm_jax.sim.primitives import all_primitives, primitive_from_text
+from pewm_jax.train import checkpoint as ckpt_lib
+from pewm_jax.train import kinds, loop
+from pewm_jax.vlm import evaluation
+from pewm_jax.vlm.finetune import plan_loss, planner_flops, planner_spec
+from pewm_jax.vlm.paligemma import PaliGemma
+from pewm_jax.vlm.plan import Plan, PlanStep, parse_plan, prompt_ids
+from pewm_jax.vlm.planner import tiny_planner_spec, unit_pixels
+
+IMAGE = 32  # TINY_PLANNER's input size
+
+
+def planner_config(dataset: pathlib.Path, *overrides: str):
+    return tiny_config(*TINY_PLANNER, f"data.dataset_dir={dataset}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def planner_run(tmp_path_factory, tabletop_dataset):
+    """An uninterrupted 2k-step tiny planner run (checkpoints every k)."""
+    workdir = tmp_path_factory.mktemp("planner_run")
+    config = planner_config(tabletop_dataset, "planner.train.sample_clips=2",
+                            f"planner.train.sample_every={2 * K}")
+    return workdir, config, loop.train(config, workdir, kind=kinds.PLANNER)
+
+
+def test_every_wording_of_every_primitive_reads_back():
+    for primitive in all_primitives():
+        for k in range(primitive.num_paraphrases()):
+            assert primitive_from_text(f"  {primitive.text(k).upper()} ") == primitive
+    with pytest.raises(ValueError, match="names no primitive"):
+        primitive_from_text("juggle the red cube")
+
+
+def test_plan_batches_follow_the_spec_and_hold_the_expert_plan(tabletop_dataset):
+    config = planner_config(tabletop_dataset)
+    pipe = PlanPipeline(config, IMAGE, "train", process_index=0, process_count=1)
+    batch = next(pipe.iterator(0))
+    pipe.spec.check(batch)
+    tok = load_tokenizer(tabletop_dataset / "tokenizer.json")
+    source = tabletop.episode_source(tabletop_dataset, "train")
+    half_bin = 0.5 * IMAGE / NUM_LOCATION_BINS
+    for row, p in enumerate(pipe.element_indices(0)):
+        record = source[pipe.order[int(p)][1]]
+        truth = episode_plan(record)
+        ids, n = batch["tokens"][row], int(batch["prefix_len"][row])
+        assert ids[:n].tolist() == prompt_ids(tok, truth.task, config.planner.prompt_tokens)
+        assert tok.token_to_id(UNK) not in ids[:n]  # the dataset tokenizer knows the prompt
+        plan = parse_plan(ids[batch["target_mask"][row]], IMAGE, tok)
+        locations = batch["target_bins"][row] >= 0
+        np.testing.assert_array_equal(ids[locations], batch["target_bins"][row][locations] + 5)
+        assert locations.sum() == 4 * len(plan.steps)
+        stored = [tabletop.decode_text(record["steps"][t]["primitive_text"])
+                  for t in np.flatnonzero(np.diff([s["primitive_id"] for s in record["steps"]],
+                                                  prepend=-1))]
+        # The plan names the episode's primitives in their canonical words (stored words may
+        # be paraphrases), with the expert's points scaled to the planner's image.
+        assert [s.text for s in plan.steps] == [primitive_from_text(w).text() for w in stored]
+        scale = IMAGE / truth.image.shape[0]
+        for mine, theirs in zip(plan.steps, truth.plan.steps, strict=True):
+            assert np.abs(np.subtract(mine.start_xy, np.multiply(theirs.start_xy, scale))
+                          ).max() <= half_bin + 1e-4
+            assert np.abs(np.subtract(mine.goal_xy, np.multiply(theirs.goal_xy, scale))
+                          ).max() <= half_bin + 1e-4
+
+
+def test_plan_data_order_is_a_pure_function_of_the_step(tabletop_dataset):
+    config = planner_config(tabletop_dataset)
+    it = make_plan_iterator(config, IMAGE, process_index=0, process_count=1)
+    batches = [next(it) for _ in range(3)]
+    resumed = make_plan_iterator(config, IMAGE, process_index=0, process_count=1)
+    resumed.set_state(json.loads(json.dumps(_state_after(it, 2))))
+    np.testing.assert_array_equal(next(resumed)["tokens"], batches[2]["tokens"])
+    halves = [next(make_plan_iterator(config, IMAGE, start_step=2, process_index=i,
+                                      process_count=2)) for i in range(2)]
+    for key in batches[2]:
+        np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), batches[2][key])
+
+
+def _state_after(iterator, steps: int) -> dict:
+    """The state of a fresh iterator like `iterator` advanced `steps` batches."""
+    fresh = iterator.pipeline.iterator(0)
+    for _ in range(steps):
+        next(fresh)
+    return fresh.get_state()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("planner.max_tokens=40", "raise --config.planner.max_tokens"),
+    ("planner.prompt_tokens=4", "config.planner.prompt_tokens"),
+])
+def test_too_long_examples_name_the_key_to_raise(tabletop_dataset, override, message):
+    config = planner_config(tabletop_dataset, override)
+    with pytest.raises(DatasetError, match=message):
+        next(make_plan_iterator(config, IMAGE, process_index=0, process_count=1))
+
+
+def test_per_row_prefixes_equal_one_row_at_a_time_and_the_loss_is_the_plan_nll():
+    vocab, base = 1100, 5  # the project tokenizer's layout: <loc0000> is id 5
+    model = PaliGemma(tiny_planner_spec(vocab, 16, 8, 32, 1), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    tokens = rng.integers(base + NUM_LOCATION_BINS, vocab, (2, 9)).astype(np.int32)
+    tokens[0, 5], tokens[1, 8] = base + 3, base + 600  # location tokens of bins 3 and 600
+    prefix = np.array([3, 6], np.int32)
+    batched = model(unit_pixels(image), jnp.asarray(tokens), jnp.asarray(prefix))
+    for r in range(2):
+        single = model(unit_pixels(image[r:r + 1]), jnp.asarray(tokens[r:r + 1]), int(prefix[r]))
+        np.testing.assert_allclose(batched[r:r + 1], single, atol=1e-5)
+    mask = np.arange(9)[None] >= prefix[:, None]
+    mask[0, 7:] = False  # row 0: padding after its plan
+    bins = np.full((2, 9), -1, np.int32)
+    bins[0, 5], bins[1, 8] = 3, 600
+    batch = {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins,
+             "prefix_len": prefix}
+    logp = np.asarray(jax.nn.log_softmax(batched, axis=-1), np.float64)
+    n = model.spec.num_image_tokens
+    targets = [(r, i) for r in range(2) for i in range(1, 9) if mask[r, i]]
+    one_hot = [-logp[r, n + i - 1, tokens[r, i]] for r, i in targets]
+    loss, metrics = plan_loss(model, batch, None, tiny_config("planner.location_sigma_px=0"))
+    assert float(loss) == pytest.approx(np.mean(one_hot), rel=1e-5)
+    assert 0.0 <= float(metrics["token_accuracy"]) <= 1.0
+    # Soft location targets: a Gaussian over the bins within 3 sigma (sigma = 0.5 px = 32 bins
+    # of the 16 px image), cut at the ends of the location range.
+    sigma, soft = 32.0, []
+    for r, i in targets:
+        if bins[r, i] < 0:
+            soft.append(-logp[r, n + i - 1, tokens[r, i]])
+            continue
+        near = np.arange(1024)[np.abs(np.arange(1024) - bins[r, i]) <= 96]
+        w = np.exp(-0.5 * ((near - bins[r, i]) / sigma) ** 2)
+        soft.append(-np.sum(w / w.sum() * logp[r, n + i - 1, base + near]))
+    loss, _ = plan_loss(model, batch, None, tiny_config("planner.location_sigma_px=0.5"))
+    assert float(loss) == pytest.approx(np.mean(soft), rel=1e-5)
+    assert planner_flops(model.spec, 8, 9) > 0
+    # With an rng the location inputs move (the loss changes) and nothing else does: a batch
+    # without location tokens gives the same loss with or without noise.
+    noisy = tiny_config("planner.location_input_noise_px=2")
+    key = jax.random.key(0)
+    assert float(plan_loss(model, batch, key, noisy)[0]) != float(
+        plan_loss(model, batch, None, noisy)[0])
+    plain = dict(batch, target_bins=np.full((2, 9), -1, np.int32))
+    assert float(plan_loss(model, plain, key, noisy)[0]) == float(
+        plan_loss(model, plain, None, noisy)[0])
+
+
+def test_planner_trains_in_its_run_directory_and_resumes_exactly(planner_run, tabletop_dataset,
+                                                                 tmp_path):
+    workdir, config, reference = planner_run
+    assert reference.status == "completed" and reference.step == 2 * K
+    assert ckpt_lib.RunCheckpoints(workdir / "planner", read_only=True).steps() == [K, 2 * K]
+    assert not (workdir / "world_model").exists()
+    assert reference.losses[2 * K] < reference.losses[1]
+    logged = ckpt_lib.RunCheckpoints(workdir / "planner", read_only=True)
+    assert logged.read_json(2 * K, "tokenizer") == json.loads(
+        (tabletop_dataset / "tokenizer.json").read_text())
+    loop.train(planner_config(tabletop_dataset, f"planner.train.steps={K}"), tmp_path,
+               kind=kinds.PLANNER)
+    resumed = loop.train(config, tmp_path, kind=kinds.PLANNER, resume=True)
+    assert resumed.losses == {s: reference.losses[s] for s in range(K + 1, 2 * K + 1)}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+                 jax.device_get(reference.state.params))
+
+
+def test_world_model_settings_do_not_block_a_planner_resume(planner_run, tmp_path,
+                                                            tabletop_dataset):
+    workdir, config, _ = planner_run
+    changed = planner_config(tabletop_dataset, "planner.train.sample_clips=2",
+                             f"planner.train.sample_every={2 * K}", "model.width=48",
+                             "train.learning_rate=0.1")
+    assert loop.train(changed, workdir, kind=kinds.PLANNER).status == "reused"
+    other = planner_config(tabletop_dataset, "planner.train.sample_clips=2",
+                           f"planner.train.sample_every={2 * K}", "planner.width=48")
+    with pytest.raises(ckpt_lib.CheckpointError, match="planner.width"):
+        loop.train(other, workdir, kind=kinds.PLANNER, resume=True)
+
+
+def test_load_planner_and_evaluate(planner_run, tabletop_dataset):
+    workdir, config, result = planner_run
+    planner = evaluation.load_planner(workdir)
+    ema = jax.device_get(nnx.to_pure_dict(nnx.state(planner.model, nnx.Param)))
+    jax.tree.map(np.testing.assert_array_equal, ema, jax.device_get(result.state.ema_params))
+    scores = evaluation.evaluate_planner(planner, tabletop_dataset, "test")
+    assert scores.episodes == 3 and 0.0 <= scores.exact_match <= 1.0
+    assert "exact match" in evaluation.scores_table([scores])
+
+
+def test_scores_count_paraphrases_and_measure_points_in_frame_pixels():
+    image = np.zeros((64, 64, 3), np.uint8)
+    truth = EpisodePlan(image, "put the red cube in the left bin", Plan((
+        PlanStep("pick up the red cube", (10, 10), (20, 20)),
+        PlanStep("place the red cube in the left bin", (20, 20), (30, 50)))))
+    exact = Plan((PlanStep("lift the red cube", (5, 5), (10, 10)),  # a paraphrase; 32px image
+                  PlanStep("place the red cube in the left bin", (13, 10), (15, 25))))
+    wrong = Plan((PlanStep("pick up the blue cube", (5, 5), (10, 10)),))
+    scores = evaluation.score_plans([exact, wrong], [truth, truth], planner_size=32)
+    assert scores.exact_match == 0.5 and scores.points == 4  # `wrong` has another length
+    assert scores.point_error_px == pytest.approx(6.0 / 4)  # only the second start is off, by 6
+    centre = [np.hypot(22, 22), np.hypot(12, 12), np.hypot(12, 12), np.hypot(2, 18)]
+    assert scores.centre_error_px == pytest.approx(np.mean(centre))
+
+
+def test_init_from_a_converted_hugging_face_checkpoint(tabletop_dataset, tmp_path):
+    import vlm_fixtures
+
+    from pewm_jax.vlm.convert import convert_checkpoint, restore_paligemma
+
+    tokenizer = tabletop_dataset / "tokenizer.json"
+    vocab = load_tokenizer(tokenizer).get_vocab_size()
+    hf = vlm_fixtures.make_checkpoint("gqa", tmp_path / "hf", vocab=vocab + 1)
+    converted = convert_checkpoint(hf.path, tmp_path / "converted")
+    config = planner_config(tabletop_dataset, "planner.train.steps=1",
+                            f"planner.hf_config={hf.path}", f"planner.tokenizer={tokenizer}",
+                            "planner.location_input_noise_px=0")  # a deterministic loss
+    assert planner_spec(config, vocab).image_size == 16
+    result = loop.train(config, tmp_path / "run", kind=kinds.PLANNER, init_from=str(converted))
+    # The first step's loss is the converted model's loss on the first batch.
+    batch = next(make_plan_iterator(config, 16, process_index=0, process_count=1))
+    expected, _ = plan_loss(restore_paligemma(converted), batch, None, config)
+    assert result.losses[1] == pytest.approx(float(expected), rel=1e-4)
+    # The tiny from-scratch planner is another architecture: a clear error, nothing trained.
+    with pytest.raises(ckpt_lib.CheckpointError, match="does not fit this model"):
+        loop.train(planner_config(tabletop_dataset, "planner.train.steps=1"), tmp_path / "bad",
+                   kind=kinds.PLANNER, init_from=str(converted))
+    assert not (tmp_path / "bad" / "planner").exists() or not ckpt_lib.RunCheckpoints(
+        tmp_path / "bad" / "planner", read_only=True).steps()
+
+
+@pytest.mark.slow
+def test_fine_tuned_planner_plans_held_out_scenes(tmp_path_factory):
+    """The quickstart planner fine-tuned from scratch on 1000 episodes for 1500 steps: at least
+    90% exact match of the primitive sequence on unseen scenes (test split), and point errors
+    below the image-centre guess."""
+    dataset = tmp_path_factory.mktemp("planner_data") / "data"
+    overrides = [*TINY_DATA, "data.num_train_episodes=1000", "data.num_test_episodes=50",
+                 "data.num_holdout_episodes=30", f"data.dataset_dir={dataset}"]
+    tabletop.generate_dataset(tiny_config(*overrides), dataset)
+    config = tiny_config(*overrides, "planner.train.log_every=100",
+                         "planner.train.sample_clips=0", "planner.train.checkpoint_every=1500")
+    assert config.planner.train.steps == 1500 and config.planner.train.global_batch_size == 16
+    workdir = tmp_path_factory.mktemp("planner_fine_tune")
+    loop.train(config, workdir, kind=kinds.PLANNER)
+    planner = evaluation.load_planner(workdir)
+    scores = [evaluation.evaluate_planner(planner, dataset, split)
+              for split in ("test", "holdout_composition")]
+    print("\n" + evaluation.scores_table(scores))
+    test = scores[0]
+    assert test.exact_match >= 0.9
+    assert test.point_error_px < test.centre_error_px
