@@ -15,6 +15,7 @@ says what differs between the world model and the planner:
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Mapping
 
 import jax
@@ -40,7 +41,7 @@ from pewm_jax.vlm import finetune
 Previews = Callable[[int, TrainState, metrics_lib.MetricWriter], None]
 
 
-class ModelKind:
+class ModelKind(abc.ABC):
     """A model the trainer can train (module docstring); subclasses fill in the parts."""
 
     name: str
@@ -54,16 +55,19 @@ class ModelKind:
             section = section[part]
         return section
 
+    @abc.abstractmethod
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
-        raise NotImplementedError
+        """Its compute dtype name (what MFU's peak is taken for)."""
 
+    @abc.abstractmethod
     def build(self, config: ml_collections.ConfigDict, vocab_size: int,
               rngs: nnx.Rngs) -> nnx.Module:
-        raise NotImplementedError
+        """A randomly initialised model for a tokenizer of `vocab_size` ids."""
 
+    @abc.abstractmethod
     def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array,
              config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-        raise NotImplementedError
+        """(loss, metrics holding 'loss') of one global batch; `rng` is the step's key."""
 
     def load_pretrained(self, config: ml_collections.ConfigDict, state: TrainState,
                         layout: StateLayout) -> TrainState:
@@ -72,21 +76,23 @@ class ModelKind:
         del config, layout
         return state
 
+    @abc.abstractmethod
     def tokenizer_path(self, config: ml_collections.ConfigDict) -> str:
-        raise NotImplementedError
+        """The tokenizer.json it reads text with (saved into every checkpoint)."""
 
+    @abc.abstractmethod
     def iterator(self, config: ml_collections.ConfigDict, vocab_size: int, split: str,
                  start_step: int) -> pipeline.ClipBatchIterator:
-        raise NotImplementedError
+        """This process's checkpointable batch iterator of `split` from `start_step`."""
 
+    @abc.abstractmethod
     def flops_per_step(self, config: ml_collections.ConfigDict, vocab_size: int) -> float:
         """Matmul FLOPs of one train step (forward and backward) on the global batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
                  ) -> Previews | None:
         """What to draw every sample_every steps, or None (nothing to preview)."""
-        raise NotImplementedError
 
 
 class WorldModelKind(ModelKind):
