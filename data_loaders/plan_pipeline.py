@@ -97,20 +97,17 @@ class _PlanTransform:
         self.dataset_dir, self.split, self.tokenizer_path = dataset_dir, split, tokenizer_path
         self.image_size, self.prompt_tokens, self.max_tokens = (image_size, prompt_tokens,
                                                                 max_tokens)
-        self._source = self._tokenizer = None
+        self._source = self._tokenizer = self._location_base = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_source": None, "_tokenizer": None}
+        return {**self.__dict__, "_source": None, "_tokenizer": None, "_location_base": None}
 
     def tokenizer(self) -> tokenizers.Tokenizer:
+        """The tokenizer, loaded once per process, and with it the id of <loc0000>."""
         if self._tokenizer is None:
             self._tokenizer = tokenizer_lib.load_tokenizer(self.tokenizer_path)
+            self._location_base = location_base(self._tokenizer, self.tokenizer_path)
         return self._tokenizer
-
-    @property
-    def location_base(self) -> int:
-        """The id of <loc0000>; the location tokens' ids follow it in order."""
-        return location_base(self.tokenizer(), self.tokenizer_path)
 
     def __call__(self, p: int, record: tuple[int, int]) -> dict[str, np.ndarray]:
         if self._source is None:
@@ -143,7 +140,7 @@ class _PlanTransform:
         mask = np.zeros(self.max_tokens, bool)
         mask[len(prompt):len(ids)] = True
         bins = np.full(self.max_tokens, -1, np.int32)
-        plan_bins = np.asarray(plan) - self.location_base
+        plan_bins = np.asarray(plan) - self._location_base
         is_loc = (plan_bins >= 0) & (plan_bins < NUM_LOCATION_BINS)
         bins[len(prompt):len(ids)] = np.where(is_loc, plan_bins, -1)
         image = transforms.resize_bicubic(example.image[None], self.image_size)[0]

@@ -31,10 +31,12 @@ from typing import Any, Protocol
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from pewm_jax.config import TRAIN_SECTIONS
 from pewm_jax.train.state import StateLayout, TrainState
@@ -266,6 +268,17 @@ class RunCheckpoints:
                 **{item: ocp.args.StandardRestore(abstract_params)}))[item]
         except Exception as e:
             raise self._unreadable(step, item, e) from e
+
+    def restore_module(self, step: int, abstract_module: nnx.Module, *,
+                       item: str = "params") -> nnx.Module:
+        """`abstract_module` (e.g. from `nnx.eval_shape`) with the parameters of item `item`
+        of checkpoint `step`, as arrays on the default device."""
+        graphdef, params = nnx.split(abstract_module, nnx.Param)
+        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+                              nnx.to_pure_dict(params))
+        nnx.replace_by_pure_dict(params, jax.tree.map(
+            jnp.asarray, self.restore_params(step, target, item=item)))
+        return nnx.merge(graphdef, params)
 
     def _check_structure(self, step: int, targets: Mapping[str, Any]) -> None:
         try:

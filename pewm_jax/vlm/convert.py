@@ -8,7 +8,7 @@
   abstract model, so at most one tensor is held twice.
 - `save_params` / `convert_checkpoint`: the params as an Orbax checkpoint (step 0, items
   `params` = `nnx.to_pure_dict` of the nnx.Param state and `config` = the HF config dict) that
-  `pewm_jax.train.checkpoint.find_checkpoint` + `RunCheckpoints.restore_params` read;
+  `pewm_jax.train.checkpoint.find_checkpoint` + `RunCheckpoints.restore_module` read;
   `restore_paligemma` loads it back.
 - `export_hf`: our params -> config.json + model.safetensors that
   `PaliGemmaForConditionalGeneration.from_pretrained` loads.
@@ -186,15 +186,13 @@ def convert_checkpoint(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, 
 def restore_paligemma(path: str | pathlib.Path, *, dtype: Any = jnp.float32,
                       param_dtype: Any = jnp.float32) -> PaliGemma:
     """A `PaliGemma` from an Orbax checkpoint `save_params` wrote (its newest step), through the
-    trainer's `find_checkpoint` / `restore_params`."""
+    trainer's `find_checkpoint` / `restore_module`."""
     checkpoints, step = find_checkpoint(path, model="planner")
-    spec = PaliGemmaSpec.from_hf_config(checkpoints.read_json(step, "config"))
-    graphdef, state = nnx.split(_abstract_model(spec, dtype, param_dtype))
-    abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                            nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state), nnx.Param)))
-    params = checkpoints.restore_params(step, abstract)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+    try:
+        spec = PaliGemmaSpec.from_hf_config(checkpoints.read_json(step, "config"))
+        return checkpoints.restore_module(step, _abstract_model(spec, dtype, param_dtype))
+    finally:
+        checkpoints.close()
 
 
 def export_hf(model: PaliGemma, config: dict[str, Any], out_dir: str | pathlib.Path

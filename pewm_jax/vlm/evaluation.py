@@ -22,8 +22,6 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tokenizers
@@ -92,14 +90,21 @@ def evaluate_planner(planner: Planner, dataset_dir: str | epath.PathLike, split:
     truths = [episode_plan(source[i]) for i in range(count)]
     plans: list[Plan | None] = []
     for first in range(0, count, batch_size):
-        chunk = truths[first:first + batch_size]
-        for row in planner.generate_ids(np.stack([t.image for t in chunk]),
-                                        [t.task for t in chunk]):
-            try:
-                plans.append(planner.parse(row))
-            except PlanParseError:  # ran out of tokens before <eos>: a miss, counted
-                plans.append(None)
+        plans += plan_episodes(planner, truths[first:first + batch_size])
     return score_plans(plans, truths, planner.image_size, split)
+
+
+def plan_episodes(planner: Planner, episodes: Sequence[EpisodePlan]) -> list[Plan | None]:
+    """Greedy constrained plans of `episodes` (one batch); None where the token budget ran out
+    before <eos> (the only output of constrained decoding that does not parse)."""
+    plans: list[Plan | None] = []
+    for row in planner.generate_ids(np.stack([e.image for e in episodes]),
+                                    [e.task for e in episodes]):
+        try:
+            plans.append(planner.parse(row))
+        except PlanParseError:
+            plans.append(None)
+    return plans
 
 
 def load_planner(path: str | epath.PathLike, *, use_ema: bool = True) -> Planner:
@@ -110,17 +115,13 @@ def load_planner(path: str | epath.PathLike, *, use_ema: bool = True) -> Planner
         config = ml_collections.ConfigDict(checkpoints.read_json(step, "config"))
         tokenizer = tokenizers.Tokenizer.from_str(
             json.dumps(checkpoints.read_json(step, "tokenizer")))
-        abstract_model = nnx.eval_shape(lambda: build_planner(
-            config, tokenizer.get_vocab_size(), nnx.Rngs(0)))
-        graphdef, abstract = nnx.split(abstract_model, nnx.Param)
-        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                              nnx.to_pure_dict(abstract))
-        params = checkpoints.restore_params(step, target,
-                                            item="ema_params" if use_ema else "params")
+        model = checkpoints.restore_module(
+            step, nnx.eval_shape(lambda: build_planner(config, tokenizer.get_vocab_size(),
+                                                       nnx.Rngs(0))),
+            item="ema_params" if use_ema else "params")
     finally:
         checkpoints.close()
-    nnx.replace_by_pure_dict(abstract, jax.tree.map(jnp.asarray, params))
-    return make_planner(nnx.merge(graphdef, abstract), tokenizer, config)
+    return make_planner(model, tokenizer, config)
 
 
 def scores_table(scores: Sequence[PlanScores]) -> str:
