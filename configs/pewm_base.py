@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The planner fine-tunes on the same mesh: its batch splits over the same data axes.
     config.planner.train.global_batch_size = global_batch_size
     config.planner.dtype = "bfloat16"
+    # So does the action decoder.
+    config.action_decoder.train.global_batch_size = global_batch_size
+    config.action_decoder.dtype = "bfloat16"
 
     config.mesh.data = data
     config.mesh.fsdp = fsdp

@@ -54,6 +54,11 @@ _MIX_STREAM = 0x313C
 _AUGMENT_STREAM = 0xA116
 
 
+def augment_rng(seed: int, p: int) -> np.random.Generator:
+    """The augmentation generator of global element `p`: a function of (seed, p) only."""
+    return np.random.default_rng([seed, _AUGMENT_STREAM, p])
+
+
 class CorruptRecordError(DatasetError):
     """A clip record could not be read or decoded."""
 
@@ -202,7 +207,7 @@ class _ClipTransform:
     def __call__(self, p: int, record: tuple[int, int]) -> dict[str, np.ndarray]:
         k, j = record
         example, skipped = self.reader.read(k, j)
-        rng = np.random.default_rng([self.seed, _AUGMENT_STREAM, p])
+        rng = augment_rng(self.seed, p)
         size = self.source_sizes[k]
         valid = bool(example["sgg_valid"])
         points = np.stack([example["start_xy"], example["goal_xy"]])
@@ -315,13 +320,17 @@ class ClipPipeline(OrderedPipeline):
     clip mixture, transforms, batching.
 
     `augment` defaults to config.data.augment on the train split and to False on the others;
-    process index and count default to this JAX process's.
+    `train` is the training section whose batch size it batches by (default config.train; the
+    action decoder's is config.action_decoder.train); process index and count default to this
+    JAX process's.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, split: str = "train", *,
-                 augment: bool | None = None, process_index: int | None = None,
-                 process_count: int | None = None, num_workers: int | None = None):
-        super().__init__(config, config.train, split, process_index, process_count, num_workers)
+                 augment: bool | None = None, train: ml_collections.ConfigDict | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_workers: int | None = None):
+        super().__init__(config, config.train if train is None else train, split,
+                         process_index, process_count, num_workers)
         data = config.data
         self.mixture = ClipMixture(mixture_entries(config), split)
         self.mixture.check_shapes(data.horizon, data.context_frames)
@@ -426,9 +435,10 @@ class ClipBatchIterator(grain.DatasetIterator):
 
 def make_iterator(config: ml_collections.ConfigDict, split: str = "train", *,
                   start_step: int = 0, augment: bool | None = None,
+                  train: ml_collections.ConfigDict | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   num_workers: int | None = None) -> ClipBatchIterator:
     """This process's batch iterator for `split` from `start_step` (see ClipPipeline)."""
-    return ClipPipeline(config, split, augment=augment, process_index=process_index,
-                        process_count=process_count, num_workers=num_workers
-                        ).iterator(start_step)
+    return ClipPipeline(config, split, augment=augment, train=train,
+                        process_index=process_index, process_count=process_count,
+                        num_workers=num_workers).iterator(start_step)

@@ -13,8 +13,17 @@ One example per stored expert episode (`tabletop.episode_source`):
     prefix_len   prompt_tokens: the prefix attended both ways with the image (prefix-LM)
 
 The order follows the data-order contract exactly as the clip pipeline does (`OrderedPipeline`:
-a pure function of seed and global step, checkpointable Grain iterator). No augmentation: the
-plan's points are exact pixels of the image.
+a pure function of seed and global step, checkpointable Grain iterator).
+
+Training examples (train split only; random draws seeded from (seed, element), like the clips'
+crops):
+- a share `config.planner.mid_task_fraction` starts at a random later primitive boundary of
+  its episode (that frame; the primitives left), which is what the closed-loop controller
+  replans from; the rest start at the first frame;
+- each is moved by a random whole-pixel translation of up to `config.planner.shift_px`, the
+  plan's points with it, kept inside the image: a small planner trained from scratch otherwise
+  recalls training scenes instead of finding things in the image.
+Other splits are neither: the first frame, unmoved.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from data_loaders import tokenizer as tokenizer_lib
 from data_loaders.batch_spec import PlanBatchSpec
 from data_loaders.clip_dataset import DatasetError
 from data_loaders.pipeline import (ELEMENT_KEY, SKIPPED_KEY, ClipBatchIterator, GlobalOrder,
-                                   OrderedPipeline, mixture_entries)
+                                   OrderedPipeline, augment_rng, mixture_entries)
 from data_loaders.tokenizer import LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, UNK
 from pewm_jax.sim.primitives import primitive_from_text
 from pewm_jax.vlm.plan import Plan, PlanStep, prompt_ids, target_ids
@@ -39,20 +48,23 @@ from pewm_jax.vlm.plan import Plan, PlanStep, prompt_ids, target_ids
 
 @dataclasses.dataclass(frozen=True)
 class EpisodePlan:
-    """What the planner sees and should say for one stored episode."""
+    """What the planner sees and should say at one primitive boundary of a stored episode."""
 
-    image: np.ndarray  # (N, N, 3) uint8: the first observation at its stored size
+    image: np.ndarray  # (N, N, 3) uint8: the observation there, at its stored size
     task: str  # the task's words
-    plan: Plan  # its primitives (canonical wording), points in pixels of the stored frame
+    plan: Plan  # the primitives left (canonical wording), points in pixels of the stored frame
 
 
-def episode_plan(record: dict) -> EpisodePlan:
-    """The first frame, task and expert plan of a stored RLDS episode (tabletop layout)."""
+def episode_plan(record: dict, segment: int = 0) -> EpisodePlan:
+    """The frame where primitive `segment` of a stored RLDS episode (tabletop layout) begins,
+    the task, and the expert's primitives from there on: segment 0 is the whole task from the
+    first frame; a later one is what a closed-loop controller replans from mid-task."""
     steps = record["steps"]
-    first = steps[0]
-    ids = np.array([steps[t]["primitive_id"] for t in range(len(steps))])
+    starts = tabletop.segment_starts(record)
+    if not 0 <= segment < len(starts):
+        raise IndexError(f"segment {segment} of an episode with {len(starts)} primitives")
     plan_steps = []
-    for start in np.flatnonzero(np.diff(ids, prepend=-1)):
+    for start in starts[segment:]:
         step = steps[int(start)]
         words = tabletop.decode_text(step["primitive_text"])
         try:
@@ -61,14 +73,22 @@ def episode_plan(record: dict) -> EpisodePlan:
             raise DatasetError(f"episode {record['episode_metadata']['seed']}: {e}") from None
         plan_steps.append(PlanStep(canonical, tuple(step["primitive_start_xy"]),
                                    tuple(step["primitive_goal_xy"])))
+    first = steps[int(starts[segment])]
     return EpisodePlan(np.asarray(first["observation"]["image"]),
-                       tabletop.decode_text(first["language_instruction"]), Plan(tuple(plan_steps)))
+                       tabletop.decode_text(steps[0]["language_instruction"]),
+                       Plan(tuple(plan_steps)))
 
 
-def scale_plan(plan: Plan, factor: float) -> Plan:
-    """`plan` with every point multiplied by `factor` (pixels of another image size)."""
-    return Plan(tuple(PlanStep(s.text, np.asarray(s.start_xy) * factor,
-                               np.asarray(s.goal_xy) * factor) for s in plan.steps))
+def scale_plan(plan: Plan, factor: float, offset: tuple[float, float] = (0.0, 0.0)) -> Plan:
+    """`plan` with every point multiplied by `factor` (pixels of another image size), then moved
+    by `offset` (pixels of that size)."""
+    move = lambda xy: np.asarray(xy) * factor + np.asarray(offset)  # noqa: E731
+    return Plan(tuple(PlanStep(s.text, move(s.start_xy), move(s.goal_xy)) for s in plan.steps))
+
+
+def plan_points(plan: Plan) -> np.ndarray:
+    """(2 * steps, 2): every start and goal point of `plan`."""
+    return np.array([xy for s in plan.steps for xy in (s.start_xy, s.goal_xy)], np.float64)
 
 
 def planner_tokenizer_path(config: ml_collections.ConfigDict) -> str:
@@ -93,10 +113,13 @@ class _PlanTransform:
     """(global element p, (0, episode index)) -> one planner example (PlanBatchSpec row)."""
 
     def __init__(self, dataset_dir: str, split: str, tokenizer_path: str, image_size: int,
-                 prompt_tokens: int, max_tokens: int):
+                 prompt_tokens: int, max_tokens: int, seed: int, augment: bool, shift_px: int,
+                 mid_task_fraction: float):
         self.dataset_dir, self.split, self.tokenizer_path = dataset_dir, split, tokenizer_path
         self.image_size, self.prompt_tokens, self.max_tokens = (image_size, prompt_tokens,
                                                                 max_tokens)
+        self.seed, self.augment, self.shift_px = seed, augment, shift_px
+        self.mid_task_fraction = mid_task_fraction
         self._source = self._tokenizer = self._location_base = None
 
     def __getstate__(self) -> dict:
@@ -112,14 +135,25 @@ class _PlanTransform:
     def __call__(self, p: int, record: tuple[int, int]) -> dict[str, np.ndarray]:
         if self._source is None:
             self._source = tabletop.episode_source(self.dataset_dir, self.split)
-        example = episode_plan(self._source[record[1]])
+        episode = self._source[record[1]]
+        rng = augment_rng(self.seed, p)
+        u_mid, u_segment = rng.uniform(size=2)  # drawn always: the stream ignores the data
+        later = len(tabletop.segment_starts(episode)) - 1  # boundaries after the first
+        segment = 0
+        if self.augment and later and u_mid < self.mid_task_fraction:
+            segment = 1 + int(u_segment * later)
+        example = episode_plan(episode, segment)
         tok = self.tokenizer()
         scale = self.image_size / example.image.shape[0]
         try:
             prompt = prompt_ids(tok, example.task, self.prompt_tokens)
         except ValueError as e:
             raise DatasetError(f"{self.split} episode {record[1]}: {e}") from None
-        plan = target_ids(tok, scale_plan(example.plan, scale), self.image_size)
+        dx, dy = 0, 0
+        if self.augment and self.shift_px:
+            dx, dy = transforms.random_shift(rng, self.image_size, self.shift_px,
+                                             plan_points(example.plan) * scale)
+        plan = target_ids(tok, scale_plan(example.plan, scale, (dx, dy)), self.image_size)
         if tok.token_to_id(UNK) in plan:
             unknown = [w for w in " ".join(s.text for s in example.plan.steps).split()
                        if tok.token_to_id(w) is None]
@@ -143,7 +177,8 @@ class _PlanTransform:
         plan_bins = np.asarray(plan) - self._location_base
         is_loc = (plan_bins >= 0) & (plan_bins < NUM_LOCATION_BINS)
         bins[len(prompt):len(ids)] = np.where(is_loc, plan_bins, -1)
-        image = transforms.resize_bicubic(example.image[None], self.image_size)[0]
+        image = transforms.shift_image(
+            transforms.resize_bicubic(example.image[None], self.image_size)[0], dx, dy)
         return {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins,
                 "prefix_len": np.asarray(len(prompt), np.int32),
                 SKIPPED_KEY: np.asarray(0, np.int32), ELEMENT_KEY: np.asarray(p, np.int64)}
@@ -176,7 +211,9 @@ class PlanPipeline(OrderedPipeline):
         tokenizer_path = planner_tokenizer_path(config)
         location_base(tokenizer_lib.load_tokenizer(tokenizer_path), tokenizer_path)  # fail here
         self.transform = _PlanTransform(dataset_dir, split, tokenizer_path, image_size,
-                                        config.planner.prompt_tokens, config.planner.max_tokens)
+                                        config.planner.prompt_tokens, config.planner.max_tokens,
+                                        self.seed, split == "train", config.planner.shift_px,
+                                        config.planner.mid_task_fraction)
 
 
 def make_plan_iterator(config: ml_collections.ConfigDict, image_size: int,

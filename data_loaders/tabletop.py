@@ -172,14 +172,20 @@ def episode_source(dataset_dir: str | pathlib.Path, split: str) -> Sequence[dict
     return builder.as_data_source(split=split)
 
 
+def segment_starts(record: dict) -> np.ndarray:
+    """The step at which each primitive of a stored RLDS episode begins (ascending)."""
+    steps = record["steps"]
+    ids = np.array([steps[t]["primitive_id"] for t in range(len(steps))])
+    return np.flatnonzero(np.diff(ids, prepend=-1))
+
+
 def episode_clips(record: dict, data: ml_collections.ConfigDict) -> list[Clip]:
     """The primitive clips of one stored RLDS episode (per-step primitive annotations)."""
     steps = record["steps"]
     steps = [steps[t] for t in range(len(steps))]
     frames = np.stack([s["observation"]["image"] for s in steps])
     actions = np.stack([s["action"] for s in steps[:-1]])
-    ids = np.array([s["primitive_id"] for s in steps])
-    starts = np.flatnonzero(np.diff(ids, prepend=-1))
+    starts = segment_starts(record)
     ends = np.append(starts[1:], len(steps) - 1)
     clips = []
     for start, end in zip(starts, ends):
@@ -189,7 +195,7 @@ def episode_clips(record: dict, data: ml_collections.ConfigDict) -> list[Clip]:
             context_frames=data.context_frames, gripper_dims=GRIPPER_DIMS,
             text=decode_text(first["primitive_text"]), start_xy=first["primitive_start_xy"],
             goal_xy=first["primitive_goal_xy"], sgg_valid=True,
-            episode_id=int(record["episode_metadata"]["seed"]), segment_index=int(ids[start])))
+            episode_id=int(record["episode_metadata"]["seed"]), segment_index=int(steps[start]["primitive_id"])))
     return clips
 
 

@@ -89,6 +89,31 @@ def resize_bicubic(images: np.ndarray, size: int) -> np.ndarray:
         Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC)) for img in images])
 
 
+def random_shift(rng: np.random.Generator, size: int, max_shift: int,
+                 points: np.ndarray) -> tuple[int, int]:
+    """A random whole-pixel translation (dx, dy), each in [-max_shift, max_shift], that keeps
+    `points` (M, 2), pixels of a size x size image, at least POINT_MARGIN_PX inside. Always
+    draws two uniforms, so the generator's stream does not depend on the data."""
+    u = rng.uniform(size=2)
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    lo = np.maximum(-max_shift, np.ceil(POINT_MARGIN_PX - pts.min(0)))
+    hi = np.minimum(max_shift, np.floor(size - POINT_MARGIN_PX - pts.max(0)))
+    hi = np.maximum(hi, lo)  # points already nearer the border than the margin: no room
+    dx, dy = np.floor(lo + (hi - lo + 1) * u).clip(lo, hi).astype(int)
+    return int(dx), int(dy)
+
+
+def shift_image(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    """(S, S, 3) -> the same image moved right by dx and down by dy pixels; the strip uncovered
+    repeats the border pixels (a tabletop continues past the frame)."""
+    s = max(abs(dx), abs(dy))
+    if s == 0:
+        return image
+    padded = np.pad(image, ((s, s), (s, s), (0, 0)), mode="edge")
+    h, w = image.shape[:2]
+    return padded[s - dy:s - dy + h, s - dx:s - dx + w]
+
+
 def color_jitter(frames: np.ndarray, rng: np.random.Generator, strength: float,
                  reference: np.ndarray) -> np.ndarray:
     """Random brightness and contrast (each a factor in [1 - strength, 1 + strength]).

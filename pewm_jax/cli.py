@@ -3,6 +3,7 @@
     pewm run     --config=configs/quickstart.py --workdir=runs/quickstart
     pewm data    --config=configs/quickstart.py --workdir=runs/quickstart --config.seed=3
     pewm train   --config=configs/quickstart.py --workdir=runs/quickstart --resume
+    pewm actions --config=configs/quickstart.py --workdir=runs/quickstart
     pewm planner --config=configs/quickstart.py --workdir=runs/quickstart
     pewm ingest  --config=configs/quickstart.py --workdir=runs/bridge \\
                  --spec=configs/rlds/bridge.py --source=/data/bridge_dataset/1.0.0
@@ -29,13 +30,16 @@ from pewm_jax import config as config_lib
 from pewm_jax.parallel import distributed
 
 JOBS: dict[str, str] = {
-    "run": "the main job: every stage in config.run.stages (preview, data, train, planner) into "
-           "--workdir",
+    "run": "the main job: every stage in config.run.stages (preview, data, train, actions, "
+           "planner) into --workdir",
     "preview": "run the world's task experts; write a GIF/PNG of episodes and expert statistics",
     "data": "generate the built-in world's dataset: RLDS episodes, primitive clips, statistics, "
             "tokenizer (into config.data.dataset_dir, default <workdir>/data)",
     "train": "train the world model on the run's dataset: sharded over the config's mesh, Orbax "
              "checkpoints in <workdir>/world_model, TensorBoard logs in <workdir>/tensorboard",
+    "actions": "train the action decoder (inverse dynamics) on the run's clips "
+               "(<workdir>/action_decoder), then score it beside the mean action on "
+               "config.action_decoder.eval_splits (<workdir>/actions_eval.json)",
     "planner": "fine-tune the planner VLM on the run's task decompositions (<workdir>/planner), "
                "then score its plans on config.planner.eval_splits (<workdir>/planner_eval.json)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
@@ -43,7 +47,7 @@ JOBS: dict[str, str] = {
 
 
 # Jobs that train (and may run on several processes); `run` trains through its stages.
-TRAINING_JOBS = ("run", "train", "planner")
+TRAINING_JOBS = ("run", "train", "actions", "planner")
 
 
 def _usage() -> str:
@@ -63,8 +67,8 @@ def _define_flags(job: str) -> None:
     required = ["config", "workdir"]
     if job in TRAINING_JOBS:
         flags.DEFINE_bool("resume", False, "Continue the newest committed checkpoint in "
-                          "<workdir>/world_model (planner: <workdir>/planner); start at step 0 "
-                          "if there is none.")
+                          "<workdir>/world_model (actions: <workdir>/action_decoder, planner: "
+                          "<workdir>/planner); start at step 0 if there is none.")
         flags.DEFINE_integer("resume_step", None, "Continue from this checkpoint step; newer "
                              "checkpoints are moved aside to <workdir>/superseded, not deleted.")
         flags.DEFINE_string("init_from", None, "Start from the parameters of another run (its "
@@ -163,7 +167,7 @@ def _ingest_job(config, workdir: pathlib.Path) -> None:
 
 
 def _train(config: ml_collections.ConfigDict, model: str, init_from: str | None):
-    """Trains `model` ('world_model' or 'planner'); exits 2 on bad input, 3 on divergence."""
+    """Trains `model` (a `kinds.KINDS` name); exits 2 on bad input, 3 on divergence."""
     from data_loaders.clip_dataset import DatasetError
     from pewm_jax.train import checkpoint, kinds, loop
 
@@ -219,6 +223,38 @@ def _planner_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     return True
 
 
+def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   job: str) -> bool:
+    """Trains the action decoder, then scores it beside the mean action on
+    config.action_decoder.eval_splits (one process, as for the planner)."""
+    import json
+
+    import jax
+
+    from data_loaders.clip_dataset import DatasetError
+    from pewm_jax.evaluate import actions as actions_eval
+
+    result = _train(config, "action_decoder", flags.FLAGS.init_from if job == "actions" else None)
+    if result.status == "preempted":
+        return False
+    if jax.process_count() > 1:
+        print("[actions] evaluation runs on one process: run `pewm actions` with the same "
+              "config on one host (it reuses the finished run)")
+        return True
+    model, trained, _ = actions_eval.load_action_decoder(result.checkpoint_dir)
+    scores = []
+    for split in config.action_decoder.eval_splits:
+        try:
+            scores.append(actions_eval.evaluate_action_decoder(model, trained, split))
+        except DatasetError as e:
+            print(f"[actions] not scoring {split!r}: {e}")
+    print(actions_eval.scores_table(scores))
+    report = workdir / "actions_eval.json"
+    report.write_text(json.dumps([dataclasses.asdict(s) for s in scores], indent=1))
+    print(f"[actions] scores written to {report}")
+    return True
+
+
 def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
                job: str) -> bool:
     """Runs one stage; with several processes only training runs on all of them, the other
@@ -226,7 +262,7 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.P
     import jax
     from jax.experimental import multihost_utils
 
-    if stage in ("train", "planner") or jax.process_count() == 1:
+    if stage in ("train", "actions", "planner") or jax.process_count() == 1:
         return _STAGES[stage](config, workdir, job) is not False
     if jax.process_index() == 0:
         _STAGES[stage](config, workdir, job)
@@ -235,7 +271,7 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.P
 
 
 _STAGES = {"preview": _preview_stage, "data": _data_stage, "train": _train_stage,
-           "planner": _planner_stage}
+           "actions": _actions_stage, "planner": _planner_stage}
 
 
 def _job(job: str, overrides: list[str]):

@@ -32,7 +32,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis names models put on params and activations; every one needs a rule.
 LOGICAL_AXES = ("batch", "frames", "tokens", "embed", "heads", "mlp", "vocab", "kv")
 # The stages a `pewm run` can execute, in pipeline order.
-RUN_STAGES = ("preview", "data", "train", "planner", "eval", "export")
+RUN_STAGES = ("preview", "data", "train", "actions", "planner", "eval", "export")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 SAMPLERS = ("euler", "heun")
@@ -84,6 +84,10 @@ _POSITIVE = (
     "planner.kv_heads",
     "planner.max_tokens",
     "planner.prompt_tokens",
+    "action_decoder.patch_size",
+    "action_decoder.width",
+    "action_decoder.depth",
+    "action_decoder.num_heads",
     "planner.max_steps",
     "planner.max_words",
     "run.preview_episodes",
@@ -106,6 +110,7 @@ _NON_NEGATIVE = (
     "eval.seed",
     "planner.location_sigma_px",
     "planner.location_input_noise_px",
+    "planner.shift_px",
 )
 _CHOICES = {
     "model.text_encoder": ("trainable", "siglip"),
@@ -115,9 +120,11 @@ _CHOICES = {
     "diffusion.sampler": SAMPLERS,
     "planner.dtype": DTYPES,
     "planner.param_dtype": DTYPES,
+    "action_decoder.dtype": DTYPES,
+    "action_decoder.param_dtype": DTYPES,
 }
 # Sections with the `train_defaults` keys; checks of 'train.*' keys apply to each of them.
-TRAIN_SECTIONS = ("train", "planner.train")
+TRAIN_SECTIONS = ("train", "planner.train", "action_decoder.train")
 # (key, low, low inclusive, high, high inclusive)
 _INTERVALS = (
     ("data.crop_scale_min", 0.0, False, 1.0, True),
@@ -126,6 +133,7 @@ _INTERVALS = (
     ("train.ema_decay", 0.0, True, 1.0, False),
     ("train.final_lr_fraction", 0.0, True, 1.0, True),
     ("train.adam_b2", 0.0, True, 1.0, False),
+    ("planner.mid_task_fraction", 0.0, True, 1.0, True),
 )
 
 
@@ -248,6 +256,12 @@ def default_config() -> ml_collections.ConfigDict:
     # this standard deviation (pixels), so the planner looks at the image instead of recalling
     # a training scene from exact earlier points; 0: no noise.
     c.planner.location_input_noise_px = 1.0
+    # Training images move by a random translation of up to this many pixels (the plan's points
+    # with them), so a planner trained from scratch learns to find things; 0: no augmentation.
+    c.planner.shift_px = 6
+    # This share of training examples starts at a later primitive boundary of its episode (the
+    # primitives left), so the planner can replan mid-task in closed loop; 0: first frames only.
+    c.planner.mid_task_fraction = 0.0
     c.planner.max_steps = 8  # most primitives in a plan (the plan grammar)
     c.planner.max_words = 16  # most words in one primitive's text (the plan grammar)
     c.planner.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
@@ -263,6 +277,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.planner.train.sample_every = 500
     # Splits `pewm planner` evaluates after training (exact match, point error in pixels).
     c.planner.eval_splits = ("test", "holdout_composition", "holdout_primitive")
+
+    # The action decoder (pewm_jax/models/action_decoder.py): inverse dynamics from two
+    # consecutive clip frames to the action between them; `pewm actions` trains it into
+    # <workdir>/action_decoder and scores it on held-out clips.
+    c.action_decoder = ml_collections.ConfigDict()
+    c.action_decoder.patch_size = 8  # patch side in pixels of a frame pair (divides world.image_size)
+    c.action_decoder.width = 128
+    c.action_decoder.depth = 2  # transformer blocks
+    c.action_decoder.num_heads = 4  # attention heads (divide width)
+    c.action_decoder.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    c.action_decoder.param_dtype = "float32"  # stored parameter dtype
+    c.action_decoder.train = train_defaults()  # its optimisation, checkpoints and logging
+    c.action_decoder.train.steps = 2000
+    c.action_decoder.train.learning_rate = 1e-3
+    c.action_decoder.train.warmup_steps = 100
+    c.action_decoder.train.weight_decay = 1e-4
+    c.action_decoder.train.ema_decay = 0.99
+    c.action_decoder.train.checkpoint_every = 500
+    c.action_decoder.train.sample_every = 500
+    c.action_decoder.train.sample_clips = 0  # no previews: its validation error is logged
+    # Splits `pewm actions` scores after training (error beside the mean-action baseline).
+    c.action_decoder.eval_splits = ("test", "holdout_composition")
 
     c.mesh = ml_collections.ConfigDict()  # device mesh; one axis may be -1 = fill from device count
     c.mesh.data = -1  # data-parallel axis size
@@ -350,6 +386,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_world(config)
     _check_model(config)
     _check_planner(config)
+    _check_action_decoder(config)
     for section in TRAIN_SECTIONS:
         _check_mesh_and_batch(config, num_devices, section)
         _check_frozen(_get(config, section).frozen, section)
@@ -573,6 +610,21 @@ def _check_planner(config: ml_collections.ConfigDict) -> None:
     if 4 % p.kv_heads:
         raise _error("planner.kv_heads", p.kv_heads, "does not divide the planner's 4 heads",
                      "use 1, 2 or 4")
+
+
+def _check_action_decoder(config: ml_collections.ConfigDict) -> None:
+    a = config.action_decoder
+    if config.world.image_size % a.patch_size:
+        raise _error("action_decoder.patch_size", a.patch_size,
+                     f"does not divide config.world.image_size = {config.world.image_size}",
+                     "use a divisor of the image size")
+    if a.width % a.num_heads or (a.width // a.num_heads) % 2:
+        raise _error("action_decoder.width", a.width,
+                     f"is not an even multiple of action_decoder.num_heads = {a.num_heads}",
+                     "make width / num_heads an even integer")
+    if a.width % 4:
+        raise _error("action_decoder.width", a.width, "is not a multiple of 4 (its 2-D "
+                     "position encodings)", "use a multiple of 4")
 
 
 def _mesh_dims(config: ml_collections.ConfigDict) -> dict[str, int]:

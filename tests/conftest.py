@@ -3,8 +3,11 @@
 import os
 import tempfile
 
+# A long run on 8 fake devices sharing 2 cores can leave one device thread more than XLA's
+# default collective timeout behind the others, and XLA then aborts the process: allow 30 min.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=1800").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for this session and the processes its tests start, so a
 # subprocess resuming a run does not compile the same train step again.

@@ -42,7 +42,10 @@ def test_bad_config_stops_with_one_message(tmp_path, override, message):
 
 def test_main_job_writes_pictures_expert_statistics_data_and_trained_models(tmp_path):
     train = [*TINY_TRAIN, "train.steps=2", "train.checkpoint_every=2", *TINY_PLANNER,
-             "planner.train.steps=2", "run.stages=('preview','data','train','planner')"]
+             "planner.train.steps=2", "action_decoder.width=32", "action_decoder.depth=1",
+             "action_decoder.num_heads=2", "action_decoder.train.steps=2",
+             "action_decoder.train.global_batch_size=8",
+             "run.stages=('preview','data','train','actions','planner')"]
     out = pewm("run", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
                "--config.run.preview_episodes=2", "--config.run.preview_episodes_per_template=2",
                "--config.run.preview_scenes_per_primitive=10",
@@ -61,6 +64,13 @@ def test_main_job_writes_pictures_expert_statistics_data_and_trained_models(tmp_
     assert [s["split"] for s in scores] == ["test", "holdout_composition", "holdout_primitive"]
     assert all(0.0 <= s["exact_match"] <= 1.0 and s["episodes"] == 3 for s in scores)
     assert "exact match" in out.stdout
+    # actions: the action decoder beside them, scored beside the mean action
+    assert (tmp_path / "action_decoder" / "2" / "ema_params").is_dir()
+    scores = json.loads((tmp_path / "actions_eval.json").read_text())
+    assert [s["split"] for s in scores] == ["test", "holdout_composition"]
+    assert all(s["mse"] >= 0 and s["mean_action_mse"] > 0 and s["transitions"] > 0
+               for s in scores)
+    assert "mean-action mse" in out.stdout
     summary = json.loads((tmp_path / "preview" / "summary.json").read_text())
     assert len(summary["episodes"]) == 2
     assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place", "push"}

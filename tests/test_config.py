@@ -161,8 +161,8 @@ def test_unknown_key_without_close_match_lists_the_group():
 
 def test_unknown_key_found_in_another_group():
     config = default_config()
-    config.train.patch_size = 4
-    assert "did you mean config.model.patch_size?" in _raises(config, "train.patch_size")
+    config.train.horizon = 4
+    assert "did you mean config.data.horizon?" in _raises(config, "train.horizon")
 
 
 def test_missing_key():

@@ -10,10 +10,11 @@ import pytest
 from conftest import K, TINY_DATA, TINY_PLANNER, tiny_config
 from flax import nnx
 
-from data_loaders import tabletop
+from data_loaders import tabletop, transforms
 from data_loaders.clip_dataset import DatasetError
 from data_loaders.plan_pipeline import (EpisodePlan, PlanPipeline, episode_plan,
-                                        make_plan_iterator)
+                                        make_plan_iterator, plan_points)
+from data_loaders.transforms import resize_bicubic
 from data_loaders.tokenizer import NUM_LOCATION_BINS, UNK, load_tokenizer
 from pewm_jax.sim.primitives import all_primitives, primitive_from_text
 from pewm_jax.train import checkpoint as ckpt_lib
@@ -49,13 +50,13 @@ def test_every_wording_of_every_primitive_reads_back():
 
 
 def test_plan_batches_follow_the_spec_and_hold_the_expert_plan(tabletop_dataset):
+    """Unaugmented splits: the first frame and the whole expert plan, scaled to the planner."""
     config = planner_config(tabletop_dataset)
-    pipe = PlanPipeline(config, IMAGE, "train", process_index=0, process_count=1)
+    pipe = PlanPipeline(config, IMAGE, "test", process_index=0, process_count=1)
     batch = next(pipe.iterator(0))
     pipe.spec.check(batch)
     tok = load_tokenizer(tabletop_dataset / "tokenizer.json")
-    source = tabletop.episode_source(tabletop_dataset, "train")
-    half_bin = 0.5 * IMAGE / NUM_LOCATION_BINS
+    source = tabletop.episode_source(tabletop_dataset, "test")
     for row, p in enumerate(pipe.element_indices(0)):
         record = source[pipe.order[int(p)][1]]
         truth = episode_plan(record)
@@ -72,12 +73,62 @@ def test_plan_batches_follow_the_spec_and_hold_the_expert_plan(tabletop_dataset)
         # The plan names the episode's primitives in their canonical words (stored words may
         # be paraphrases), with the expert's points scaled to the planner's image.
         assert [s.text for s in plan.steps] == [primitive_from_text(w).text() for w in stored]
-        scale = IMAGE / truth.image.shape[0]
-        for mine, theirs in zip(plan.steps, truth.plan.steps, strict=True):
-            assert np.abs(np.subtract(mine.start_xy, np.multiply(theirs.start_xy, scale))
-                          ).max() <= half_bin + 1e-4
-            assert np.abs(np.subtract(mine.goal_xy, np.multiply(theirs.goal_xy, scale))
-                          ).max() <= half_bin + 1e-4
+        assert _offset(plan, truth, IMAGE / truth.image.shape[0]) == (0, 0)
+        np.testing.assert_array_equal(batch["image"][row],
+                                      resize_bicubic(truth.image[None], IMAGE)[0])
+
+
+def _offset(plan: Plan, truth: EpisodePlan, scale: float) -> tuple[int, int]:
+    """The whole-pixel translation taking `truth`'s scaled points to `plan`'s (each point to
+    within the location bins' rounding), asserting there is one."""
+    ours, theirs = plan_points(plan), plan_points(truth.plan) * scale
+    assert ours.shape == theirs.shape and [s.text for s in plan.steps] == [
+        s.text for s in truth.plan.steps]
+    dx, dy = np.rint(np.median(ours - theirs, axis=0)).astype(int)
+    assert np.abs(ours - theirs - (dx, dy)).max() <= 0.5 * IMAGE / NUM_LOCATION_BINS + 1e-4
+    return int(dx), int(dy)
+
+
+def test_training_examples_start_mid_task_and_move_with_their_points(tabletop_dataset):
+    """Train split: some examples start at a later primitive boundary with the primitives
+    left; each image is translated by at most planner.shift_px with its plan's points."""
+    config = planner_config(tabletop_dataset, "planner.mid_task_fraction=0.5",
+                            "planner.shift_px=3")
+    pipe = PlanPipeline(config, IMAGE, "train", process_index=0, process_count=1)
+    tok = load_tokenizer(tabletop_dataset / "tokenizer.json")
+    source = tabletop.episode_source(tabletop_dataset, "train")
+    segments, offsets = [], []
+    iterator = pipe.iterator(0)
+    for step in range(3):
+        batch = next(iterator)
+        for row, p in enumerate(pipe.element_indices(step)):
+            record = source[pipe.order[int(p)][1]]
+            plan = parse_plan(batch["tokens"][row][batch["target_mask"][row]], IMAGE, tok)
+            segment = len(tabletop.segment_starts(record)) - len(plan.steps)
+            truth = episode_plan(record, segment)
+            if segment:  # the frame where that primitive begins, not the first one
+                assert not np.array_equal(truth.image, episode_plan(record).image)
+            dx, dy = _offset(plan, truth, IMAGE / truth.image.shape[0])
+            assert max(abs(dx), abs(dy)) <= 3
+            assert plan_points(plan).min() >= 0 and plan_points(plan).max() <= IMAGE
+            np.testing.assert_array_equal(batch["image"][row], transforms.shift_image(
+                resize_bicubic(truth.image[None], IMAGE)[0], dx, dy))
+            segments.append(segment)
+            offsets.append((dx, dy))
+    assert 0 in segments and any(segments) and any(o != (0, 0) for o in offsets)
+
+
+def test_shifted_images_keep_their_size_and_repeat_the_border():
+    image = np.arange(5 * 5 * 3, dtype=np.uint8).reshape(5, 5, 3)
+    moved = transforms.shift_image(image, 1, -2)  # right 1, up 2
+    np.testing.assert_array_equal(moved[:3, 1:], image[2:, :4])
+    np.testing.assert_array_equal(moved[3:, 1:], np.repeat(image[4:, :4], 2, axis=0))
+    np.testing.assert_array_equal(moved[:3, 0], image[2:, 0])
+    rng = np.random.default_rng(0)
+    points = np.array([[2.0, 30.0], [20.0, 31.0]])  # 1 px of margin: dx >= -1, dy <= 0
+    shifts = np.array([transforms.random_shift(rng, 32, 4, points) for _ in range(200)])
+    assert shifts[:, 0].min() == -1 and shifts[:, 0].max() == 4
+    assert shifts[:, 1].min() == -4 and shifts[:, 1].max() == 0
 
 
 def test_plan_data_order_is_a_pure_function_of_the_step(tabletop_dataset):

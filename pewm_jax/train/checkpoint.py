@@ -31,7 +31,6 @@ from typing import Any, Protocol
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -274,10 +273,11 @@ class RunCheckpoints:
         """`abstract_module` (e.g. from `nnx.eval_shape`) with the parameters of item `item`
         of checkpoint `step`, as arrays on the default device."""
         graphdef, params = nnx.split(abstract_module, nnx.Param)
-        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
+        # An explicit target sharding: without one Orbax would restore onto the saved mesh.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device),
                               nnx.to_pure_dict(params))
-        nnx.replace_by_pure_dict(params, jax.tree.map(
-            jnp.asarray, self.restore_params(step, target, item=item)))
+        nnx.replace_by_pure_dict(params, self.restore_params(step, target, item=item))
         return nnx.merge(graphdef, params)
 
     def _check_structure(self, step: int, targets: Mapping[str, Any]) -> None:

@@ -1,16 +1,18 @@
 """What the trainer trains: one `ModelKind` per model of the run directory.
 
 The train state, step, checkpoints and loop (`state`, `checkpoint`, `loop`) are shared; a kind
-says what differs between the world model and the planner:
+says what differs between the world model, the planner and the action decoder:
 
     name          its directory in the run (DESIGN.md "Run directory") and TensorBoard run
-    section       where its training settings live: config.train, config.planner.train
+    section       where its training settings live: config.train, config.planner.train,
+                  config.action_decoder.train
     unrelated     config keys it does not depend on (they may change when it resumes)
     build, loss   the randomly initialised nnx module; (module, batch, rng, config) ->
                   (loss, metrics holding 'loss')
     iterator      its Grain input pipeline (data-order contract) at a global step
     previews      what it shows in TensorBoard every sample_every steps: sampled clips beside
-                  the truth (world model), decoded plans beside the truth (planner)
+                  the truth (world model), decoded plans beside the truth (planner), the
+                  validation action error beside the mean action's (action decoder)
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from flax import nnx
 from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop
 from data_loaders import tokenizer as tokenizer_lib
 from pewm_jax.diffusion import loss_fn, sample_from_config
-from pewm_jax.models import WorldModel
+from pewm_jax.evaluate import actions as actions_eval
+from pewm_jax.models import WorldModel, action_decoder
 from pewm_jax.models.flops import world_model_flops
 from pewm_jax.models.text_encoder import (SiglipTextEncoder, load_siglip_text_encoder,
                                           make_text_encoder, read_siglip_text_spec)
@@ -39,6 +42,28 @@ from pewm_jax.train.state import StateLayout, TrainState, copy_tree
 from pewm_jax.vlm import evaluation, finetune
 
 Previews = Callable[[int, TrainState, metrics_lib.MetricWriter], None]
+
+
+def clip_tokenizer_path(config: ml_collections.ConfigDict) -> str:
+    """config.data.tokenizer, else the (first) clip dataset's own tokenizer."""
+    return config.data.tokenizer or str(epath.Path(pipeline.mixture_entries(config)[0][0])
+                                        / clip_dataset.TOKENIZER_FILE)
+
+
+def _validation_clips(config: ml_collections.ConfigDict, count: int
+                      ) -> tuple[pipeline.ClipPipeline, dict[str, np.ndarray]] | None:
+    """The validation pipeline and its first `count` clips (unaugmented) as one batch, for
+    previews; None when count is 0 or there are no validation clips (logged)."""
+    if not count:
+        return None
+    try:
+        val = pipeline.ClipPipeline(config, "validation", augment=False, process_index=0,
+                                    process_count=1)
+    except clip_dataset.DatasetError as e:
+        log(f"[train] no validation clips to preview ({e}); previews are off")
+        return None
+    examples = [val.element(p) for p in range(count)]
+    return val, {k: np.stack([c[k] for c in examples]) for k in examples[0]}
 
 
 class ModelKind(abc.ABC):
@@ -100,7 +125,7 @@ class WorldModelKind(ModelKind):
     model")."""
 
     name, section = "world_model", "train"
-    unrelated = ("planner.",)
+    unrelated = ("planner.", "action_decoder.")
 
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
         return config.model.dtype
@@ -138,8 +163,7 @@ class WorldModelKind(ModelKind):
         return state.replace(params=params, ema_params=ema)
 
     def tokenizer_path(self, config: ml_collections.ConfigDict) -> str:
-        return config.data.tokenizer or str(epath.Path(pipeline.mixture_entries(config)[0][0])
-                                            / clip_dataset.TOKENIZER_FILE)
+        return clip_tokenizer_path(config)
 
     def iterator(self, config, vocab_size, split, start_step):
         return pipeline.make_iterator(config, split, start_step=start_step)
@@ -150,17 +174,10 @@ class WorldModelKind(ModelKind):
     def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
                  ) -> Previews | None:
         """EMA-weight samples of the first sample_clips validation clips beside the truth."""
-        count = config.train.sample_clips
-        if not count:
+        val = _validation_clips(config, config.train.sample_clips)
+        if val is None:
             return None
-        try:
-            val = pipeline.ClipPipeline(config, "validation", augment=False, process_index=0,
-                                        process_count=1)
-        except clip_dataset.DatasetError as e:
-            log(f"[train] no validation clips to sample ({e}); sampled previews are off")
-            return None
-        examples = [val.element(p) for p in range(count)]
-        batch = {k: np.stack([c[k] for c in examples]) for k in examples[0]}
+        _, batch = val
         repl = mesh_lib.replicated(layout.mesh)
         clips = {k: jax.make_array_from_process_local_data(repl, v) for k, v in batch.items()}
         graphdef = layout.graphdef
@@ -189,9 +206,9 @@ class PlannerKind(ModelKind):
     planner")."""
 
     name, section = "planner", "planner.train"
-    unrelated = ("model.", "diffusion.", "train.", "data.augment", "data.crop_scale_min",
-                 "data.color_jitter", "data.max_text_tokens", "data.skip_corrupt",
-                 "data.tokenizer")
+    unrelated = ("model.", "diffusion.", "train.", "action_decoder.", "data.augment",
+                 "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens",
+                 "data.skip_corrupt", "data.tokenizer")
 
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
         return config.planner.dtype
@@ -250,7 +267,73 @@ class PlannerKind(ModelKind):
         return draw
 
 
+class ActionDecoderKind(ModelKind):
+    """The action decoder: inverse dynamics on the clips' frame pairs (DESIGN.md "Clip"),
+    trained without augmentation (a crop would rescale the motion its labels measure)."""
+
+    name, section = "action_decoder", "action_decoder.train"
+    unrelated = ("model.", "diffusion.", "train.", "planner.", "data.augment",
+                 "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens")
+
+    def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
+        return config.action_decoder.dtype
+
+    def build(self, config, vocab_size, rngs):
+        return action_decoder.build_action_decoder(config, _action_dim(config), rngs)
+
+    def loss(self, model, batch, rng, config):
+        return action_decoder.action_loss(model, batch, rng, config)
+
+    def tokenizer_path(self, config: ml_collections.ConfigDict) -> str:
+        return clip_tokenizer_path(config)
+
+    def iterator(self, config, vocab_size, split, start_step):
+        return pipeline.make_iterator(config, split, start_step=start_step, augment=False,
+                                      train=config.action_decoder.train)
+
+    def flops_per_step(self, config, vocab_size):
+        return action_decoder.action_decoder_flops(
+            action_decoder.ActionDecoderSpec.from_config(config, _action_dim(config)),
+            config.action_decoder.train.global_batch_size, config.data.horizon)
+
+    def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
+                 ) -> Previews | None:
+        """The EMA model's action error on the first sample_clips validation clips, beside
+        the mean action's (scalars)."""
+        val = _validation_clips(config, config.action_decoder.train.sample_clips)
+        if val is None:
+            return None
+        clip_pipeline, batch = val
+        baseline = actions_eval.mean_action_mse(batch, clip_pipeline.mixture.stats)
+        repl = mesh_lib.replicated(layout.mesh)
+        clips = {k: jax.make_array_from_process_local_data(repl, batch[k])
+                 for k in ("context", "frames", "actions", "action_mask")}
+        graphdef = layout.graphdef
+
+        def run(ema_params, clips):
+            model = nnx.merge(graphdef, ema_params)
+            return action_decoder.masked_mse(model(clips["context"], clips["frames"]),
+                                             clips["actions"], clips["action_mask"])
+
+        error = jax.jit(run, in_shardings=(layout.shardings.ema_params, None),
+                        out_shardings=repl)
+
+        def draw(step: int, state: TrainState, writer: metrics_lib.MetricWriter) -> None:
+            with mesh_lib.activate(layout.mesh, layout.rules):
+                mse = float(metrics_lib.host_value(error(state.ema_params, clips)))
+            writer.scalars(step, {"val_action_mse": mse, "val_mean_action_mse": baseline})
+
+        return draw
+
+
+def _action_dim(config: ml_collections.ConfigDict) -> int:
+    """The largest action size of the clip mixture's datasets (what actions are padded to)."""
+    return pipeline.ClipMixture(pipeline.mixture_entries(config), "train").action_dim
+
+
 WORLD_MODEL = WorldModelKind()
 PLANNER = PlannerKind()
-KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (WORLD_MODEL, PLANNER)}
+ACTION_DECODER = ActionDecoderKind()
+KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (WORLD_MODEL, PLANNER,
+                                                            ACTION_DECODER)}
 
