@@ -138,10 +138,10 @@ class _PlanTransform:
         episode = self._source[record[1]]
         rng = augment_rng(self.seed, p)
         u_mid, u_segment = rng.uniform(size=2)  # drawn always: the stream ignores the data
-        later = len(tabletop.segment_starts(episode)) - 1  # boundaries after the first
         segment = 0
-        if self.augment and later and u_mid < self.mid_task_fraction:
-            segment = 1 + int(u_segment * later)
+        if self.augment and u_mid < self.mid_task_fraction:
+            later = len(tabletop.segment_starts(episode)) - 1  # boundaries after the first
+            segment = 1 + int(u_segment * later) if later else 0
         example = episode_plan(episode, segment)
         tok = self.tokenizer()
         scale = self.image_size / example.image.shape[0]

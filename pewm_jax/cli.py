@@ -21,6 +21,8 @@ import dataclasses
 import logging
 import pathlib
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ml_collections
 from absl import app, flags
@@ -190,69 +192,69 @@ def _train_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     return _train(config, "world_model", flags.FLAGS.init_from).status != "preempted"
 
 
-def _planner_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                   job: str) -> bool:
-    """Fine-tunes the planner, then scores it on config.planner.eval_splits (one process:
-    several evaluate with `pewm planner` on one host, which reuses the finished run)."""
+def _train_and_score(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: str, *,
+                     stage: str, model: str, splits: Sequence[str],
+                     scorer: Callable[[pathlib.Path], Callable[[str], Any]],
+                     table: Callable[[list], str]) -> bool:
+    """Trains `model` (with --init_from when the job is this `stage`), then scores it on
+    `splits` with `scorer(checkpoint_dir)(split)`, prints `table` and writes
+    <workdir>/<stage>_eval.json. Scoring runs on one process: several processes score with
+    `pewm <stage>` on one host, which reuses the finished run. False when preempted."""
     import json
 
     import jax
 
     from data_loaders.clip_dataset import DatasetError
-    from pewm_jax.vlm import evaluation
 
-    result = _train(config, "planner", flags.FLAGS.init_from if job == "planner" else None)
+    result = _train(config, model, flags.FLAGS.init_from if job == stage else None)
     if result.status == "preempted":
         return False
     if jax.process_count() > 1:
-        print("[planner] evaluation runs on one process: run `pewm planner` with the same "
+        print(f"[{stage}] evaluation runs on one process: run `pewm {stage}` with the same "
               "config on one host (it reuses the finished run)")
         return True
-    planner = evaluation.load_planner(result.checkpoint_dir)
+    score = scorer(result.checkpoint_dir)
     scores = []
-    for split in config.planner.eval_splits:
+    for split in splits:
         try:
-            scores.append(evaluation.evaluate_planner(planner, dataset_dir(config, workdir),
-                                                      split))
+            scores.append(score(split))
         except DatasetError as e:
-            print(f"[planner] not scoring {split!r}: {e}")
-    print(evaluation.scores_table(scores))
-    report = workdir / "planner_eval.json"
+            print(f"[{stage}] not scoring {split!r}: {e}")
+    print(table(scores))
+    report = workdir / f"{stage}_eval.json"
     report.write_text(json.dumps([dataclasses.asdict(s) for s in scores], indent=1))
-    print(f"[planner] scores written to {report}")
+    print(f"[{stage}] scores written to {report}")
     return True
+
+
+def _planner_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   job: str) -> bool:
+    """Fine-tunes the planner, then scores its plans on config.planner.eval_splits."""
+    from pewm_jax.vlm import evaluation
+
+    def scorer(checkpoint_dir: pathlib.Path) -> Callable[[str], Any]:
+        planner = evaluation.load_planner(checkpoint_dir)
+        return lambda split: evaluation.evaluate_planner(planner, dataset_dir(config, workdir),
+                                                         split)
+
+    return _train_and_score(config, workdir, job, stage="planner", model="planner",
+                            splits=config.planner.eval_splits, scorer=scorer,
+                            table=evaluation.scores_table)
 
 
 def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                    job: str) -> bool:
     """Trains the action decoder, then scores it beside the mean action on
-    config.action_decoder.eval_splits (one process, as for the planner)."""
-    import json
-
-    import jax
-
-    from data_loaders.clip_dataset import DatasetError
+    config.action_decoder.eval_splits."""
     from pewm_jax.evaluate import actions as actions_eval
 
-    result = _train(config, "action_decoder", flags.FLAGS.init_from if job == "actions" else None)
-    if result.status == "preempted":
-        return False
-    if jax.process_count() > 1:
-        print("[actions] evaluation runs on one process: run `pewm actions` with the same "
-              "config on one host (it reuses the finished run)")
-        return True
-    model, trained, _ = actions_eval.load_action_decoder(result.checkpoint_dir)
-    scores = []
-    for split in config.action_decoder.eval_splits:
-        try:
-            scores.append(actions_eval.evaluate_action_decoder(model, trained, split))
-        except DatasetError as e:
-            print(f"[actions] not scoring {split!r}: {e}")
-    print(actions_eval.scores_table(scores))
-    report = workdir / "actions_eval.json"
-    report.write_text(json.dumps([dataclasses.asdict(s) for s in scores], indent=1))
-    print(f"[actions] scores written to {report}")
-    return True
+    def scorer(checkpoint_dir: pathlib.Path) -> Callable[[str], Any]:
+        model, trained, _ = actions_eval.load_action_decoder(checkpoint_dir)
+        return lambda split: actions_eval.evaluate_action_decoder(model, trained, split)
+
+    return _train_and_score(config, workdir, job, stage="actions", model="action_decoder",
+                            splits=config.action_decoder.eval_splits, scorer=scorer,
+                            table=actions_eval.scores_table)
 
 
 def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
