@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.6,<1",
     "einops>=0.8,<1",
     "tqdm>=4.66,<5",
+    "dm-pix>=0.4.5,<0.5",  # PSNR / SSIM of sampled clips (evaluation)
     "flatbuffers>=24,<27",
     "importlib_resources>=6,<7",  # tensorflow-datasets needs it for builders defined in packages
 ]

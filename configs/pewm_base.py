@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.remat = remat
 
     config.diffusion.sgg_sigma_px = 8.0  # 2 px at 64x64, scaled to 256x256
+    config.whole_task.horizon = 32  # the whole-task baseline: 32 frames x 2 steps = 64 steps
 
     config.train.steps = 200_000
     config.train.global_batch_size = global_batch_size

@@ -2,8 +2,10 @@
 
 For trying the whole pipeline end to end, not for quality. Used by:
     pewm run --config=configs/quickstart.py --workdir=runs/quickstart
+    pewm whole_task --config=configs/quickstart.py --workdir=runs/quickstart
     pewm actions --config=configs/quickstart.py --workdir=runs/quickstart
     pewm planner --config=configs/quickstart.py --workdir=runs/quickstart
+    pewm eval --config=configs/quickstart.py --workdir=runs/quickstart
 """
 
 import ml_collections
@@ -51,5 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.planner.train.checkpoint_every = 500
     config.planner.train.sample_every = 500
 
+    # The main job: every stage from the world's preview to the closed-loop evaluation.
+    config.run.stages = ("preview", "data", "train", "whole_task", "actions", "planner", "eval")
     config.eval.episodes_per_template = 2
     return config

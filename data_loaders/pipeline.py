@@ -188,8 +188,9 @@ class _RecordReader:
         raise CorruptRecordError(f"every record of {self.dirs[k]} split {self.split!r} is corrupt")
 
 
-class _ClipTransform:
-    """(global element p, (dataset id, record)) -> one training example (BatchSpec row)."""
+class ClipTransform:
+    """(global element p, (dataset id, record)) -> one training example (BatchSpec row), from
+    any reader whose `read(k, j)` gives clip records (context, frames, actions, text, points)."""
 
     def __init__(self, reader: _RecordReader, mixture: ClipMixture, tokenizer_path: str,
                  seed: int, image_size: int, max_text_tokens: int, augment: bool,
@@ -341,7 +342,7 @@ class ClipPipeline(OrderedPipeline):
                                                         clip_dataset.TOKENIZER_FILE)
         tokenizer_lib.load_tokenizer(tokenizer_path)  # fail here, not in a worker
         reader = _RecordReader(self.mixture.dirs, split, self.mixture.sizes, data.skip_corrupt)
-        self.transform = _ClipTransform(
+        self.transform = ClipTransform(
             reader, self.mixture, tokenizer_path, self.seed, config.world.image_size,
             data.max_text_tokens,
             data.augment and split == "train" if augment is None else augment,

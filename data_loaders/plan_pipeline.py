@@ -196,15 +196,8 @@ class PlanPipeline(OrderedPipeline):
                  num_workers: int | None = None):
         super().__init__(config, config.planner.train, split, process_index, process_count,
                          num_workers)
-        entries = mixture_entries(config)
-        if len(entries) > 1:
-            raise DatasetError("the planner learns from one built-in world dataset; "
-                               "config.data.mixture names several. Fix: set "
-                               "config.data.dataset_dir to the generated one.")
-        dataset_dir = str(entries[0][0])
-        size = len(tabletop.episode_source(dataset_dir, split))
-        if size == 0:
-            raise DatasetError(f"{dataset_dir} has no episodes in split {split!r}")
+        dataset_dir, size = tabletop.single_episode_dataset(mixture_entries(config), split,
+                                                            "the planner")
         self.datasets = [["pewm_tabletop_episodes", size, 1.0]]
         self.spec = PlanBatchSpec.from_config(config, image_size)
         self.order = GlobalOrder([size], [1.0], self.seed)

@@ -172,6 +172,22 @@ def episode_source(dataset_dir: str | pathlib.Path, split: str) -> Sequence[dict
     return builder.as_data_source(split=split)
 
 
+def single_episode_dataset(entries: Sequence[tuple[str, float]], split: str,
+                           learner: str) -> tuple[str, int]:
+    """(dataset dir, episode count of `split`) of the one built-in world dataset that `learner`
+    (what learns from whole episodes: the planner, the whole-task baseline) reads; DatasetError
+    for a mixture of several or an empty split."""
+    if len(entries) > 1:
+        raise DatasetError(f"{learner} learns from one built-in world dataset; "
+                           "config.data.mixture names several. Fix: set "
+                           "config.data.dataset_dir to the generated one.")
+    dataset_dir = str(entries[0][0])
+    size = len(episode_source(dataset_dir, split))
+    if size == 0:
+        raise DatasetError(f"{dataset_dir} has no episodes in split {split!r}")
+    return dataset_dir, size
+
+
 def segment_starts(record: dict) -> np.ndarray:
     """The step at which each primitive of a stored RLDS episode begins (ascending)."""
     steps = record["steps"]

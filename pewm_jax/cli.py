@@ -3,8 +3,10 @@
     pewm run     --config=configs/quickstart.py --workdir=runs/quickstart
     pewm data    --config=configs/quickstart.py --workdir=runs/quickstart --config.seed=3
     pewm train   --config=configs/quickstart.py --workdir=runs/quickstart --resume
+    pewm whole_task --config=configs/quickstart.py --workdir=runs/quickstart
     pewm actions --config=configs/quickstart.py --workdir=runs/quickstart
     pewm planner --config=configs/quickstart.py --workdir=runs/quickstart
+    pewm eval    --config=configs/quickstart.py --workdir=runs/quickstart
     pewm ingest  --config=configs/quickstart.py --workdir=runs/bridge \\
                  --spec=configs/rlds/bridge.py --source=/data/bridge_dataset/1.0.0
 
@@ -32,24 +34,29 @@ from pewm_jax import config as config_lib
 from pewm_jax.parallel import distributed
 
 JOBS: dict[str, str] = {
-    "run": "the main job: every stage in config.run.stages (preview, data, train, actions, "
-           "planner) into --workdir",
+    "run": "the main job: every stage in config.run.stages (preview, data, train, whole_task, "
+           "actions, planner, eval) into --workdir",
     "preview": "run the world's task experts; write a GIF/PNG of episodes and expert statistics",
     "data": "generate the built-in world's dataset: RLDS episodes, primitive clips, statistics, "
             "tokenizer (into config.data.dataset_dir, default <workdir>/data)",
     "train": "train the world model on the run's dataset: sharded over the config's mesh, Orbax "
              "checkpoints in <workdir>/world_model, TensorBoard logs in <workdir>/tensorboard",
+    "whole_task": "train the non-primitive baseline (<workdir>/whole_task): the world model "
+                  "generating each whole task as one clip, for the world model's training FLOPs",
     "actions": "train the action decoder (inverse dynamics) on the run's clips "
                "(<workdir>/action_decoder), then score it beside the mean action on "
                "config.action_decoder.eval_splits (<workdir>/actions_eval.json)",
     "planner": "fine-tune the planner VLM on the run's task decompositions (<workdir>/planner), "
                "then score its plans on config.planner.eval_splits (<workdir>/planner_eval.json)",
+    "eval": "closed-loop evaluation of the run's checkpoints (whatever it has of world_model/, "
+            "action_decoder/, planner/) on config.eval: success with 95% intervals beside the "
+            "oracle and ablations, clip quality, latency (<workdir>/eval/report.json, GIFs)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
 }
 
 
 # Jobs that train (and may run on several processes); `run` trains through its stages.
-TRAINING_JOBS = ("run", "train", "actions", "planner")
+TRAINING_JOBS = ("run", "train", "whole_task", "actions", "planner")
 
 
 def _usage() -> str:
@@ -192,6 +199,13 @@ def _train_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     return _train(config, "world_model", flags.FLAGS.init_from).status != "preempted"
 
 
+def _whole_task_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                      job: str) -> bool:
+    """Trains the whole-task baseline; False when preempted."""
+    return _train(config, "whole_task", flags.FLAGS.init_from if job == "whole_task"
+                  else None).status != "preempted"
+
+
 def _train_and_score(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: str, *,
                      stage: str, model: str, splits: Sequence[str],
                      scorer: Callable[[pathlib.Path], Callable[[str], Any]],
@@ -257,6 +271,18 @@ def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                             table=actions_eval.scores_table)
 
 
+def _eval_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: str) -> None:
+    """Evaluates the run's checkpoints in closed loop and prints the headline numbers."""
+    from pewm_jax.evaluate import closed_loop
+
+    print(f"[eval] closed-loop evaluation of {workdir} on {config.eval.splits} "
+          f"({config.eval.episodes_per_template} episodes per template and split)")
+    report = closed_loop.evaluate_run(config, workdir, dataset_dir(config, workdir))
+    print(closed_loop.headline(report))
+    print(f"[eval] report: {workdir / 'eval' / 'report.json'}; rollouts: "
+          f"{', '.join(report['rollouts']) or 'none'}")
+
+
 def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
                job: str) -> bool:
     """Runs one stage; with several processes only training runs on all of them, the other
@@ -264,7 +290,7 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.P
     import jax
     from jax.experimental import multihost_utils
 
-    if stage in ("train", "actions", "planner") or jax.process_count() == 1:
+    if stage in ("train", "whole_task", "actions", "planner") or jax.process_count() == 1:
         return _STAGES[stage](config, workdir, job) is not False
     if jax.process_index() == 0:
         _STAGES[stage](config, workdir, job)
@@ -273,7 +299,8 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.P
 
 
 _STAGES = {"preview": _preview_stage, "data": _data_stage, "train": _train_stage,
-           "actions": _actions_stage, "planner": _planner_stage}
+           "whole_task": _whole_task_stage,
+           "actions": _actions_stage, "planner": _planner_stage, "eval": _eval_stage}
 
 
 def _job(job: str, overrides: list[str]):

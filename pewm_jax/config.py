@@ -32,8 +32,13 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis names models put on params and activations; every one needs a rule.
 LOGICAL_AXES = ("batch", "frames", "tokens", "embed", "heads", "mlp", "vocab", "kv")
 # The stages a `pewm run` can execute, in pipeline order.
-RUN_STAGES = ("preview", "data", "train", "actions", "planner", "eval", "export")
+RUN_STAGES = ("preview", "data", "train", "whole_task", "actions", "planner", "eval", "export")
 DTYPES = ("float32", "bfloat16")
+# Closed-loop evaluation conditions (pewm_jax.evaluate.closed_loop.CONDITIONS) and task splits
+# of the built-in world (pewm_jax.sim.tasks.SPLITS; 'train' = seen compositions, new scenes).
+EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "vlm_scripted", "oracle",
+                   "whole_task")
+EVAL_SPLITS = ("train", "holdout_primitive", "holdout_composition")
 REMAT_POLICIES = ("none", "full", "dots")
 SAMPLERS = ("euler", "heun")
 # The world has 4 colours x 2 shapes, and every object in a scene is unique.
@@ -77,6 +82,9 @@ _POSITIVE = (
     "train.log_every",
     "train.sample_every",
     "eval.episodes_per_template",
+    "whole_task.horizon",
+    "eval.parallel_envs",
+    "eval.goal_reach_px",
     "planner.image_size",
     "planner.patch_size",
     "planner.width",
@@ -108,6 +116,9 @@ _NON_NEGATIVE = (
     "diffusion.text_guidance",
     "diffusion.sgg_guidance",
     "eval.seed",
+    "eval.max_replans",
+    "eval.video_clips",
+    "eval.rollout_videos",
     "planner.location_sigma_px",
     "planner.location_input_noise_px",
     "planner.shift_px",
@@ -300,6 +311,13 @@ def default_config() -> ml_collections.ConfigDict:
     # Splits `pewm actions` scores after training (error beside the mean-action baseline).
     c.action_decoder.eval_splits = ("test", "holdout_composition")
 
+    # The non-primitive baseline (`pewm whole_task`): the world model's architecture and
+    # optimiser settings (config.train) generating one clip per whole task from the first frame
+    # and the task's words, at the same frame stride, trained for the world model's training
+    # FLOPs (steps = train.steps x its FLOPs per step / the whole-task model's).
+    c.whole_task = ml_collections.ConfigDict()
+    c.whole_task.horizon = 16  # frames per whole-task clip (16 x stride 4 = 64 steps >= ~55)
+
     c.mesh = ml_collections.ConfigDict()  # device mesh; one axis may be -1 = fill from device count
     c.mesh.data = -1  # data-parallel axis size
     c.mesh.fsdp = 1  # fully-sharded data-parallel axis size (params sharded, batch split)
@@ -316,9 +334,20 @@ def default_config() -> ml_collections.ConfigDict:
         ("kv", None),
     )
 
-    c.eval = ml_collections.ConfigDict()  # closed-loop evaluation
-    c.eval.episodes_per_template = 10  # evaluation episodes per task template
-    c.eval.seed = 1234  # seed of the evaluation episodes
+    c.eval = ml_collections.ConfigDict()  # closed-loop evaluation (`pewm eval`)
+    c.eval.episodes_per_template = 10  # evaluation episodes per task template and split
+    c.eval.seed = 1234  # seed of the evaluation episodes (scenes never drawn for the dataset)
+    # Task splits of the world to evaluate: seen compositions (new scenes) and the hold-outs.
+    c.eval.splits = ("train", "holdout_composition")
+    # Conditions, each beside the others on the same seeds (pewm_jax/evaluate/closed_loop.py):
+    # the full system, open loop, no SGG, the world's own plans, scripted primitives, oracle.
+    c.eval.conditions = EVAL_CONDITIONS
+    c.eval.parallel_envs = 16  # environments run in lockstep (the models' batch size)
+    c.eval.max_replans = 2  # primitives an episode may run beyond its task's length
+    c.eval.goal_reach_px = 4.0  # a clip reaches its goal: gripper this close in its last frame
+    c.eval.video_split = "test"  # dataset split whose clips score PSNR / SSIM
+    c.eval.video_clips = 64  # held-out clips sampled for PSNR / SSIM (0: none)
+    c.eval.rollout_videos = 3  # episodes of the first condition saved as GIFs
 
     c.run = ml_collections.ConfigDict()  # what `pewm run` executes
     c.run.stages = ("preview", "data", "train")  # stages to run, from RUN_STAGES, in that order
@@ -390,7 +419,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     for section in TRAIN_SECTIONS:
         _check_mesh_and_batch(config, num_devices, section)
         _check_frozen(_get(config, section).frozen, section)
-    _check_stages(config.run.stages)
+    _check_names("run.stages", config.run.stages, RUN_STAGES, "stage")
+    _check_names("eval.conditions", config.eval.conditions, EVAL_CONDITIONS, "condition")
+    _check_names("eval.splits", config.eval.splits, EVAL_SPLITS, "split")
 
 
 def _in_train_sections(keys: Sequence[str]) -> list[str]:
@@ -571,13 +602,15 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
             f"does not divide config.world.image_size = {image_size}",
             f"choose a divisor of {image_size}",
         )
-    if horizon % model.tubelet:
-        raise _error(
-            "data.horizon",
-            horizon,
-            f"is not divisible by config.model.tubelet = {model.tubelet}",
-            "make the horizon a multiple of the tubelet, or set model.tubelet=1",
-        )
+    for key, frames in (("data.horizon", horizon), ("whole_task.horizon",
+                                                    config.whole_task.horizon)):
+        if frames % model.tubelet:
+            raise _error(
+                key,
+                frames,
+                f"is not divisible by config.model.tubelet = {model.tubelet}",
+                "make the horizon a multiple of the tubelet, or set model.tubelet=1",
+            )
     for width, heads in (("width", "num_heads"), ("text_width", "text_num_heads")):
         if model[width] % model[heads]:
             raise _error(
@@ -705,23 +738,24 @@ def _check_axis_rules(rules: Sequence) -> None:
         )
 
 
-def _check_stages(stages: Sequence) -> None:
-    key = "run.stages"
-    if not stages:
-        raise _error(key, stages, "is empty", f"name at least one of {RUN_STAGES}")
-    for stage in stages:
-        if stage not in RUN_STAGES:
+def _check_names(key: str, names: Sequence, known: Sequence[str], what: str) -> None:
+    """A non-empty tuple of distinct names from `known` (stages, conditions, splits)."""
+    if not names:
+        raise _error(key, names, "is empty", f"name at least one of {tuple(known)}")
+    for name in names:
+        if name not in known:
             hint = ""
-            if "," in str(stage):
-                hint = " (several stages are a tuple: --config.run.stages=\"('data','train')\")"
+            if "," in str(name):
+                hint = (f" (several {what}s are a tuple: --config.{key}=\"('{known[0]}',"
+                        f"'{known[1]}')\")")
             raise _error(
                 key,
-                tuple(stages),
-                f"has unknown stage {stage!r}; the stages are {', '.join(RUN_STAGES)}{hint}",
+                tuple(names),
+                f"has unknown {what} {name!r}; the {what}s are {', '.join(known)}{hint}",
                 "use only those names",
             )
-    if len(set(stages)) != len(stages):
-        raise _error(key, tuple(stages), "names a stage twice", "list each stage once")
+    if len(set(names)) != len(names):
+        raise _error(key, tuple(names), f"names a {what} twice", f"list each {what} once")
 
 
 def _check_frozen(patterns: Sequence, section: str = "train") -> None:

@@ -39,6 +39,15 @@ TINY_PLANNER = ["planner.image_size=32", "planner.patch_size=8", "planner.width=
                 "planner.train.global_batch_size=8", f"planner.train.steps={2 * K}",
                 f"planner.train.checkpoint_every={K}"]
 
+# A decoder small enough to train a few steps in seconds on 8 fake CPU devices.
+TINY_DECODER = ["action_decoder.width=32", "action_decoder.depth=1", "action_decoder.num_heads=2",
+                "action_decoder.train.log_every=1", "action_decoder.train.sample_clips=4",
+                f"action_decoder.train.sample_every={2 * K}",
+                "action_decoder.train.peak_flops_per_device=1e11",
+                "action_decoder.train.warmup_steps=2", "action_decoder.train.global_batch_size=8",
+                f"action_decoder.train.steps={2 * K}",
+                f"action_decoder.train.checkpoint_every={K}"]
+
 
 def tiny_config(*overrides: str):
     """The quickstart config with a tiny dataset (plus `overrides`), validated and locked."""
@@ -72,3 +81,20 @@ def reference_run(tmp_path_factory, tabletop_dataset):
                                           f"train.sample_every={2 * K}"))
     result = loop.train(config, workdir)
     return workdir, result
+
+
+@pytest.fixture(scope="session")
+def closed_loop_run(tmp_path_factory, tabletop_dataset, reference_run):
+    """A run directory with every model, each trained briefly on 8 fake devices: the reference
+    run's world model, the whole-task baseline, a tiny action decoder and a tiny planner."""
+    import shutil
+
+    from pewm_jax.train import kinds, loop
+
+    workdir = tmp_path_factory.mktemp("closed_loop_run")
+    shutil.copytree(reference_run[0] / "world_model", workdir / "world_model")
+    data = f"data.dataset_dir={tabletop_dataset}"
+    loop.train(tiny_config(*train_overrides(tabletop_dataset)), workdir, kind=kinds.WHOLE_TASK)
+    loop.train(tiny_config(*TINY_DECODER, data), workdir, kind=kinds.ACTION_DECODER)
+    loop.train(tiny_config(*TINY_PLANNER, data), workdir, kind=kinds.PLANNER)
+    return workdir

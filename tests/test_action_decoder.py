@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import K, TINY_DATA, tiny_config
+from conftest import K, TINY_DATA, TINY_DECODER, tiny_config
 from flax import nnx
 
 from data_loaders import clip_dataset, pipeline, tabletop
@@ -16,16 +16,6 @@ from pewm_jax.models.action_decoder import (ActionDecoder, ActionDecoderSpec, ac
                                             masked_mse)
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.train import kinds, loop
-
-# A decoder small enough to train a few steps in seconds on 8 fake CPU devices.
-TINY_DECODER = ["action_decoder.width=32", "action_decoder.depth=1", "action_decoder.num_heads=2",
-                "action_decoder.train.log_every=1", "action_decoder.train.sample_clips=4",
-                f"action_decoder.train.sample_every={2 * K}",
-                "action_decoder.train.peak_flops_per_device=1e11",
-                "action_decoder.train.warmup_steps=2", "action_decoder.train.global_batch_size=8",
-                f"action_decoder.train.steps={2 * K}",
-                f"action_decoder.train.checkpoint_every={K}"]
-
 
 def decoder_config(dataset, *overrides: str):
     return tiny_config(*TINY_DECODER, f"data.dataset_dir={dataset}", *overrides)

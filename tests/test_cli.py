@@ -40,12 +40,14 @@ def test_bad_config_stops_with_one_message(tmp_path, override, message):
     assert not (tmp_path / "preview").exists()  # nothing ran
 
 
-def test_main_job_writes_pictures_expert_statistics_data_and_trained_models(tmp_path):
+def test_main_job_writes_pictures_statistics_data_trained_models_and_evaluation(tmp_path):
     train = [*TINY_TRAIN, "train.steps=2", "train.checkpoint_every=2", *TINY_PLANNER,
              "planner.train.steps=2", "action_decoder.width=32", "action_decoder.depth=1",
              "action_decoder.num_heads=2", "action_decoder.train.steps=2",
              "action_decoder.train.global_batch_size=8",
-             "run.stages=('preview','data','train','actions','planner')"]
+             "eval.episodes_per_template=1", "eval.splits=('train',)", "eval.parallel_envs=4",
+             "eval.conditions=('pewm','oracle')", "eval.video_clips=4",
+             "eval.rollout_videos=1"]
     out = pewm("run", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
                "--config.run.preview_episodes=2", "--config.run.preview_episodes_per_template=2",
                "--config.run.preview_scenes_per_primitive=10",
@@ -71,6 +73,12 @@ def test_main_job_writes_pictures_expert_statistics_data_and_trained_models(tmp_
     assert all(s["mse"] >= 0 and s["mean_action_mse"] > 0 and s["transitions"] > 0
                for s in scores)
     assert "mean-action mse" in out.stdout
+    # eval: the closed loop from all three checkpoints, headline numbers printed
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(report["conditions"]) == {"pewm", "oracle"}
+    assert report["conditions"]["oracle"]["splits"]["train"]["success"] >= 0.95
+    assert "oracle solves" in out.stdout and "PSNR" in out.stdout
+    assert (tmp_path / "eval" / "rollout_0.gif").is_file()
     summary = json.loads((tmp_path / "preview" / "summary.json").read_text())
     assert len(summary["episodes"]) == 2
     assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place", "push"}

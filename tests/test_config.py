@@ -20,6 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = [
     ("quickstart.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
     ("mid.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
+    ("reference_gpu.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
     ("pewm_base.py", 64, {"data": 8, "fsdp": 8, "tensor": 1}),
     ("pewm_base.py:v5p-128", 64, {"data": 8, "fsdp": 8, "tensor": 1}),
     ("pewm_base.py:h100x8", 8, {"data": 1, "fsdp": 8, "tensor": 1}),

@@ -1,2 +1,2 @@
-"""Evaluation from checkpoints: the action decoder's error on held-out clips (closed-loop
-evaluation joins it)."""
+"""Scoring from checkpoints: the closed loop and its report (`closed_loop`), sampled clips
+against the truth (`video_quality`), the action decoder on held-out clips (`actions`)."""

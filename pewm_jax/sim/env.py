@@ -9,7 +9,8 @@ workspace units [0, 1] and 1.0 when closed}. Action: (3,) float32 `(dx, dy, grip
 `|dx|, |dy| <= max_delta` and `grip` in [-1, 1] (`> 0` closes); out-of-bound actions are
 clipped and `info["action_clipped"]` says so; a NaN or wrongly shaped action raises
 `ActionError`. Reward is 1.0 on the step the task succeeds, which terminates the episode; it is
-truncated after `primitive_max_steps` per primitive of the task.
+truncated after `primitive_max_steps` per primitive of the task. `info["primitives_reached"]`
+says, per primitive of the task, whether its goal has held at some step so far.
 """
 
 from __future__ import annotations
@@ -98,4 +99,5 @@ class TabletopEnv(gymnasium.Env):
     def _info(self, *, success: bool, clipped: bool) -> dict:
         return {"success": success, "action_clipped": clipped, "task": self.task.text,
                 "template": self.task.template, "split": self.task.split(),
-                "rejected_scenes": self.setup.rejected}
+                "rejected_scenes": self.setup.rejected,
+                "primitives_reached": tuple(self._progress.reached)}

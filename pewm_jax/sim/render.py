@@ -108,3 +108,23 @@ def render(state: WorldState, size: int) -> np.ndarray:
         canvas.box(gx + side * offset, gy, FINGER_HALF[0], FINGER_HALF[1], FINGER_RGB)
     canvas.disc(gx, gy, PALM_RADIUS, PALM_RGB)
     return (canvas.image + 0.5).astype(np.uint8)
+
+
+def locate_gripper(image: np.ndarray, max_level: int = 64, min_pixels: int = 2
+                   ) -> np.ndarray | None:
+    """(x, y) pixels of the gripper's palm in an RGB image (rendered or generated), or None.
+
+    The palm is the only near-black shape of the world: the centroid of the pixels whose
+    channels are all at most `max_level`, weighted by how dark they are. None when fewer than
+    `min_pixels` such pixels exist (no gripper visible, e.g. in a blurry generated frame).
+    """
+    image = np.asarray(image, np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected one (H, W, 3) image, got shape {image.shape}")
+    darkness = np.clip(max_level - image.max(axis=-1), 0.0, None)  # (H, W)
+    if np.count_nonzero(darkness) < min_pixels:
+        return None
+    rows, cols = np.nonzero(darkness)
+    weights = darkness[rows, cols]
+    return np.array([np.average(cols + 0.5, weights=weights),
+                     np.average(rows + 0.5, weights=weights)], np.float32)

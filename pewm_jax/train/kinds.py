@@ -3,7 +3,8 @@
 The train state, step, checkpoints and loop (`state`, `checkpoint`, `loop`) are shared; a kind
 says what differs between the world model, the planner and the action decoder:
 
-    name          its directory in the run (DESIGN.md "Run directory") and TensorBoard run
+    name          its directory in the run (DESIGN.md "Run directory"; `whole_task/` holds the
+                  non-primitive baseline) and TensorBoard run
     section       where its training settings live: config.train, config.planner.train,
                   config.action_decoder.train
     unrelated     config keys it does not depend on (they may change when it resumes)
@@ -27,7 +28,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop
+from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop, whole_task_pipeline
 from data_loaders import tokenizer as tokenizer_lib
 from pewm_jax.diffusion import loss_fn, sample_from_config
 from pewm_jax.evaluate import actions as actions_eval
@@ -125,7 +126,7 @@ class WorldModelKind(ModelKind):
     model")."""
 
     name, section = "world_model", "train"
-    unrelated = ("planner.", "action_decoder.")
+    unrelated = ("planner.", "action_decoder.", "whole_task.")
 
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
         return config.model.dtype
@@ -206,7 +207,8 @@ class PlannerKind(ModelKind):
     planner")."""
 
     name, section = "planner", "planner.train"
-    unrelated = ("model.", "diffusion.", "train.", "action_decoder.", "data.augment",
+    unrelated = ("model.", "diffusion.", "train.", "action_decoder.", "whole_task.",
+                 "data.augment",
                  "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens",
                  "data.skip_corrupt", "data.tokenizer")
 
@@ -272,7 +274,7 @@ class ActionDecoderKind(ModelKind):
     trained without augmentation (a crop would rescale the motion its labels measure)."""
 
     name, section = "action_decoder", "action_decoder.train"
-    unrelated = ("model.", "diffusion.", "train.", "planner.", "data.augment",
+    unrelated = ("model.", "diffusion.", "train.", "planner.", "whole_task.", "data.augment",
                  "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens")
 
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
@@ -326,6 +328,38 @@ class ActionDecoderKind(ModelKind):
         return draw
 
 
+class WholeTaskKind(WorldModelKind):
+    """The non-primitive baseline: the world model's architecture and optimiser generating a
+    whole task as one clip (`whole_task_pipeline`), trained for the world model's training
+    FLOPs: its steps are config.train.steps x the world model's FLOPs per step / its own."""
+
+    name = "whole_task"
+    unrelated = ("planner.", "action_decoder.")
+
+    def train(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """config.train with the FLOP-matched number of steps."""
+        batch = config.train.global_batch_size
+        budget = config.train.steps * world_model_flops(config, batch).forward_backward
+        section = ml_collections.ConfigDict(config.train.to_dict())
+        section.steps = max(1, round(budget / self.flops_per_step(config, 0)))
+        return section
+
+    def build(self, config, vocab_size, rngs):
+        return super().build(whole_task_pipeline.whole_task_config(config), vocab_size, rngs)
+
+    def iterator(self, config, vocab_size, split, start_step):
+        return whole_task_pipeline.make_whole_task_iterator(config, split, start_step=start_step)
+
+    def flops_per_step(self, config, vocab_size):
+        return world_model_flops(whole_task_pipeline.whole_task_config(config),
+                                 config.train.global_batch_size).forward_backward
+
+    def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
+                 ) -> Previews | None:
+        """None: its clips are judged by the closed-loop evaluation."""
+        return None
+
+
 def _action_dim(config: ml_collections.ConfigDict) -> int:
     """The largest action size of the clip mixture's datasets (what actions are padded to)."""
     return pipeline.ClipMixture(pipeline.mixture_entries(config), "train").action_dim
@@ -334,6 +368,7 @@ def _action_dim(config: ml_collections.ConfigDict) -> int:
 WORLD_MODEL = WorldModelKind()
 PLANNER = PlannerKind()
 ACTION_DECODER = ActionDecoderKind()
+WHOLE_TASK = WholeTaskKind()
 KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (WORLD_MODEL, PLANNER,
-                                                            ACTION_DECODER)}
+                                                            ACTION_DECODER, WHOLE_TASK)}
 

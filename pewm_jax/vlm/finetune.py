@@ -107,7 +107,8 @@ def make_planner(model: PaliGemma, tokenizer: tokenizers.Tokenizer,
     in its fine-tuning data (config.planner)."""
     p = config.planner
     return Planner(model, tokenizer, max_steps=p.max_steps, max_words=p.max_words,
-                   prompt_tokens=p.prompt_tokens, max_new_tokens=p.max_tokens - p.prompt_tokens)
+                   prompt_tokens=p.prompt_tokens, max_new_tokens=p.max_tokens - p.prompt_tokens,
+                   plans_remaining=p.get("mid_task_fraction", 0.0) > 0)  # older runs: 0
 
 
 def plan_loss(model: PaliGemma, batch: Mapping[str, jax.Array], rng: jax.Array,

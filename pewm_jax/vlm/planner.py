@@ -102,16 +102,20 @@ class Planner:
 
     def __init__(self, model: PaliGemma, tokenizer: tokenizers.Tokenizer, *,
                  max_steps: int = DEFAULT_MAX_STEPS, max_words: int = DEFAULT_MAX_WORDS,
-                 prompt_tokens: int | None = None, max_new_tokens: int | None = None):
+                 prompt_tokens: int | None = None, max_new_tokens: int | None = None,
+                 plans_remaining: bool = False):
         """`prompt_tokens`: pad every prompt to this length, as the fine-tuning data does
         (one compiled decoder for every task); None: unpadded prompts. `max_new_tokens`:
-        decode at most this many plan tokens (default: the grammar's longest plan)."""
+        decode at most this many plan tokens (default: the grammar's longest plan).
+        `plans_remaining`: the model learnt mid-task examples, so a plan from a later frame
+        lists only the primitives left; False: it plans the whole task from any frame."""
         self.model, self.tokenizer = model, tokenizer
         self.image_size = model.spec.image_size
         self.grammar = PlanGrammar.from_tokenizer(tokenizer, max_steps, max_words,
                                                   model.spec.vocab_size)
         self.hook = GrammarHook(self.grammar)
         self.prompt_tokens = prompt_tokens
+        self.plans_remaining = plans_remaining
         self.max_new_tokens = min(max_new_tokens or self.grammar.max_length,
                                   self.grammar.max_length)
         self._eos = tokenizer.token_to_id(EOS)

@@ -1,0 +1,146 @@
+"""Closed-loop control latency at quickstart size on this machine.
+
+    python benchmarks/control_latency.py [--workdir runs/quickstart] [--batch 1] [--steps 10]
+
+With `--workdir`, the run's trained models; without, quickstart-size models with random weights
+(latency does not depend on the weights). One control step for B environments is: plan (the
+planner VLM, constrained greedy decoding) + generate (the world model samples one primitive clip
+with the config's sampler steps) + decode (the action decoder reads its actions) + act (the
+clip's H actions x frame_stride environment steps). Prints, from `--steps` timed steps after one
+warm-up:
+  * the median seconds of each part and of a primitive step (plan + generate + decode), and
+    that step against the issue's aim of 0.5 s (ratio < 1 meets it);
+  * control steps per second (primitives per second across the B environments);
+  * the generation cost of one primitive clip (H frames) against one clip covering a whole task
+    at the same frame stride (the longest expert task over the templates / frame_stride frames,
+    rounded up to the tubelet: a fixed horizon must fit every task), both timed here, and
+    their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data_loaders.clips import ActionStats
+from data_loaders.tokenizer import build_tokenizer
+from pewm_jax.config import load_config
+from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
+from pewm_jax.diffusion.samplers import sample
+from pewm_jax.models.action_decoder import build_action_decoder
+from pewm_jax.sim import TabletopEnv, expert_episode
+from pewm_jax.sim.primitives import all_primitives
+from pewm_jax.sim.tasks import TEMPLATE_NAMES, TEMPLATES
+from pewm_jax.train.kinds import WORLD_MODEL
+from pewm_jax.vlm.finetune import build_planner, make_planner
+
+AIM_SECONDS = 0.5
+
+
+def random_models(batch: int):
+    """(policy, planner, config) at quickstart size with random weights."""
+    config = load_config("configs/quickstart.py")
+    texts = [p.text(k) for p in all_primitives() for k in range(p.num_paraphrases())]
+    texts += [t.words for t in TEMPLATES] + ["plan"]
+    tokenizer = build_tokenizer(texts)
+    vocab = tokenizer.get_vocab_size()
+    with nnx.use_eager_sharding(False):
+        world = WORLD_MODEL.build(config, vocab, nnx.Rngs(0))
+        decoder = build_action_decoder(config, 3, nnx.Rngs(1))
+        planner = make_planner(build_planner(config, vocab, nnx.Rngs(2)), tokenizer, config)
+    stats = ActionStats.compute(np.random.default_rng(0).normal(0, 0.05, (256, 3)), [2])
+    return PrimitivePolicy(world, config, tokenizer, decoder, stats, batch_size=batch), planner, config
+
+
+def trained_models(workdir: str, batch: int):
+    """(policy, planner, config) restored from a run directory."""
+    from pewm_jax.evaluate.actions import load_action_decoder
+    from pewm_jax.evaluate.video_quality import load_world_model
+    from pewm_jax.vlm.evaluation import load_planner
+
+    world, config, tokenizer = load_world_model(workdir)
+    decoder, _, stats = load_action_decoder(workdir)
+    policy = PrimitivePolicy(world, config, tokenizer, decoder, stats[0], batch_size=batch)
+    return policy, load_planner(workdir), config
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="", help="a run directory (default: random weights)")
+    parser.add_argument("--batch", type=int, default=1, help="environments per control step")
+    parser.add_argument("--steps", type=int, default=10, help="timed control steps")
+    args = parser.parse_args()
+    policy, planner, config = (trained_models(args.workdir, args.batch) if args.workdir
+                               else random_models(args.batch))
+    w = config.world
+    envs = [TabletopEnv(w.image_size, (w.num_objects_min, w.num_objects_max), w.max_delta,
+                        w.primitive_max_steps) for _ in range(args.batch)]
+    stride = config.data.frame_stride
+    parts = {"plan": [], "generate": [], "decode": [], "act": []}
+    for step in range(args.steps + 1):
+        obs = [env.reset(seed=step * args.batch + i)[0]["image"] for i, env in enumerate(envs)]
+        images = np.stack(obs)
+        plans, plan_s = _timed(lambda: planner.plan(images, [e.task.text for e in envs]))
+        scale = w.image_size / planner.image_size
+        commands = [PrimitiveCommand(p.steps[0].text, tuple(np.multiply(p.steps[0].start_xy, scale)),
+                                     tuple(np.multiply(p.steps[0].goal_xy, scale))) for p in plans]
+        out = policy.step(images, commands, step_index=step)
+        start = time.perf_counter()
+        for env, chunk in zip(envs, out.actions):
+            for label in chunk:
+                action = np.array([label[0] / stride, label[1] / stride, label[2]], np.float32)
+                for _ in range(stride):
+                    env.step(action)
+        act_s = time.perf_counter() - start
+        if step:  # the first step compiles
+            for name, s in zip(parts, (plan_s, out.generate_s, out.decode_s, act_s)):
+                parts[name].append(s)
+    median = {k: statistics.median(v) for k, v in parts.items()}
+    primitive = median["plan"] + median["generate"] + median["decode"]
+    print(f"device: {jax.devices()[0].device_kind}; batch {args.batch}; "
+          f"{'trained ' + args.workdir if args.workdir else 'random weights'} (quickstart size)")
+    for name, s in median.items():
+        print(f"  {name:<9} {s * 1000:9.1f} ms")
+    print(f"primitive step (plan + generate + decode): {primitive:.3f} s = "
+          f"{primitive / AIM_SECONDS:.2f} x the {AIM_SECONDS} s aim")
+    print(f"control steps/s: {args.batch / (primitive + median['act']):.2f} primitives/s "
+          f"({args.batch} env(s), acting included)")
+
+    lengths = [len(expert_episode(envs[0], 10_000 + k, template=name).actions)
+               for k, name in enumerate(TEMPLATE_NAMES)]
+    tubelet = config.model.tubelet
+    # A fixed-horizon whole-task model must cover the longest task.
+    whole = math.ceil(max(lengths) / stride / tubelet) * tubelet
+    images = np.stack([envs[0].reset(seed=0)[0]["image"]] * args.batch)
+    cond = {"context": images[:, None], "text_tokens": np.zeros((args.batch, config.data.max_text_tokens), np.int32),
+            "text_mask": np.ones((args.batch, config.data.max_text_tokens), bool),
+            "start_xy": np.zeros((args.batch, 2), np.float32),
+            "goal_xy": np.zeros((args.batch, 2), np.float32), "sgg_valid": np.ones((args.batch,), bool)}
+    d = config.diffusion
+    cost = {}
+    for horizon in (config.data.horizon, whole):
+        def run(h=horizon):
+            return jax.block_until_ready(sample(
+                policy.world_model, cond, jax.random.key(0), horizon=h, num_steps=d.num_steps,
+                sampler=d.sampler, sgg_sigma_px=float(d.sgg_sigma_px)))
+        run()
+        cost[horizon] = statistics.median(_timed(run)[1] for _ in range(5))
+    print(f"clip generation: primitive clip ({config.data.horizon} frames) {cost[config.data.horizon] * 1000:.1f} ms; "
+          f"whole-task clip ({whole} frames = longest task {max(lengths)} steps / stride "
+          f"{stride}; mean task {np.mean(lengths):.0f} steps) {cost[whole] * 1000:.1f} ms; ratio {cost[whole] / cost[config.data.horizon]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The closed loop: the primitive policy (models + transforms) and the controller."""

@@ -1,0 +1,119 @@
+"""The primitive policy: the world model and action decoder with their transforms.
+
+One policy step turns B observations and B primitive commands (words + start/goal points in
+pixels of the observation) into an imagined clip per row and the action chunk that plays it:
+
+    words -> tokenizer -> text tokens      points -> SGG heatmaps (inside the jitted sampler)
+    observation + tokens + points -> world model samples H future frames (few ODE steps)
+    observation + sampled frames -> action decoder -> H normalised actions -> dataset units
+
+Every call runs at the fixed batch size given at construction (rows beyond the commands are
+padding), so the sampler and decoder compile once and are reused for every control step.
+Timings of generation and decoding are measured around their device work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tokenizers
+from flax import nnx
+
+from data_loaders.clips import ActionStats
+from data_loaders.tokenizer import encode_batch
+from pewm_jax.diffusion.samplers import sample
+from pewm_jax.models.action_decoder import ActionDecoder
+from pewm_jax.models.video_dit import WorldModel
+
+
+@dataclasses.dataclass(frozen=True)
+class PrimitiveCommand:
+    """One primitive to imagine: its words and start/goal (x, y) pixels of the observation."""
+
+    text: str
+    start_xy: tuple[float, float]
+    goal_xy: tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyOutput:
+    """What one policy step produced for its B commands."""
+
+    clips: np.ndarray  # (B, H, N, N, 3) uint8 imagined future frames
+    actions: np.ndarray  # (B, H, A) float32 action labels in the dataset's units (clip contract)
+    generate_s: float  # seconds of clip sampling (the whole padded batch)
+    decode_s: float  # seconds of action decoding (the whole padded batch)
+
+
+@nnx.jit
+def _decode(model: ActionDecoder, context: jax.Array, frames: jax.Array) -> jax.Array:
+    return model(context, frames)  # (B, H, A) normalised
+
+
+class PrimitivePolicy:
+    """World model + action decoder + tokenizer + action statistics (module docstring)."""
+
+    def __init__(self, world_model: WorldModel, config: ml_collections.ConfigDict,
+                 tokenizer: tokenizers.Tokenizer, action_decoder: ActionDecoder,
+                 action_stats: ActionStats, *, batch_size: int, seed: int = 0):
+        """`config` is the world model's training config (clip horizon, sampler settings);
+        `action_stats` the statistics of the dataset whose actions the decoder reads."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        decoder_size = action_decoder.spec.image_size
+        self.image_size = int(config.world.image_size)
+        if decoder_size != self.image_size:
+            raise ValueError(f"the action decoder reads {decoder_size}-pixel frames but the world "
+                             f"model makes {self.image_size}-pixel ones: train both on the same "
+                             "config.world.image_size")
+        self.world_model, self.action_decoder = world_model, action_decoder
+        self.config, self.tokenizer, self.stats = config, tokenizer, action_stats
+        self.batch_size, self.seed = batch_size, seed
+        self.horizon = int(config.data.horizon)
+        self.context_frames = int(config.data.context_frames)
+        self.action_dim = len(action_stats.mean)
+
+    def step(self, observations: np.ndarray, commands: Sequence[PrimitiveCommand], *,
+             step_index: int, use_sgg: bool = True) -> PolicyOutput:
+        """Clips and actions for uint8 observations (B, N, N, 3) and B commands, B <= batch_size.
+
+        `step_index` seeds the sampler's noise (same index, same clips); `use_sgg` False samples
+        with the start/goal heatmaps dropped (the text-only ablation).
+        """
+        observations = np.asarray(observations)
+        b = len(commands)
+        n = self.image_size
+        if observations.shape != (b, n, n, 3) or observations.dtype != np.uint8:
+            raise ValueError(f"expected {b} uint8 observations of shape ({n}, {n}, 3), got "
+                             f"{observations.dtype} {observations.shape}")
+        if not 1 <= b <= self.batch_size:
+            raise ValueError(f"a policy step takes 1 to {self.batch_size} commands, got {b}")
+        pad = self.batch_size - b
+        context = np.repeat(observations[:, None], self.context_frames, axis=1)  # (B, C, N, N, 3)
+        tokens, mask = encode_batch(self.tokenizer, [c.text for c in commands],
+                                    int(self.config.data.max_text_tokens))
+        cond = {"context": context, "text_tokens": tokens, "text_mask": mask,
+                "start_xy": np.array([c.start_xy for c in commands], np.float32),
+                "goal_xy": np.array([c.goal_xy for c in commands], np.float32),
+                "sgg_valid": np.full((b,), use_sgg)}
+        cond = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in cond.items()}
+        d = self.config.diffusion
+        rng = jax.random.fold_in(jax.random.key(self.seed), step_index)
+        start = time.perf_counter()
+        unit = sample(self.world_model, cond, rng, horizon=self.horizon,
+                      num_steps=int(d.num_steps), sampler=d.sampler,
+                      text_guidance=float(d.text_guidance), sgg_guidance=float(d.sgg_guidance),
+                      sgg_sigma_px=float(d.sgg_sigma_px))  # (B', H, N, N, 3) in [0, 1]
+        clips = np.asarray(jax.device_get(
+            (unit * 255.0 + 0.5).clip(0, 255).astype(np.uint8)))  # (B', H, N, N, 3)
+        generated = time.perf_counter()
+        normalised = np.asarray(jax.device_get(
+            _decode(self.action_decoder, cond["context"], clips)))  # (B', H, A_model)
+        decoded = time.perf_counter()
+        actions = self.stats.denormalize(normalised[:b, :, :self.action_dim])
+        return PolicyOutput(clips[:b], actions, generated - start, decoded - generated)

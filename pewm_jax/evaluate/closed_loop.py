@@ -1,0 +1,339 @@
+"""Closed-loop evaluation of a run directory: how often long tasks succeed, and why they fail.
+
+`evaluate_run(config, workdir, dataset_dir)` restores only the models its conditions need, onto
+whatever devices it runs on, and runs `config.eval.episodes_per_template` episodes of every task
+template on every split of `config.eval.splits` under each condition, on the same fixed seeds,
+`config.eval.parallel_envs` environments in lockstep. Conditions (`CONDITIONS`):
+
+    pewm          VLM planner, imagined clip -> decoded actions, closed loop: the system
+    open_loop     the same, planned once from the first frame
+    no_sgg        the same as pewm with the start/goal heatmaps dropped (text-only clips)
+    world_plan    the world's own task decomposition instead of the planner (no planner error)
+    vlm_scripted  the planner's primitives run by the scripted expert (no world-model error)
+    oracle        the world's decomposition + scripted primitives: the harness's upper bound
+    whole_task    the non-primitive baseline: one clip for the whole task from the first frame
+                  and the task's words (no points), decoded and played open loop; its model
+                  had the world model's training FLOPs (`pewm whole_task`)
+
+A condition whose models are missing from the run directory is listed as skipped, with the
+command that trains them. Every figure sits beside its baseline: success beside the oracle's,
+sampled clips beside copying the context frame (PSNR, SSIM, goal reach), decoded actions beside
+the mean action, planned points beside the image-centre guess.
+
+Writes `<workdir>/eval/report.json`, rollout GIFs of the first condition's first episodes
+(`[observation | imagined frame]`), and the scalars to TensorBoard (`<workdir>/tensorboard/eval`).
+Evaluation seeds start at 2**40, above every dataset seed (DESIGN.md data splits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from data_loaders.clip_dataset import DatasetError
+from pewm_jax.control.controller import (ControlSettings, Controller, EpisodeResult,
+                                         EpisodeSpec)
+from pewm_jax.control.policy import PrimitivePolicy
+from pewm_jax.evaluate import actions as actions_eval
+from pewm_jax.evaluate import video_quality
+from pewm_jax.sim.tasks import TEMPLATE_NAMES
+from pewm_jax.train.checkpoint import CheckpointError, find_checkpoint
+from pewm_jax.train.metrics import MetricWriter
+from pewm_jax.vlm import evaluation as planner_eval
+
+CONDITIONS: dict[str, ControlSettings] = {
+    "pewm": ControlSettings("vlm", "decoded", "closed"),
+    "open_loop": ControlSettings("vlm", "decoded", "open"),
+    "no_sgg": ControlSettings("vlm", "decoded", "closed", sgg=False),
+    "world_plan": ControlSettings("world", "decoded", "closed"),
+    "vlm_scripted": ControlSettings("vlm", "scripted", "closed"),
+    "oracle": ControlSettings("world", "scripted", "closed"),
+    "whole_task": ControlSettings("task", "decoded", "open", sgg=False),
+}
+# The command that trains each model into a run directory.
+TRAIN_COMMAND = {"world_model": "pewm train", "action_decoder": "pewm actions",
+                 "planner": "pewm planner", "whole_task": "pewm whole_task"}
+_SEED_BASE = 2 ** 40
+_GIF_SCALE = 3
+
+
+def episode_specs(eval_config: ml_collections.ConfigDict) -> list[EpisodeSpec]:
+    """The evaluation episodes: every split x template x episode, with fixed seeds."""
+    e = eval_config
+    return [EpisodeSpec(_SEED_BASE + ((e.seed * 3 + s) * len(TEMPLATE_NAMES) + t) * 10_000 + i,
+                        split, name)
+            for s, split in enumerate(e.splits) for t, name in enumerate(TEMPLATE_NAMES)
+            for i in range(e.episodes_per_template)]
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate (sound at 0 and n successes)."""
+    if trials == 0:
+        return (0.0, 1.0)
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (
+        1 + z * z / trials)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def clip_model(settings: ControlSettings) -> str:
+    """The run-directory model that imagines a condition's clips."""
+    return "whole_task" if settings.planner == "task" else "world_model"
+
+
+def needs(settings: ControlSettings) -> tuple[str, ...]:
+    """The run-directory models a condition restores."""
+    return (("planner",) if settings.planner == "vlm" else ()) + (
+        (clip_model(settings), "action_decoder") if settings.executor == "decoded" else ())
+
+
+def split_scores(results: Sequence[EpisodeResult]) -> dict:
+    """Success (with its 95% interval), chain length, per-template and per-primitive success,
+    goal reach of imagined clips and how episodes ended, for one split's episodes."""
+    n = len(results)
+    wins = sum(r.success for r in results)
+    lo, hi = wilson_interval(wins, n)
+    per_template = defaultdict(list)
+    per_kind = defaultdict(list)
+    reach = []
+    for r in results:
+        per_template[r.template].append(r.success)
+        for p in r.primitives:
+            per_kind[p.kind or "unnamed"].append(p.success)
+            if p.goal_reached is not None:
+                reach.append(p.goal_reached)
+    return {
+        "episodes": n, "successes": wins, "success": wins / max(n, 1),
+        "success_ci95": [lo, hi],
+        "chain_length": float(np.mean([r.chain_length for r in results])) if n else 0.0,
+        "task_length": float(np.mean([r.task_length for r in results])) if n else 0.0,
+        "primitives_run": float(np.mean([len(r.primitives) for r in results])) if n else 0.0,
+        "per_template": {k: float(np.mean(v)) for k, v in sorted(per_template.items())},
+        "per_primitive": {k: {"success": float(np.mean(v)), "runs": len(v)}
+                          for k, v in sorted(per_kind.items())},
+        "goal_reach": float(np.mean(reach)) if reach else None,
+        "ends": dict(Counter(r.end for r in results)),
+    }
+
+
+def verdict(name: str, splits: dict, oracle: dict | None) -> str:
+    """One sentence a person can read: how the condition did, against the oracle."""
+    wins = sum(s["successes"] for s in splits.values())
+    n = sum(s["episodes"] for s in splits.values())
+    lo, hi = wilson_interval(wins, n)
+    said = (f"{name} fails: it solves none of {n} tasks (95% CI 0-{hi:.0%})" if wins == 0 else
+            f"{name} solves {wins} of {n} tasks ({wins / n:.0%}, 95% CI {lo:.0%}-{hi:.0%})")
+    if oracle is not None and name != "oracle":
+        o_wins = sum(s["successes"] for s in oracle.values())
+        o_n = sum(s["episodes"] for s in oracle.values())
+        said += f"; the oracle solves {o_wins} of {o_n}"
+    return said
+
+
+class _Models:
+    """The run directory's models, each restored on first use (only what conditions need)."""
+
+    def __init__(self, workdir: pathlib.Path, parallel: int, seed: int):
+        self.workdir, self.parallel, self.seed = workdir, parallel, seed
+        self._loaded: dict[str, object] = {}
+        self.missing: dict[str, str] = {}
+        self.steps: dict[str, int] = {}
+
+    def get(self, name: str):
+        """The restored model bundle `name`, or None (reason in `missing`)."""
+        if name not in self._loaded and name not in self.missing:
+            try:
+                self._loaded[name] = self._load(name)
+            except CheckpointError as e:
+                self.missing[name] = (f"{e}; train it with `{TRAIN_COMMAND[name]}` into this "
+                                      "--workdir")
+        return self._loaded.get(name)
+
+    def _load(self, name: str):
+        checkpoints, step = find_checkpoint(self.workdir, model=name)
+        checkpoints.close()
+        self.steps[name] = step
+        if name in ("world_model", "whole_task"):
+            return video_quality.load_world_model(self.workdir, model=name)
+        if name == "action_decoder":
+            return actions_eval.load_action_decoder(self.workdir)
+        return planner_eval.load_planner(self.workdir)
+
+    def policy(self, clips: str) -> PrimitivePolicy | None:
+        """The policy around the `clips` model (world_model or whole_task) and the decoder."""
+        world, decoder = self.get(clips), self.get("action_decoder")
+        if world is None or decoder is None:
+            return None
+        if f"policy/{clips}" not in self._loaded:
+            model, config, tokenizer = world
+            self._loaded[f"policy/{clips}"] = PrimitivePolicy(
+                model, config, tokenizer, decoder[0], decoder[2][0], batch_size=self.parallel,
+                seed=self.seed)
+        return self._loaded[f"policy/{clips}"]
+
+
+def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                 dataset_dir: str | pathlib.Path) -> dict:
+    """Runs the evaluation (module docstring), writes its artefacts and returns the report."""
+    workdir = pathlib.Path(workdir)
+    out = workdir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    e = config.eval
+    models = _Models(workdir, e.parallel_envs, e.seed)
+    world_model = models.get("world_model")
+    world = (world_model[1] if world_model is not None else config).world
+    specs = episode_specs(e)
+    report: dict = {
+        "workdir": str(workdir), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "settings": e.to_dict(), "world": world.to_dict(), "conditions": {}}
+    frames_of: list[EpisodeResult] = []
+    for name in e.conditions:
+        settings = CONDITIONS[name]
+        for model in needs(settings):
+            models.get(model)
+        lacking = [m for m in needs(settings) if m in models.missing]
+        if lacking:
+            report["conditions"][name] = {"settings": dataclasses.asdict(settings),
+                                          "skipped": "; ".join(models.missing[m] for m in lacking)}
+            continue
+        controller = Controller(
+            dataclasses.replace(settings, max_replans=e.max_replans),
+            image_size=world.image_size, max_delta=world.max_delta,
+            primitive_max_steps=world.primitive_max_steps,
+            frame_stride=int((world_model[1] if world_model else config).data.frame_stride),
+            policy=(models.policy(clip_model(settings)) if settings.executor == "decoded"
+                    else None),
+            planner=models.get("planner") if settings.planner == "vlm" else None,
+            num_objects=(world.num_objects_min, world.num_objects_max),
+            goal_reach_px=e.goal_reach_px)
+        start = time.perf_counter()
+        results = controller.run(specs, parallel=e.parallel_envs,
+                                 record=0 if frames_of else e.rollout_videos)
+        if not frames_of:
+            frames_of = [r for r in results if r.frames]
+        report["conditions"][name] = {
+            "settings": dataclasses.asdict(controller.settings),
+            "splits": {split: split_scores([r for r in results if r.spec.split == split])
+                       for split in e.splits},
+            "latency": controller.latency.summary(),
+            "seconds": round(time.perf_counter() - start, 2)}
+    oracle = report["conditions"].get("oracle", {}).get("splits")
+    for name, cond in report["conditions"].items():
+        if "splits" in cond:
+            cond["verdict"] = verdict(name, cond["splits"], oracle)
+    report["models"] = {"steps": models.steps, "missing": models.missing}
+    report.update(_component_scores(config, models, dataset_dir))
+    report["rollouts"] = [str(_write_gif(r, out / f"rollout_{k}.gif"))
+                          for k, r in enumerate(frames_of)]
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _write_tensorboard(report, workdir / "tensorboard" / "eval",
+                       models.steps.get("world_model", 0))
+    return report
+
+
+def _component_scores(config: ml_collections.ConfigDict, models: _Models,
+                      dataset_dir: str | pathlib.Path) -> dict:
+    """Held-out scores of each restored model beside its baseline."""
+    e = config.eval
+    out = {}
+    world = models.get("world_model")
+    if world is not None and e.video_clips:
+        try:
+            out["video_quality"] = dataclasses.asdict(video_quality.evaluate_video(
+                world[0], world[1], e.video_split, max_clips=e.video_clips,
+                batch_size=e.parallel_envs, goal_reach_px=e.goal_reach_px, seed=e.seed))
+        except DatasetError as err:
+            out["video_quality"] = {"skipped": str(err)}
+    decoder = models.get("action_decoder")
+    if decoder is not None and e.video_clips:
+        try:
+            out["actions"] = dataclasses.asdict(actions_eval.evaluate_action_decoder(
+                decoder[0], decoder[1], e.video_split, batch_size=e.parallel_envs,
+                max_clips=e.video_clips))
+        except DatasetError as err:
+            out["actions"] = {"skipped": str(err)}
+    planner = models.get("planner")
+    if planner is not None:
+        try:
+            out["planner"] = dataclasses.asdict(planner_eval.evaluate_planner(
+                planner, dataset_dir, e.video_split, batch_size=e.parallel_envs,
+                max_episodes=e.episodes_per_template * len(TEMPLATE_NAMES)))
+        except DatasetError as err:
+            out["planner"] = {"skipped": str(err)}
+    return out
+
+
+def _write_gif(result: EpisodeResult, path: pathlib.Path) -> pathlib.Path:
+    """An episode's [observation | imagined frame] pairs as an animated GIF."""
+    frames = [Image.fromarray(f).resize((f.shape[1] * _GIF_SCALE, f.shape[0] * _GIF_SCALE),
+                                        Image.Resampling.NEAREST) for f in result.frames]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+    return path
+
+
+def _write_tensorboard(report: dict, logdir: pathlib.Path, step: int) -> None:
+    """The report's scalars under eval/<condition>/<split>/... and eval/<component>/..."""
+    scalars = {}
+    for name, cond in report["conditions"].items():
+        for split, s in cond.get("splits", {}).items():
+            for key in ("success", "chain_length", "goal_reach"):
+                if s[key] is not None:
+                    scalars[f"eval/{name}/{split}/{key}"] = s[key]
+    for part in ("video_quality", "actions", "planner"):
+        for key, value in report.get(part, {}).items():
+            if isinstance(value, float) and math.isfinite(value):
+                scalars[f"eval/{part}/{key}"] = value
+    writer = MetricWriter(logdir)
+    try:
+        writer.scalars(step, scalars)
+    finally:
+        writer.close()
+
+
+def headline(report: dict) -> str:
+    """The report's headline numbers for a terminal, whatever they are."""
+    lines = [f"{'condition':<14}{'split':<22}{'success':>9}{'95% CI':>14}{'chain':>7}"
+             f"{'goal reach':>12}"]
+    for name, cond in report["conditions"].items():
+        if "skipped" in cond:
+            lines.append(f"{name:<14}skipped: {cond['skipped']}")
+            continue
+        for split, s in cond["splits"].items():
+            reach = "-" if s["goal_reach"] is None else f"{s['goal_reach']:.0%}"
+            lo, hi = s["success_ci95"]
+            lines.append(f"{name:<14}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>14}"
+                         f"{s['chain_length']:>7.2f}{reach:>12}")
+    v = report.get("video_quality", {})
+    if "psnr" in v:
+        lines.append(f"clips ({v['split']}, {v['clips']}): PSNR {v['psnr']:.2f} dB vs copy-context "
+                     f"{v['copy_psnr']:.2f}; SSIM {v['ssim']:.3f} vs {v['copy_ssim']:.3f}; goal "
+                     f"reach {v['goal_reach']:.0%} vs {v['copy_goal_reach']:.0%} (truth "
+                     f"{v['true_goal_reach']:.0%})")
+    a = report.get("actions", {})
+    if "mse" in a:
+        lines.append(f"actions ({a['split']}): mse {a['mse']:.3f} vs mean action "
+                     f"{a['mean_action_mse']:.3f}")
+    p = report.get("planner", {})
+    if "exact_match" in p:
+        lines.append(f"planner ({p['split']}): exact match {p['exact_match']:.0%}; point error "
+                     f"{p['point_error_px']:.1f} px vs image centre {p['centre_error_px']:.1f}")
+    pewm = report["conditions"].get("pewm", {}).get("latency", {})
+    if pewm:
+        lines.append("latency per primitive (s): " + ", ".join(
+            f"{k} {v['seconds_per_primitive']:.3f}" for k, v in pewm.items()))
+    lines += [c["verdict"] for c in report["conditions"].values() if "verdict" in c]
+    return "\n".join(lines)

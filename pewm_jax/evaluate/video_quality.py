@@ -1,0 +1,128 @@
+"""World-model evaluation on held-out clips: do the sampled futures look like the true ones?
+
+The EMA world model samples every clip of a split from its context frame, words and start/goal
+points (the config's sampler), and each figure sits beside the copy-context baseline (every
+future frame = the context frame, what a model that imagines no motion would score):
+
+    psnr, ssim          of the sampled frames against the true ones (dm-pix, per frame, mean)
+    copy_psnr, copy_ssim    the same for the copied context frame
+    goal_reach          fraction of clips whose last sampled frame shows the gripper within
+                        `goal_reach_px` of the goal point (`sim.render.locate_gripper`)
+    copy_goal_reach, true_goal_reach    the same for the context frame and the true last frame
+
+`load_world_model` restores the world model (EMA weights) from a run directory onto the default
+device, with its config and tokenizer taken from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tokenizers
+from etils import epath
+from flax import nnx
+
+from data_loaders import pipeline
+from data_loaders.whole_task_pipeline import whole_task_config
+from pewm_jax.diffusion.samplers import sample_from_config
+from pewm_jax.models.video_dit import WorldModel
+from pewm_jax.sim.render import locate_gripper
+from pewm_jax.train.checkpoint import find_checkpoint
+from pewm_jax.train.kinds import KINDS
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoScores:
+    """Sampled clips against the truth and the copy-context baseline (module docstring)."""
+
+    split: str
+    clips: int
+    psnr: float
+    ssim: float
+    copy_psnr: float
+    copy_ssim: float
+    goal_reach: float
+    copy_goal_reach: float
+    true_goal_reach: float
+
+
+def load_world_model(path: str | epath.PathLike, *, use_ema: bool = True,
+                     model: str = "world_model"
+                     ) -> tuple[WorldModel, ml_collections.ConfigDict, tokenizers.Tokenizer]:
+    """(world model, its config, its tokenizer) from a run's workdir, its `model` directory
+    (world_model/, or whole_task/ for the whole-task baseline, whose config comes back with
+    its clip horizon as data.horizon) or one step directory."""
+    kind = KINDS[model]
+    checkpoints, step = find_checkpoint(path, model=model)
+    try:
+        config = ml_collections.ConfigDict(checkpoints.read_json(step, "config"))
+        tokenizer = tokenizers.Tokenizer.from_str(
+            json.dumps(checkpoints.read_json(step, "tokenizer")))
+        vocab = tokenizer.get_vocab_size()
+        with nnx.use_eager_sharding(False):  # no mesh: restore_module places the arrays
+            abstract = nnx.eval_shape(lambda: kind.build(config, vocab, nnx.Rngs(0)))
+        restored = checkpoints.restore_module(step, abstract,
+                                              item="ema_params" if use_ema else "params")
+    finally:
+        checkpoints.close()
+    if model == "whole_task":
+        config = whole_task_config(config)
+    return restored, config, tokenizer
+
+
+def reaches_goal(frames: np.ndarray, goal_xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """(B,) bool: frame b (B, N, N, 3) shows the gripper within radius_px of goal_xy[b]."""
+    out = np.zeros(len(frames), bool)
+    for b, (frame, goal) in enumerate(zip(frames, goal_xy)):
+        found = locate_gripper(frame)
+        out[b] = found is not None and np.hypot(*(found - goal)) <= radius_px
+    return out
+
+
+@jax.jit
+def _frame_quality(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-frame PSNR and SSIM (B, H) of frames in [0, 1] (B, H, N, N, 3)."""
+    frames = a.reshape(-1, *a.shape[2:]), b.reshape(-1, *b.shape[2:])  # (B*H, N, N, 3) each
+    return (dm_pix.psnr(*frames).reshape(a.shape[:2]),
+            dm_pix.ssim(*frames).reshape(a.shape[:2]))
+
+
+def evaluate_video(model: WorldModel, config: ml_collections.ConfigDict, split: str, *,
+                   max_clips: int, batch_size: int, goal_reach_px: float,
+                   seed: int = 0) -> VideoScores:
+    """Samples the first `max_clips` clips of `split` (unaugmented), `batch_size` at a time
+    (the last batch padded, so the sampler compiles once), and scores them."""
+    clips = pipeline.ClipPipeline(config, split, augment=False, process_index=0,
+                                  process_count=1, num_workers=0)
+    count = min(max_clips, sum(clips.mixture.sizes))
+    if count == 0:
+        raise ValueError(f"split {split!r} has no clips to sample")
+    sums = np.zeros(4)  # psnr, ssim, copy psnr, copy ssim (each summed over clips)
+    reach = np.zeros(3)  # sampled, copied, true
+    for first in range(0, count, batch_size):
+        rows = list(range(first, min(first + batch_size, count)))
+        examples = [clips.element(p) for p in rows + [rows[0]] * (batch_size - len(rows))]
+        batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        sampled = sample_from_config(model, batch, jax.random.fold_in(jax.random.key(seed),
+                                                                        first), config)
+        sampled = np.asarray(sampled)[:len(rows)]  # (b, H, N, N, 3) in [0, 1]
+        truth = batch["frames"][:len(rows)].astype(np.float32) / 255.0
+        copied = np.broadcast_to(batch["context"][:len(rows), -1:].astype(np.float32) / 255.0,
+                                 truth.shape)
+        for k, guess in enumerate((sampled, copied)):
+            psnr, ssim = _frame_quality(jnp.asarray(guess), jnp.asarray(truth))
+            sums[2 * k] += float(jnp.sum(jnp.mean(psnr, axis=1)))
+            sums[2 * k + 1] += float(jnp.sum(jnp.mean(ssim, axis=1)))
+        goal = batch["goal_xy"][:len(rows)]
+        last = (np.round(sampled[:, -1] * 255).astype(np.uint8), batch["context"][:len(rows), -1],
+                batch["frames"][:len(rows), -1])
+        reach += [reaches_goal(frames, goal, goal_reach_px).sum() for frames in last]
+    psnr, ssim, copy_psnr, copy_ssim = (sums / count).tolist()
+    return VideoScores(split, count, psnr, ssim, copy_psnr, copy_ssim,
+                       *(reach / count).tolist())

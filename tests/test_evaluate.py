@@ -1,0 +1,111 @@
+"""Closed-loop evaluation of a run directory, end to end on CPU: every condition runs on the
+same seeds, every number is finite and in range, every artefact exists, the evaluation runs on
+one device from checkpoints written on eight, and missing models are skipped with the command
+that trains them."""
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, tiny_config
+
+from pewm_jax.config import EVAL_CONDITIONS
+from pewm_jax.evaluate import closed_loop
+
+EVAL = ["eval.episodes_per_template=1", "eval.splits=('train',)", "eval.parallel_envs=8",
+        "eval.video_clips=8", "eval.rollout_videos=2", "eval.max_replans=1"]
+
+
+@pytest.fixture(scope="module")
+def report(closed_loop_run, tabletop_dataset):
+    config = tiny_config(*EVAL, f"data.dataset_dir={tabletop_dataset}")
+    return closed_loop.evaluate_run(config, closed_loop_run, tabletop_dataset)
+
+
+def _in_unit(x) -> bool:
+    return isinstance(x, float) and 0.0 <= x <= 1.0
+
+
+def test_report_is_complete_finite_and_in_range(report, closed_loop_run):
+    assert tuple(report["conditions"]) == EVAL_CONDITIONS
+    assert set(report["models"]["steps"]) == {"world_model", "whole_task", "action_decoder",
+                                              "planner"}
+    for name, cond in report["conditions"].items():
+        s = cond["splits"]["train"]
+        assert s["episodes"] == 15 and _in_unit(s["success"]), name
+        lo, hi = s["success_ci95"]
+        assert 0.0 <= lo <= s["success"] <= hi <= 1.0
+        assert 0.0 <= s["chain_length"] <= s["task_length"]
+        assert all(_in_unit(v["success"]) and v["runs"] > 0 for v in s["per_primitive"].values())
+        assert sum(s["ends"].values()) == 15
+        decoded = cond["settings"]["executor"] == "decoded"
+        pointed = decoded and cond["settings"]["planner"] != "task"
+        assert (s["goal_reach"] is not None) == pointed and (not pointed or _in_unit(
+            s["goal_reach"]))
+        assert set(cond["latency"]) >= ({"generation", "action_decoding", "env"} if decoded
+                                        else {"env"})
+        assert all(math.isfinite(v["seconds_per_primitive"]) and v["seconds_per_primitive"] > 0
+                   for v in cond["latency"].values())
+        assert cond["verdict"].startswith(name)
+    assert report["conditions"]["oracle"]["splits"]["train"]["success"] >= 0.95
+    whole = report["conditions"]["whole_task"]["splits"]["train"]
+    assert set(whole["per_primitive"]) == {"task"} and whole["primitives_run"] == 1.0
+    v = report["video_quality"]
+    assert v["clips"] == 8 and all(math.isfinite(v[k]) for k in ("psnr", "copy_psnr"))
+    assert all(-1.0 <= v[k] <= 1.0 for k in ("ssim", "copy_ssim"))
+    assert all(_in_unit(v[k]) for k in ("goal_reach", "copy_goal_reach", "true_goal_reach"))
+    assert v["true_goal_reach"] >= 0.9  # the expert's last frames end on their goals
+    a = report["actions"]
+    assert a["mse"] >= 0 and a["mean_action_mse"] > 0
+    p = report["planner"]
+    assert _in_unit(p["exact_match"]) and p["centre_error_px"] > 0
+
+    out = closed_loop_run / "eval"
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert [pathlib.Path(g).name for g in report["rollouts"]] == ["rollout_0.gif",
+                                                                  "rollout_1.gif"]
+    assert all(pathlib.Path(g).stat().st_size > 0 for g in report["rollouts"])
+    logged = json.loads((closed_loop_run / "tensorboard" / "eval" / "metrics.jsonl")
+                        .read_text().splitlines()[-1])
+    assert logged["eval/oracle/train/success"] == report["conditions"]["oracle"]["splits"][
+        "train"]["success"]
+    assert "fails" in closed_loop.headline(report) or "solves" in closed_loop.headline(report)
+
+
+def test_missing_models_are_skipped_with_the_command_that_trains_them(tmp_path,
+                                                                      closed_loop_run,
+                                                                      tabletop_dataset):
+    shutil.copytree(closed_loop_run / "world_model", tmp_path / "world_model")
+    config = tiny_config(*EVAL, "eval.conditions=('world_plan','oracle','pewm')",
+                         "eval.video_clips=0", f"data.dataset_dir={tabletop_dataset}")
+    report = closed_loop.evaluate_run(config, tmp_path, tabletop_dataset)
+    assert "pewm actions" in report["conditions"]["world_plan"]["skipped"]
+    assert "pewm planner" in report["conditions"]["pewm"]["skipped"]
+    assert report["conditions"]["oracle"]["splits"]["train"]["success"] >= 0.95
+    assert "skipped" in closed_loop.headline(report)
+
+
+def test_eval_job_runs_on_one_device_from_an_eight_device_run(tmp_path, closed_loop_run,
+                                                              tabletop_dataset):
+    """`pewm eval` in a process with one CPU device restores checkpoints saved on eight."""
+    for model in ("world_model", "action_decoder", "planner"):
+        shutil.copytree(closed_loop_run / model, tmp_path / model)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    command = [sys.executable, "-m", "pewm_jax.cli", "eval", "--config=configs/quickstart.py",
+               f"--workdir={tmp_path}", f"--config.data.dataset_dir={tabletop_dataset}",
+               "--config.eval.conditions=('pewm',)", "--config.eval.episodes_per_template=1",
+               "--config.eval.splits=('train',)", "--config.eval.parallel_envs=4",
+               "--config.eval.video_clips=4", "--config.eval.rollout_videos=1"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["devices"].startswith("1 x")
+    assert report["conditions"]["pewm"]["splits"]["train"]["episodes"] == 15
+    assert "pewm" in done.stdout and "report:" in done.stdout
+
