@@ -66,6 +66,21 @@ def tabletop_dataset(tmp_path_factory) -> pathlib.Path:
     return out
 
 
+def assert_resumes_exactly(halfway_config, config, workdir: pathlib.Path, reference, kind):
+    """Training `kind` to step K (`halfway_config`) and resuming to 2K (`config`) in `workdir`
+    gives the uninterrupted `reference` run's losses of steps K+1..2K and its parameters."""
+    import jax
+    import numpy as np
+
+    from pewm_jax.train import loop
+
+    loop.train(halfway_config, workdir, kind=kind)
+    resumed = loop.train(config, workdir, kind=kind, resume=True)
+    assert resumed.losses == {s: reference.losses[s] for s in range(K + 1, 2 * K + 1)}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+                 jax.device_get(reference.state.params))
+
+
 def train_overrides(dataset: pathlib.Path, *overrides: str) -> list[str]:
     """Overrides of a tiny training run on `dataset` (the session's tiny tabletop data)."""
     return [*TINY_TRAIN, *RUN_STEPS, f"data.dataset_dir={dataset}", *overrides]

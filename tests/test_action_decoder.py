@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import K, TINY_DATA, TINY_DECODER, tiny_config
+from conftest import K, TINY_DATA, TINY_DECODER, assert_resumes_exactly, tiny_config
 from flax import nnx
 
 from data_loaders import clip_dataset, pipeline, tabletop
@@ -82,12 +82,8 @@ def test_decoder_trains_in_its_run_directory_and_resumes_exactly(decoder_run, ta
     assert ckpt_lib.RunCheckpoints(workdir / "action_decoder", read_only=True).steps() == [
         K, 2 * K]
     assert not (workdir / "world_model").exists() and not (workdir / "planner").exists()
-    loop.train(decoder_config(tabletop_dataset, f"action_decoder.train.steps={K}"), tmp_path,
-               kind=kinds.ACTION_DECODER)
-    resumed = loop.train(config, tmp_path, kind=kinds.ACTION_DECODER, resume=True)
-    assert resumed.losses == {s: reference.losses[s] for s in range(K + 1, 2 * K + 1)}
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
-                 jax.device_get(reference.state.params))
+    assert_resumes_exactly(decoder_config(tabletop_dataset, f"action_decoder.train.steps={K}"),
+                           config, tmp_path, reference, kinds.ACTION_DECODER)
     # Its settings are its own: world-model keys may change, its own may not.
     changed = decoder_config(tabletop_dataset, "model.width=48", "planner.width=48")
     assert loop.train(changed, workdir, kind=kinds.ACTION_DECODER).status == "reused"

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import K, TINY_DATA, TINY_PLANNER, tiny_config
+from conftest import K, TINY_DATA, TINY_PLANNER, assert_resumes_exactly, tiny_config
 from flax import nnx
 
 from data_loaders import tabletop, transforms
@@ -221,12 +221,8 @@ def test_planner_trains_in_its_run_directory_and_resumes_exactly(planner_run, ta
     logged = ckpt_lib.RunCheckpoints(workdir / "planner", read_only=True)
     assert logged.read_json(2 * K, "tokenizer") == json.loads(
         (tabletop_dataset / "tokenizer.json").read_text())
-    loop.train(planner_config(tabletop_dataset, f"planner.train.steps={K}"), tmp_path,
-               kind=kinds.PLANNER)
-    resumed = loop.train(config, tmp_path, kind=kinds.PLANNER, resume=True)
-    assert resumed.losses == {s: reference.losses[s] for s in range(K + 1, 2 * K + 1)}
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
-                 jax.device_get(reference.state.params))
+    assert_resumes_exactly(planner_config(tabletop_dataset, f"planner.train.steps={K}"),
+                           config, tmp_path, reference, kinds.PLANNER)
 
 
 def test_world_model_settings_do_not_block_a_planner_resume(planner_run, tmp_path,

@@ -36,7 +36,7 @@ import numpy as np
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
 from pewm_jax.sim import TabletopEnv
 from pewm_jax.sim.primitives import Expert, Infeasible, Primitive, primitive_from_text
-from pewm_jax.sim.render import locate_gripper
+from pewm_jax.sim.render import gripper_at
 from pewm_jax.vlm.planner import Planner
 
 PLANNERS = ("vlm", "world", "task")
@@ -321,9 +321,7 @@ class Controller:
         start = time.perf_counter()
         for i, (slot, command) in enumerate(running):
             primitive, plan = self._check(slot, command)
-            found = locate_gripper(out.clips[i, -1])
-            reached = found is not None and bool(
-                np.hypot(*(found - np.asarray(command.goal_xy))) <= self.goal_reach_px)
+            reached = gripper_at(out.clips[i, -1], command.goal_xy, self.goal_reach_px)
             steps = 0
             for j, label in enumerate(out.actions[i]):
                 # A label covers frame_stride environment steps: the summed displacement is

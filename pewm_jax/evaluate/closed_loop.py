@@ -193,7 +193,9 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     e = config.eval
     models = _Models(workdir, e.parallel_envs, e.seed)
     world_model = models.get("world_model")
-    world = (world_model[1] if world_model is not None else config).world
+    # The world and clip settings the models saw (the given config when there is no model).
+    trained = world_model[1] if world_model is not None else config
+    world = trained.world
     specs = episode_specs(e)
     report: dict = {
         "workdir": str(workdir), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -214,7 +216,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             dataclasses.replace(settings, max_replans=e.max_replans),
             image_size=world.image_size, max_delta=world.max_delta,
             primitive_max_steps=world.primitive_max_steps,
-            frame_stride=int((world_model[1] if world_model else config).data.frame_stride),
+            frame_stride=int(trained.data.frame_stride),
             policy=(models.policy(clip_model(settings)) if settings.executor == "decoded"
                     else None),
             planner=models.get("planner") if settings.planner == "vlm" else None,

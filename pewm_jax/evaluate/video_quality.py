@@ -32,7 +32,7 @@ from data_loaders import pipeline
 from data_loaders.whole_task_pipeline import whole_task_config
 from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.video_dit import WorldModel
-from pewm_jax.sim.render import locate_gripper
+from pewm_jax.sim.render import gripper_at
 from pewm_jax.train.checkpoint import find_checkpoint
 from pewm_jax.train.kinds import KINDS
 
@@ -78,11 +78,8 @@ def load_world_model(path: str | epath.PathLike, *, use_ema: bool = True,
 
 def reaches_goal(frames: np.ndarray, goal_xy: np.ndarray, radius_px: float) -> np.ndarray:
     """(B,) bool: frame b (B, N, N, 3) shows the gripper within radius_px of goal_xy[b]."""
-    out = np.zeros(len(frames), bool)
-    for b, (frame, goal) in enumerate(zip(frames, goal_xy)):
-        found = locate_gripper(frame)
-        out[b] = found is not None and np.hypot(*(found - goal)) <= radius_px
-    return out
+    return np.array([gripper_at(frame, goal, radius_px) for frame, goal in zip(frames, goal_xy)],
+                    bool)
 
 
 @jax.jit

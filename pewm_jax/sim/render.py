@@ -128,3 +128,10 @@ def locate_gripper(image: np.ndarray, max_level: int = 64, min_pixels: int = 2
     weights = darkness[rows, cols]
     return np.array([np.average(cols + 0.5, weights=weights),
                      np.average(rows + 0.5, weights=weights)], np.float32)
+
+
+def gripper_at(image: np.ndarray, xy, radius_px: float) -> bool:
+    """Whether the image shows the gripper's palm within radius_px of the pixel point xy (how
+    evaluation decides that an imagined frame reached a goal point)."""
+    found = locate_gripper(image)
+    return found is not None and bool(np.hypot(*(found - np.asarray(xy))) <= radius_px)
