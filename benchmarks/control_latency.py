@@ -32,6 +32,7 @@ from data_loaders.tokenizer import build_tokenizer
 from data_loaders.whole_task_pipeline import whole_task_config
 from pewm_jax.config import load_config
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
+from pewm_jax.diffusion import target_settings
 from pewm_jax.diffusion.samplers import sample
 from pewm_jax.models.action_decoder import build_action_decoder
 from pewm_jax.sim import TabletopEnv, expert_episode
@@ -137,7 +138,8 @@ def main() -> None:
         def run(m=model, h=horizon):
             return jax.block_until_ready(sample(
                 m, cond, jax.random.key(0), horizon=h, num_steps=d.num_steps,
-                sampler=d.sampler, sgg_sigma_px=float(d.sgg_sigma_px)))
+                sampler=d.sampler, sgg_sigma_px=float(d.sgg_sigma_px),
+                **target_settings(sized)))
         run()
         cost[horizon] = statistics.median(_timed(run)[1] for _ in range(5))
     print(f"clip generation: primitive clip ({config.data.horizon} frames) "

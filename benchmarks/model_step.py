@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from pewm_jax.config import load_config
-from pewm_jax.diffusion import loss_fn, sample
+from pewm_jax.diffusion import loss_fn, sample, target_settings
 from pewm_jax.models import WorldModel
 from pewm_jax.models.flops import world_model_flops
 from pewm_jax.models.text_encoder import make_text_encoder
@@ -94,7 +94,7 @@ def clip_latency(model: WorldModel, cond: dict, config, num_steps: int, text_gui
     """Best seconds to sample one clip (compiled beforehand)."""
     kwargs = dict(horizon=config.data.horizon, num_steps=num_steps, sampler="euler",
                   text_guidance=text_guidance, sgg_guidance=sgg_guidance,
-                  sgg_sigma_px=float(config.diffusion.sgg_sigma_px))
+                  sgg_sigma_px=float(config.diffusion.sgg_sigma_px), **target_settings(config))
     sample(model, cond, jax.random.key(0), **kwargs).block_until_ready()
     return min(_timed(lambda: sample(model, cond, jax.random.key(1), **kwargs).block_until_ready())
                for _ in range(repeats))

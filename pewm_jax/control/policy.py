@@ -26,7 +26,7 @@ from flax import nnx
 
 from data_loaders.clips import ActionStats
 from data_loaders.tokenizer import encode_batch
-from pewm_jax.diffusion.samplers import sample
+from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.action_decoder import ActionDecoder
 from pewm_jax.models.video_dit import WorldModel
 
@@ -102,13 +102,10 @@ class PrimitivePolicy:
                 "goal_xy": np.array([c.goal_xy for c in commands], np.float32),
                 "sgg_valid": np.full((b,), use_sgg)}
         cond = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in cond.items()}
-        d = self.config.diffusion
         rng = jax.random.fold_in(jax.random.key(self.seed), step_index)
         start = time.perf_counter()
-        unit = sample(self.world_model, cond, rng, horizon=self.horizon,
-                      num_steps=int(d.num_steps), sampler=d.sampler,
-                      text_guidance=float(d.text_guidance), sgg_guidance=float(d.sgg_guidance),
-                      sgg_sigma_px=float(d.sgg_sigma_px))  # (B', H, N, N, 3) in [0, 1]
+        unit = sample_from_config(self.world_model, cond, rng, self.config,
+                                  horizon=self.horizon)  # (B', H, N, N, 3) in [0, 1]
         clips = np.asarray(jax.device_get(
             (unit * 255.0 + 0.5).clip(0, 255).astype(np.uint8)))  # (B', H, N, N, 3)
         generated = time.perf_counter()

@@ -7,6 +7,17 @@ velocity from t = 1 down to t = 0. Training times are logit-normal, t = sigmoid(
 n ~ N(0, 1) (SD3), which spends most steps at intermediate noise levels.
 
 Pixels: uint8 frames map to [-1, 1] (`frames_to_model`), samples back to [0, 1].
+
+Target (`diffusion.target`): 'frames' diffuses the clip's pixels; 'residual' diffuses the clip's
+change from the last context frame, times `diffusion.residual_scale`, so the still scene (most
+of a primitive clip) is copied exactly and the model spends its capacity on what moves.
+
+Prediction (`diffusion.prediction`): the network outputs either the velocity ('velocity') or the
+clean data x0 ('clean', as in JiT, Li & He 2025), turned into the velocity
+v = (x_t - x0_hat) / max(t, T_MIN) for the loss and the sampler. Clean data lies on a
+low-dimensional manifold, noise does not: a narrow pixel-space model (patch dimension above
+its width) predicts x0 far better than v, and its zero-initialised output head starts at
+x0_hat = 0, which with the residual target is the copied context frame.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from pewm_jax.config import DIFFUSION_PREDICTIONS as PREDICTIONS
+from pewm_jax.config import DIFFUSION_TARGETS
 from pewm_jax.models.video_dit import WorldModel
 from pewm_jax.sgg import render_heatmaps
 
@@ -29,6 +42,51 @@ def frames_to_model(frames: jax.Array) -> jax.Array:
 def model_to_unit(x: jax.Array) -> jax.Array:
     """Model-space pixels (about [-1, 1]) -> float32 clipped to [0, 1]."""
     return jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+T_MIN = 0.05  # clean prediction: smallest time divided by (keeps v finite near the data)
+
+
+def clip_to_target(frames: jax.Array, context: jax.Array, target: str,
+                   residual_scale: float) -> jax.Array:
+    """Model-space clip (B, T, N, N, 3) -> the diffused data x0 for `target` (module doc);
+    context (B, C, N, N, 3) in model space."""
+    if target == "frames":
+        return frames
+    if target == "residual":
+        return (frames - context[:, -1:]) * residual_scale  # (B, T, N, N, 3)
+    raise ValueError(f"diffusion target must be one of {DIFFUSION_TARGETS}, got {target!r}")
+
+
+def target_to_unit(x: jax.Array, context: jax.Array, target: str,
+                   residual_scale: float) -> jax.Array:
+    """Inverse of `clip_to_target`, to pixels clipped to [0, 1]: (B, T, N, N, 3) float32."""
+    if target == "residual":
+        x = x / residual_scale + context[:, -1:]  # (B, T, N, N, 3)
+    elif target != "frames":
+        raise ValueError(f"diffusion target must be one of {DIFFUSION_TARGETS}, got {target!r}")
+    return model_to_unit(x)
+
+
+def target_settings(config: ml_collections.ConfigDict) -> dict[str, str | float]:
+    """`target`, `residual_scale` and `prediction` of a config's diffusion section (for
+    checkpoints saved before these options existed: frames and velocity)."""
+    d = config.diffusion
+    return {"target": d.get("target", "frames"),
+            "residual_scale": float(d.get("residual_scale", 1.0)),
+            "prediction": d.get("prediction", "velocity")}
+
+
+def output_to_velocity(out: jax.Array, x_t: jax.Array, t: jax.Array,
+                       prediction: str) -> jax.Array:
+    """The network's output (B, T, N, N, 3) as a velocity, for `prediction` (module doc);
+    t (B,) flow times."""
+    if prediction == "velocity":
+        return out
+    if prediction == "clean":
+        t = jnp.maximum(t, T_MIN).reshape((-1,) + (1,) * (x_t.ndim - 1))  # (B, 1, 1, 1, 1)
+        return (x_t - out) / t  # (B, T, N, N, 3)
+    raise ValueError(f"diffusion prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
 
 def sample_time(rng: jax.Array, batch_size: int, mean: float, std: float) -> jax.Array:
@@ -57,8 +115,10 @@ def loss_fn(model: WorldModel, batch: Mapping[str, jax.Array], rng: jax.Array,
     Clips with `sgg_valid` False always train without SGG. Call inside a jitted step.
     """
     d = config.diffusion
-    x0 = frames_to_model(batch["frames"])  # (B, T, N, N, 3)
     context = frames_to_model(batch["context"])  # (B, C, N, N, 3)
+    settings = target_settings(config)
+    x0 = clip_to_target(frames_to_model(batch["frames"]), context, settings["target"],
+                        settings["residual_scale"])  # (B, T, N, N, 3)
     b, n = x0.shape[0], x0.shape[2]
     rng_t, rng_noise, rng_text, rng_sgg = jax.random.split(rng, 4)
 
@@ -73,7 +133,8 @@ def loss_fn(model: WorldModel, batch: Mapping[str, jax.Array], rng: jax.Array,
     heatmaps = render_heatmaps(batch["start_xy"], batch["goal_xy"], keep_sgg, n, n,
                                d.sgg_sigma_px)  # (B, N, N, 2)
 
-    v = model(x_t, t, context, text, text_mask & keep_text[:, None], heatmaps, keep_sgg)
+    out = model(x_t, t, context, text, text_mask & keep_text[:, None], heatmaps, keep_sgg)
+    v = output_to_velocity(out, x_t, t, settings["prediction"])  # (B, T, N, N, 3)
     err = jnp.mean(jnp.square(v - velocity_target(x0, noise)), axis=(1, 2, 3, 4))  # (B,)
     loss = jnp.mean(err)
     metrics = {"loss": loss,

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from pewm_jax.diffusion.flow import frames_to_model, model_to_unit
+from pewm_jax.diffusion.flow import (frames_to_model, output_to_velocity, target_settings,
+                                    target_to_unit)
 from pewm_jax.models.video_dit import WorldModel
 from pewm_jax.sgg import render_heatmaps
 
@@ -32,11 +33,13 @@ SAMPLERS = ("euler", "heun")
 
 def guided_velocity(model: WorldModel, x_t: jax.Array, t: jax.Array, context: jax.Array,
                     text: jax.Array, text_mask: jax.Array, heatmaps: jax.Array,
-                    sgg_keep: jax.Array, *, text_guidance: float,
-                    sgg_guidance: float) -> jax.Array:
-    """Guided velocity (B, T, N, N, 3) (formula in the module doc); arguments as `WorldModel`."""
+                    sgg_keep: jax.Array, *, text_guidance: float, sgg_guidance: float,
+                    prediction: str) -> jax.Array:
+    """Guided velocity (B, T, N, N, 3) (formula in the module doc); arguments as `WorldModel`,
+    `prediction` what the network outputs (`flow.output_to_velocity`)."""
     if text_guidance == 1.0 and sgg_guidance == 1.0:
-        return model(x_t, t, context, text, text_mask, heatmaps, sgg_keep)
+        return output_to_velocity(model(x_t, t, context, text, text_mask, heatmaps, sgg_keep),
+                                  x_t, t, prediction)
     b = x_t.shape[0]
     no_sgg = jnp.zeros_like(sgg_keep)  # (B,)
 
@@ -47,20 +50,24 @@ def guided_velocity(model: WorldModel, x_t: jax.Array, t: jax.Array, context: ja
               jnp.concatenate([jnp.zeros_like(text_mask), text_mask, text_mask]),  # (3B, L)
               jnp.concatenate([jnp.zeros_like(heatmaps), jnp.zeros_like(heatmaps), heatmaps]),
               jnp.concatenate([no_sgg, no_sgg, sgg_keep]))  # (3B, T, N, N, 3)
+    v = output_to_velocity(v, tile(x_t), tile(t), prediction)  # (3B, T, N, N, 3)
     v_uncond, v_text, v_full = v[:b], v[b:2 * b], v[2 * b:]  # each (B, T, N, N, 3)
     return v_uncond + text_guidance * (v_text - v_uncond) + sgg_guidance * (v_full - v_text)
 
 
 @nnx.jit(static_argnames=("horizon", "num_steps", "sampler", "text_guidance", "sgg_guidance",
-                          "sgg_sigma_px"))
+                          "sgg_sigma_px", "target", "residual_scale", "prediction"))
 def sample(model: WorldModel, cond: Mapping[str, jax.Array], rng: jax.Array, *, horizon: int,
-           num_steps: int, sampler: str = "euler", text_guidance: float = 1.0,
-           sgg_guidance: float = 1.0, sgg_sigma_px: float = 2.0) -> jax.Array:
+           num_steps: int, target: str, residual_scale: float, prediction: str,
+           sampler: str = "euler", text_guidance: float = 1.0, sgg_guidance: float = 1.0,
+           sgg_sigma_px: float = 2.0) -> jax.Array:
     """Samples one clip per conditioning row: (B, horizon, N, N, 3) float32 in [0, 1].
 
     `cond` holds the conditioning keys of a batch (`BatchSpec`): context (B, C, N, N, 3) uint8,
     text_tokens (B, L) int32, text_mask (B, L) bool, start_xy, goal_xy (B, 2) float32 pixels,
     sgg_valid (B,) bool; other keys are ignored. The same `rng` gives the same clips.
+    `target`, `residual_scale` and `prediction` must be those the model trained with
+    (`flow.target_settings`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -78,7 +85,8 @@ def sample(model: WorldModel, cond: Mapping[str, jax.Array], rng: jax.Array, *, 
     def velocity(x: jax.Array, t: jax.Array) -> jax.Array:
         return guided_velocity(nnx.merge(graphdef, state), x, jnp.full((b,), t), context, text,
                                text_mask, heatmaps, sgg_keep, text_guidance=text_guidance,
-                               sgg_guidance=sgg_guidance)  # (B, T, N, N, 3)
+                               sgg_guidance=sgg_guidance,
+                               prediction=prediction)  # (B, T, N, N, 3)
 
     def step(i: jax.Array, x: jax.Array) -> jax.Array:
         t = 1.0 - i / num_steps
@@ -90,7 +98,7 @@ def sample(model: WorldModel, cond: Mapping[str, jax.Array], rng: jax.Array, *, 
 
     x = jax.random.normal(rng, (b, horizon, n, n, 3))  # (B, T, N, N, 3) at t = 1
     x = jax.lax.fori_loop(0, num_steps, step, x)  # (B, T, N, N, 3) at t = 0
-    return model_to_unit(x)
+    return target_to_unit(x, context, target, residual_scale)
 
 
 def sample_from_config(model: WorldModel, cond: Mapping[str, jax.Array], rng: jax.Array,
@@ -101,4 +109,4 @@ def sample_from_config(model: WorldModel, cond: Mapping[str, jax.Array], rng: ja
     return sample(model, cond, rng, horizon=horizon or config.data.horizon,
                   num_steps=num_steps or d.num_steps, sampler=d.sampler,
                   text_guidance=float(d.text_guidance), sgg_guidance=float(d.sgg_guidance),
-                  sgg_sigma_px=float(d.sgg_sigma_px))
+                  sgg_sigma_px=float(d.sgg_sigma_px), **target_settings(config))
