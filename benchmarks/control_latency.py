@@ -32,8 +32,7 @@ from data_loaders.tokenizer import build_tokenizer
 from data_loaders.whole_task_pipeline import whole_task_config
 from pewm_jax.config import load_config
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
-from pewm_jax.diffusion import target_settings
-from pewm_jax.diffusion.samplers import sample
+from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.action_decoder import build_action_decoder
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim.primitives import all_primitives
@@ -127,7 +126,6 @@ def main() -> None:
             "text_mask": np.ones((args.batch, config.data.max_text_tokens), bool),
             "start_xy": np.zeros((args.batch, 2), np.float32),
             "goal_xy": np.zeros((args.batch, 2), np.float32), "sgg_valid": np.ones((args.batch,), bool)}
-    d = config.diffusion
     cost = {}
     for horizon in (config.data.horizon, whole):
         sized = whole_task_config(config)  # the same model for `horizon` frames (random weights)
@@ -135,11 +133,8 @@ def main() -> None:
         with nnx.use_eager_sharding(False):
             model = WORLD_MODEL.build(sized, policy.tokenizer.get_vocab_size(), nnx.Rngs(3))
 
-        def run(m=model, h=horizon):
-            return jax.block_until_ready(sample(
-                m, cond, jax.random.key(0), horizon=h, num_steps=d.num_steps,
-                sampler=d.sampler, sgg_sigma_px=float(d.sgg_sigma_px),
-                **target_settings(sized)))
+        def run(m=model, c=sized):
+            return jax.block_until_ready(sample_from_config(m, cond, jax.random.key(0), c))
         run()
         cost[horizon] = statistics.median(_timed(run)[1] for _ in range(5))
     print(f"clip generation: primitive clip ({config.data.horizon} frames) "

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from pewm_jax.config import DIFFUSION_PREDICTIONS as PREDICTIONS
-from pewm_jax.config import DIFFUSION_TARGETS
+from pewm_jax.config import DIFFUSION_PREDICTIONS, DIFFUSION_TARGETS
 from pewm_jax.models.video_dit import WorldModel
 from pewm_jax.sgg import render_heatmaps
 
@@ -86,7 +85,7 @@ def output_to_velocity(out: jax.Array, x_t: jax.Array, t: jax.Array,
     if prediction == "clean":
         t = jnp.maximum(t, T_MIN).reshape((-1,) + (1,) * (x_t.ndim - 1))  # (B, 1, 1, 1, 1)
         return (x_t - out) / t  # (B, T, N, N, 3)
-    raise ValueError(f"diffusion prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    raise ValueError(f"diffusion prediction must be one of {DIFFUSION_PREDICTIONS}, got {prediction!r}")
 
 
 def sample_time(rng: jax.Array, batch_size: int, mean: float, std: float) -> jax.Array:

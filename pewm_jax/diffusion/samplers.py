@@ -23,12 +23,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from pewm_jax.config import SAMPLERS
 from pewm_jax.diffusion.flow import (frames_to_model, output_to_velocity, target_settings,
                                     target_to_unit)
 from pewm_jax.models.video_dit import WorldModel
 from pewm_jax.sgg import render_heatmaps
-
-SAMPLERS = ("euler", "heun")
 
 
 def guided_velocity(model: WorldModel, x_t: jax.Array, t: jax.Array, context: jax.Array,
