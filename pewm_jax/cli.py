@@ -9,6 +9,7 @@
     pewm eval    --config=configs/quickstart.py --workdir=runs/quickstart
     pewm ingest  --config=configs/quickstart.py --workdir=runs/bridge \\
                  --spec=configs/rlds/bridge.py --source=/data/bridge_dataset/1.0.0
+    pewm export  --config=configs/quickstart.py --workdir=runs/quickstart --out=bundles/q1
 
 Every job takes `--config` (an ml-collections config file, `path.py[:arg]`, with
 `--config.<key>=<value>` overrides) and `--workdir`. The config is loaded and validated by
@@ -52,6 +53,9 @@ JOBS: dict[str, str] = {
             "action_decoder/, planner/) on config.eval: success with 95% intervals beside the "
             "oracle and ablations, clip quality, latency (<workdir>/eval/report.json, GIFs)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
+    "export": "export the run's world model and action decoder as a bundle for robots "
+              "(safetensors weights, StableHLO policy step for cpu/cuda/tpu, tokenizer, "
+              "statistics, manifest with hashes; --out, default <workdir>/export)",
 }
 
 
@@ -101,6 +105,15 @@ def _define_flags(job: str) -> None:
         flags.DEFINE_string("out", None, "Clip dataset directory to write; default "
                             "<workdir>/data_<spec name>.")
         required += ["spec", "source"]
+    if job == "export":
+        flags.DEFINE_string("out", None, "Bundle directory to write (must not exist); default "
+                            "<workdir>/export.")
+        flags.DEFINE_bool("raw_params", False, "Export the raw parameters instead of the EMA "
+                          "ones.")
+        flags.DEFINE_string("world_model", None, "A world_model step directory to export "
+                            "instead of the newest step in <workdir>/world_model.")
+        flags.DEFINE_string("action_decoder", None, "An action_decoder step directory to export "
+                            "instead of the newest step in <workdir>/action_decoder.")
     flags.mark_flags_as_required(required)
 
 
@@ -283,6 +296,24 @@ def _eval_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: s
           f"{', '.join(report['rollouts']) or 'none'}")
 
 
+def _export_job(workdir: pathlib.Path) -> None:
+    """Writes the run's export bundle and prints where and what it holds."""
+    from pewm_jax.export import bundle
+
+    f = flags.FLAGS
+    out = pathlib.Path(f.out or workdir / "export")
+    try:
+        manifest = bundle.export_bundle(workdir, out, world_model=f.world_model,
+                                        action_decoder=f.action_decoder,
+                                        use_ema=not f.raw_params)
+    except bundle.ExportError as e:
+        _fail(str(e))
+    steps = ", ".join(f"{k} step {v}" for k, v in manifest["source"]["steps"].items())
+    print(f"[export] {out}: {steps} ({manifest['source']['params']}), policy step for "
+          f"{'/'.join(manifest['policy_step']['platforms'])}; run it with "
+          "pewm_jax.export.runtime.BundlePolicy(runtime.load_bundle(dir))")
+
+
 def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,
                job: str) -> bool:
     """Runs one stage; with several processes only training runs on all of them, the other
@@ -314,6 +345,9 @@ def _job(job: str, overrides: list[str]):
         workdir = pathlib.Path(flags.FLAGS.workdir)
         if job == "ingest":
             _ingest_job(config, workdir)
+            return
+        if job == "export":
+            _export_job(workdir)
             return
         for stage in config.run.stages if job == "run" else (job,):
             if stage not in _STAGES:

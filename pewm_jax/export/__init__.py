@@ -1,0 +1,1 @@
+"""Export bundles for robots: the bundle writer, its runtime, the policy server."""
