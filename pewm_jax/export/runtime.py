@@ -1,8 +1,10 @@
 """Running an export bundle (`bundle.py`) with jax, numpy, safetensors and `tokenizers` only.
 
-No Flax, no model code and no training imports: a robot installs jax and these few packages,
-copies the bundle directory and calls `BundlePolicy.step`. `load_bundle` checks every file
-against the manifest's size and sha256 first and refuses a bundle that does not match.
+Besides those it uses only the project's numpy-only data contracts (the tokenizer encoding and
+`ActionStats`). No Flax, no model code and no training imports: a robot installs jax and
+these few packages, copies the bundle directory and calls `BundlePolicy.step`. `load_bundle`
+checks every file against the manifest's size and sha256 first and refuses a bundle that does
+not match.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import safetensors.numpy
 import tokenizers
 from jax import export
 
+from data_loaders.clips import ActionStats
 from data_loaders.tokenizer import encode_batch
 
 BUNDLE_FORMAT = 1
@@ -118,10 +121,7 @@ class BundlePolicy:
         shapes = bundle.manifest["policy_step"]
         self.image_size, self.context_frames = shapes["image_size"], shapes["context_frames"]
         self.max_text_tokens, self.action_dim = shapes["max_text_tokens"], shapes["action_dim"]
-        stats = bundle.action_stats
-        mask = np.asarray(stats["normalize_mask"], bool)
-        self._scale = np.where(mask, np.maximum(np.asarray(stats["std"]), 1e-6), 1.0)
-        self._shift = np.where(mask, np.asarray(stats["mean"]), 0.0)
+        self.stats = ActionStats.from_json(bundle.action_stats)
 
     def step(self, observations: np.ndarray, commands: Sequence[Command], *,
              step_index: int, use_sgg: bool = True) -> BundleStep:
@@ -143,5 +143,5 @@ class BundlePolicy:
             np.uint32(self.seed), np.int32(step_index))
         clips, normalised = np.asarray(clips), np.asarray(normalised)  # waits for the device
         seconds = time.perf_counter() - start
-        actions = (normalised[..., :self.action_dim] * self._scale + self._shift)
-        return BundleStep(clips, actions.astype(np.float32), seconds)
+        return BundleStep(clips, self.stats.denormalize(normalised[..., :self.action_dim]),
+                          seconds)
