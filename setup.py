@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "gymnasium>=1.0,<2",
     "pillow>=10,<13",
     "safetensors>=0.6,<1",
+    "msgpack>=1.0,<2",  # the policy server's wire format (flax already installs it)
     "einops>=0.8,<1",
     "tqdm>=4.66,<5",
     "dm-pix>=0.4.5,<0.5",  # PSNR / SSIM of sampled clips (evaluation)

@@ -110,6 +110,13 @@ class ActionStats:
         shift = np.where(self.normalize_mask, self.mean, 0.0)
         return (actions * scale + shift).astype(np.float32)
 
+    def step_actions(self, labels: np.ndarray, stride: int) -> np.ndarray:
+        """(..., A) clip labels -> the action of each of the `stride` environment steps that
+        execute them: the summed displacement spread evenly, gripper commands repeated (the
+        inverse of `clip_actions`; normalize_mask marks the non-gripper dimensions)."""
+        labels = np.asarray(labels, np.float32)
+        return np.where(self.normalize_mask, labels / stride, labels).astype(np.float32)
+
     def to_json(self) -> dict:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "q01": self.q01.tolist(),
                 "q99": self.q99.tolist(), "normalize_mask": self.normalize_mask.tolist(),

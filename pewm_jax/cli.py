@@ -114,6 +114,8 @@ def _define_flags(job: str) -> None:
                             "instead of the newest step in <workdir>/world_model.")
         flags.DEFINE_string("action_decoder", None, "An action_decoder step directory to export "
                             "instead of the newest step in <workdir>/action_decoder.")
+        flags.DEFINE_string("planner", None, "A planner step directory to export instead of "
+                            "the newest step in <workdir>/planner (exported when there is one).")
     flags.mark_flags_as_required(required)
 
 
@@ -304,14 +306,18 @@ def _export_job(workdir: pathlib.Path) -> None:
     out = pathlib.Path(f.out or workdir / "export")
     try:
         manifest = bundle.export_bundle(workdir, out, world_model=f.world_model,
-                                        action_decoder=f.action_decoder,
+                                        action_decoder=f.action_decoder, planner=f.planner,
                                         use_ema=not f.raw_params)
     except bundle.ExportError as e:
         _fail(str(e))
     steps = ", ".join(f"{k} step {v}" for k, v in manifest["source"]["steps"].items())
-    print(f"[export] {out}: {steps} ({manifest['source']['params']}), policy step for "
-          f"{'/'.join(manifest['policy_step']['platforms'])}; run it with "
-          "pewm_jax.export.runtime.BundlePolicy(runtime.load_bundle(dir))")
+    planner = (f"planner steps and the planner in Hugging Face format ({out}/planner_hf)"
+               if manifest["planner"] else "no planner (the run has none: the closed loop "
+               "needs one, `pewm planner`)")
+    print(f"[export] {out}: {steps} ({manifest['source']['params']}); policy step, {planner}; "
+          f"lowered for {'/'.join(manifest['policy_step']['platforms'])}. Run it with "
+          "pewm_jax.export.runtime (load_bundle, BundleController) or serve it: python -m "
+          f"pewm_jax.export.server --bundle={out}")
 
 
 def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.Path,

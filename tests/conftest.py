@@ -113,3 +113,13 @@ def closed_loop_run(tmp_path_factory, tabletop_dataset, reference_run):
     loop.train(tiny_config(*TINY_DECODER, data), workdir, kind=kinds.ACTION_DECODER)
     loop.train(tiny_config(*TINY_PLANNER, data), workdir, kind=kinds.PLANNER)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def exported(closed_loop_run, tmp_path_factory) -> pathlib.Path:
+    """The export bundle of the closed-loop run (EMA weights, newest steps); read-only."""
+    from pewm_jax.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    export_bundle(closed_loop_run, out)
+    return out

@@ -87,6 +87,17 @@ def test_clip_actions_sum_displacement_and_keep_last_grip():
     np.testing.assert_array_equal(labels, [[3, 0, 1], [7, 2, -1], [5, 2, -1], [0, 0, -1]])
 
 
+def test_step_actions_replay_a_label_over_its_stride():
+    """Executing a label's per-step actions for `stride` steps sums back to the label's
+    displacement and repeats its gripper command (what the controller and bundle runtime do)."""
+    stats = clips.ActionStats.compute(np.random.default_rng(0).normal(size=(20, 3)), [2])
+    labels = np.array([[3, 0, 1], [7, 2, -1]], np.float32)
+    steps = stats.step_actions(labels, 4)
+    np.testing.assert_allclose(steps[:, :2] * 4, labels[:, :2])
+    np.testing.assert_array_equal(steps[:, 2], labels[:, 2])
+    assert steps.dtype == np.float32
+
+
 def test_action_statistics_leave_gripper_unnormalised(tabletop_dataset):
     stats = clip_dataset.load_statistics(tabletop_dataset)
     acts = np.concatenate([r["actions"] for r in _records(tabletop_dataset, "train")])

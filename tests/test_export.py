@@ -1,4 +1,6 @@
-"""Export bundles: the exported policy step equals the training code's; tampering is refused."""
+"""Export bundles: the exported policy and planner steps equal the training code's, the bundle's
+closed loop acts as the controller does, the planner round-trips through Hugging Face format,
+and tampering is refused."""
 
 from __future__ import annotations
 
@@ -17,14 +19,6 @@ from pewm_jax.export import runtime
 COMMANDS = [("pick up the red cube", (10.0, 20.0), (40.0, 30.0)),
             ("push the blue disc left", (30.0, 30.0), (12.0, 30.0)),
             ("move to the green disc", (5.0, 50.0), (50.0, 5.0))]
-
-
-@pytest.fixture(scope="module")
-def exported(closed_loop_run, tmp_path_factory) -> pathlib.Path:
-    """The bundle of the session's closed-loop run (EMA weights, newest steps)."""
-    out = tmp_path_factory.mktemp("export") / "bundle"
-    bundle_lib.export_bundle(closed_loop_run, out)
-    return out
 
 
 def _observations(dataset: pathlib.Path, count: int) -> np.ndarray:
@@ -63,10 +57,139 @@ def test_manifest_names_the_weights_and_every_platform(exported, closed_loop_run
 
     manifest = json.loads((exported / "manifest.json").read_text())
     assert manifest["policy_step"]["platforms"] == ["cpu", "cuda", "tpu"]
+    assert manifest["planner"]["platforms"] == ["cpu", "cuda", "tpu"]
     assert manifest["source"]["params"] == "ema_params"
+    assert set(manifest["source"]["steps"]) == {"world_model", "action_decoder", "planner"}
     names = safetensors.numpy.load_file(str(exported / "weights.safetensors"))
-    assert {n.split(".")[0] for n in names} == {"world_model", "action_decoder"}
+    assert {n.split(".")[0] for n in names} == {"world_model", "action_decoder", "planner"}
     assert all(n.replace(".", "").replace("_", "").isalnum() for n in names)
+    listed = {str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == listed - {"manifest.json"}
+
+
+def _world(run: pathlib.Path):
+    """(the world model's config, a fresh environment of its world, the planner)."""
+    from pewm_jax.evaluate.video_quality import load_world_model
+    from pewm_jax.sim import TabletopEnv
+    from pewm_jax.vlm.evaluation import load_planner
+
+    config = load_world_model(run)[1]
+    w = config.world
+    return config, lambda: TabletopEnv(w.image_size, (w.num_objects_min, w.num_objects_max),
+                                       w.max_delta, w.primitive_max_steps), load_planner(run)
+
+
+def test_bundle_planner_writes_the_planners_plans(exported, closed_loop_run):
+    """Prefill + decode steps from the bundle, grammar masking in numpy: the same tokens as
+    `Planner.generate_ids` (which resizes the 64-pixel frames to the planner's 32), and the
+    same plans with points scaled to the observation."""
+    config, make_env, planner = _world(closed_loop_run)
+    images, tasks = [], []
+    for seed in range(3):
+        env = make_env()
+        images.append(env.reset(seed=seed)[0]["image"])
+        tasks.append(env.task.text)
+    images = np.stack(images)
+    bundle_planner = runtime.BundlePlanner(runtime.load_bundle(exported))
+    assert bundle_planner.image_size == planner.image_size != images.shape[1]
+    plans = bundle_planner.plan(images, tasks)
+    reference = planner.plan(images, tasks)
+    scale = images.shape[1] / planner.image_size
+    for plan, ref in zip(plans, reference, strict=True):
+        assert [s.text for s in plan.steps] == [s.text for s in ref.steps]
+        np.testing.assert_array_equal([s.start_xy + s.goal_xy for s in plan.steps],
+                                      [np.array(s.start_xy + s.goal_xy) * scale
+                                       for s in ref.steps])
+    from data_loaders.transforms import resize_bicubic
+
+    np.testing.assert_array_equal(
+        bundle_planner.generate_ids(resize_bicubic(images, planner.image_size), tasks),
+        planner.generate_ids(images, tasks))
+
+
+def test_bundle_closed_loop_takes_the_controllers_actions(exported, closed_loop_run,
+                                                         monkeypatch):
+    """Plan -> primitive step -> actions -> replan from the bundle alone plays the same
+    commands and the same actions (within 1e-5) as the in-framework Controller (VLM planner,
+    decoded executor, closed loop) for the same episodes and seeds."""
+    from pewm_jax.control.controller import ControlSettings, Controller, EpisodeSpec
+    from pewm_jax.control.policy import PrimitivePolicy
+    from pewm_jax.evaluate.actions import load_action_decoder
+    from pewm_jax.evaluate.video_quality import load_world_model
+    from pewm_jax.sim import TabletopEnv
+
+    config, make_env, planner = _world(closed_loop_run)
+    world_model, _, tokenizer = load_world_model(closed_loop_run)
+    decoder, _, stats = load_action_decoder(closed_loop_run)
+    taken: list[np.ndarray] = []
+    env_step = TabletopEnv.step
+    monkeypatch.setattr(TabletopEnv, "step",
+                        lambda self, action: taken.append(np.array(action)) or env_step(self,
+                                                                                       action))
+    bundle = runtime.load_bundle(exported)
+    ends = {"success": "terminated", "out_of_steps": "truncated", "plan_done": "plan_done",
+            "budget": "budget"}
+    w = config.world
+    for seed in (0, 1):
+        policy = PrimitivePolicy(world_model, config, tokenizer, decoder, stats[0], batch_size=1,
+                                 seed=4)
+        controller = Controller(
+            ControlSettings("vlm", "decoded", "closed", max_replans=0), image_size=w.image_size,
+            max_delta=w.max_delta, primitive_max_steps=w.primitive_max_steps,
+            frame_stride=int(config.data.frame_stride), policy=policy, planner=planner,
+            num_objects=(w.num_objects_min, w.num_objects_max))
+        taken.clear()
+        [result] = controller.run([EpisodeSpec(seed)], parallel=1)
+        reference = list(taken)
+
+        env = make_env()
+        observation, _ = env.reset(seed=seed)
+        taken.clear()
+        loop = runtime.BundleController(bundle, seed=4).run(
+            env, observation["image"], env.task.text, max_primitives=result.task_length)
+        assert [(r.command.text, r.command.start_xy, r.command.goal_xy) for r in loop.records] \
+            == [(p.text, p.start_xy, p.goal_xy) for p in result.primitives]
+        assert [r.env_steps for r in loop.records] == [p.env_steps for p in result.primitives]
+        assert loop.end == ends[result.end]
+        assert len(taken) == len(reference) > 0
+        np.testing.assert_allclose(np.stack(taken), np.stack(reference), atol=1e-5, rtol=0)
+
+
+def test_bundle_planner_round_trips_through_hugging_face(exported, closed_loop_run):
+    """planner_hf/ loads into transformers with every tensor used, gives our logits, and
+    converts back to the same parameters."""
+    import torch
+    import transformers
+    from flax import nnx
+
+    from pewm_jax.vlm import convert
+    from pewm_jax.vlm.evaluation import load_planner
+
+    planner = load_planner(closed_loop_run)
+    hf_dir = exported / "planner_hf"
+    back = convert.load_paligemma(hf_dir)
+    ours = dict(nnx.to_flat_state(nnx.state(planner.model, nnx.Param)))
+    theirs = dict(nnx.to_flat_state(nnx.state(back, nnx.Param)))
+    assert ours.keys() == theirs.keys()
+    for path in ours:
+        np.testing.assert_array_equal(theirs[path][...], ours[path][...], err_msg=str(path))
+    assert (hf_dir / "tokenizer.json").read_text() == planner.tokenizer.to_str()
+
+    model, info = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        hf_dir, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    spec = planner.model.spec
+    image = np.random.default_rng(0).uniform(-1, 1, (1, spec.image_size, spec.image_size, 3))
+    image = image.astype(np.float32)
+    prompt = planner.prompt_ids("put the red cube in the bin")[None]  # (1, L)
+    ids = np.concatenate([np.full((1, spec.num_image_tokens), spec.image_token_id), prompt], 1)
+    with torch.no_grad():
+        reference = model.eval()(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            pixel_values=torch.tensor(image.transpose(0, 3, 1, 2).copy()),
+            token_type_ids=torch.zeros(ids.shape, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(planner.model(image, prompt)), reference, atol=1e-4,
+                               rtol=0)
 
 
 def test_export_command_writes_a_bundle_once(closed_loop_run, tmp_path):
@@ -86,11 +209,14 @@ def test_export_command_writes_a_bundle_once(closed_loop_run, tmp_path):
     assert runtime.load_bundle(tmp_path / "bundle").manifest == manifest
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
-def test_a_modified_bundle_is_refused(exported, tmp_path, damage):
+@pytest.mark.parametrize("damage,name", [
+    ("flip", "weights.safetensors"), ("truncate", "weights.safetensors"),
+    ("remove", "weights.safetensors"), ("flip", "planner_decode.jaxexport"),
+    ("remove", "planner_hf/model.safetensors")])
+def test_a_modified_bundle_is_refused(exported, tmp_path, damage, name):
     copy = tmp_path / "bundle"
     shutil.copytree(exported, copy)
-    target = copy / "weights.safetensors"
+    target = copy / name
     data = bytearray(target.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -104,6 +230,20 @@ def test_a_modified_bundle_is_refused(exported, tmp_path, damage):
         runtime.load_bundle(copy)
 
 
+def test_a_bundle_without_a_planner_runs_the_policy_only(closed_loop_run, tmp_path):
+    """A run with no planner exports the policy alone; asking its bundle for the planner names
+    the fix."""
+    run = tmp_path / "run"
+    for model in ("world_model", "action_decoder"):
+        shutil.copytree(closed_loop_run / model, run / model)
+    manifest = bundle_lib.export_bundle(run, tmp_path / "bundle", platforms=("cpu",))
+    assert manifest["planner"] is None and "planner_hf/config.json" not in manifest["files"]
+    bundle = runtime.load_bundle(tmp_path / "bundle")
+    assert not bundle.has_planner
+    with pytest.raises(runtime.BundleError, match="pewm planner"):
+        runtime.BundlePlanner(bundle)
+
+
 def test_export_without_an_action_decoder_names_the_fix(reference_run, tmp_path):
     with pytest.raises(bundle_lib.ExportError, match="pewm actions"):
         bundle_lib.export_bundle(reference_run[0], tmp_path / "bundle")
@@ -111,21 +251,29 @@ def test_export_without_an_action_decoder_names_the_fix(reference_run, tmp_path)
 
 
 def test_the_runtime_needs_no_flax(exported, tabletop_dataset):
-    """A process where importing flax, optax, orbax or grain fails still loads and runs the
-    bundle: a robot needs jax, numpy, safetensors and tokenizers only."""
+    """A process where importing flax, optax, orbax or grain fails still loads the bundle and
+    runs a primitive step and a closed-loop primitive on the built-in world: a robot needs jax,
+    numpy, safetensors, tokenizers (and Pillow to resize for the planner) only."""
     script = f"""
 import sys, types
 for name in ("flax", "optax", "orbax", "grain", "tensorflow", "tensorflow_datasets"):
     sys.modules[name] = None
 import numpy as np
 from pewm_jax.export import runtime
-policy = runtime.BundlePolicy(runtime.load_bundle({str(exported)!r}))
+from pewm_jax.sim import TabletopEnv
+bundle = runtime.load_bundle({str(exported)!r})
+policy = runtime.BundlePolicy(bundle)
 command = types.SimpleNamespace(text="pick up the red cube", start_xy=(10.0, 20.0),
                                 goal_xy=(40.0, 30.0))
 size = policy.image_size
 out = policy.step(np.zeros((1, size, size, 3), np.uint8), [command], step_index=0)
 assert out.actions.shape[:2] == out.clips.shape[:2] and np.isfinite(out.actions).all()
-print("ok", out.actions.shape)
+env = TabletopEnv(size)
+observation, _ = env.reset(seed=0)
+loop = runtime.BundleController(bundle).run(env, observation["image"], env.task.text,
+                                            max_primitives=1)
+assert len(loop.records) == 1 and loop.records[0].env_steps > 0
+print("ok", out.actions.shape, loop.end)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=pathlib.Path(__file__).parents[1], timeout=300)

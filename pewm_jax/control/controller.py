@@ -323,11 +323,9 @@ class Controller:
             primitive, plan = self._check(slot, command)
             reached = gripper_at(out.clips[i, -1], command.goal_xy, self.goal_reach_px)
             steps = 0
-            for j, label in enumerate(out.actions[i]):
-                # A label covers frame_stride environment steps: the summed displacement is
-                # spread evenly, the gripper command repeats (DESIGN.md "Clip").
-                action = np.array([label[0] / self.frame_stride, label[1] / self.frame_stride,
-                                   label[2]], np.float32)
+            # A label covers frame_stride environment steps (DESIGN.md "Clip").
+            for j, action in enumerate(self.policy.stats.step_actions(out.actions[i],
+                                                                      self.frame_stride)):
                 alive = True
                 for _ in range(self.frame_stride):
                     steps += 1

@@ -1,10 +1,15 @@
 """Running an export bundle (`bundle.py`) with jax, numpy, safetensors and `tokenizers` only.
 
-Besides those it uses only the project's numpy-only data contracts (the tokenizer encoding and
-`ActionStats`). No Flax, no model code and no training imports: a robot installs jax and
-these few packages, copies the bundle directory and calls `BundlePolicy.step`. `load_bundle`
-checks every file against the manifest's size and sha256 first and refuses a bundle that does
-not match.
+Besides those it uses only the project's numpy-only contracts: the tokenizer encoding and
+`ActionStats` (data_loaders), the plan grammar and parser (`pewm_jax.vlm.plan`), and Pillow's
+bicubic resize when the planner's input size differs from the camera's. No Flax, no model code
+and no training imports: a robot installs jax and these few packages, copies the bundle
+directory and runs
+
+    bundle = load_bundle(dir)              # checks every file's size and sha256 first
+    BundlePolicy(bundle).step(...)         # observation + primitive -> clip and action chunk
+    BundlePlanner(bundle).plan(...)        # observation + task -> plan (start/goal points)
+    BundleController(bundle).run(...)      # the closed loop: plan -> step -> act -> replan
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ import tokenizers
 from jax import export
 
 from data_loaders.clips import ActionStats
-from data_loaders.tokenizer import encode_batch
+from data_loaders.tokenizer import EOS, PAD, encode_batch
+from pewm_jax.vlm.plan import Plan, PlanGrammar, PlanStep, parse_plan, prompt_ids
 
 BUNDLE_FORMAT = 1
 WEIGHTS, STEP, CONFIG, STATS, TOKENIZER, MANIFEST = (
     "weights.safetensors", "policy_step.jaxexport", "config.json", "dataset_stats.json",
     "tokenizer.json", "manifest.json")
+PLANNER_PREFILL, PLANNER_DECODE, PLANNER_TOKENIZER, PLANNER_HF = (
+    "planner_prefill.jaxexport", "planner_decode.jaxexport", "planner_tokenizer.json",
+    "planner_hf")
 
 
 class BundleError(ValueError):
@@ -55,6 +64,17 @@ class Bundle:
     policy_step: export.Exported
     tokenizer: tokenizers.Tokenizer
     action_stats: dict[str, Any]
+    planner_steps: tuple[export.Exported, export.Exported] | None  # (prefill, decode)
+    planner_tokenizer: tokenizers.Tokenizer | None
+
+    def weights_of(self, *models: str) -> dict[str, jax.Array]:
+        """The weights of `models` (name prefixes): each exported step takes its own models'."""
+        return {k: v for k, v in self.weights.items() if k.split(".", 1)[0] in models}
+
+    @property
+    def has_planner(self) -> bool:
+        """Whether the bundle holds a planner (the run it came from had one)."""
+        return self.planner_steps is not None
 
 
 def file_sha256(path: pathlib.Path) -> str:
@@ -91,16 +111,28 @@ def load_bundle(path: str | pathlib.Path) -> Bundle:
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{root / MANIFEST} is bundle format {manifest.get('format')!r}; this "
                           f"runtime reads format {BUNDLE_FORMAT}. Fix: export the run again.")
-    for name in (WEIGHTS, STEP, CONFIG, STATS, TOKENIZER):
-        if name not in manifest.get("files", {}):
+    files = manifest.get("files", {})
+    planner = manifest.get("planner")
+    needed = (WEIGHTS, STEP, CONFIG, STATS, TOKENIZER) + (
+        (PLANNER_PREFILL, PLANNER_DECODE, PLANNER_TOKENIZER) if planner else ())
+    for name in needed:
+        if name not in files:
             raise BundleError(f"{root / MANIFEST} lists no {name}. Fix: export the run again.")
-        _check_file(root, name, manifest["files"][name])
+    for name, expected in files.items():
+        _check_file(root, name, expected)
     weights = {k: jax.numpy.asarray(v)
                for k, v in safetensors.numpy.load_file(str(root / WEIGHTS)).items()}
     return Bundle(root, manifest, json.loads((root / CONFIG).read_text()), weights,
-                  export.deserialize(bytearray((root / STEP).read_bytes())),
-                  tokenizers.Tokenizer.from_file(str(root / TOKENIZER)),
-                  json.loads((root / STATS).read_text()))
+                  _exported(root / STEP), tokenizers.Tokenizer.from_file(str(root / TOKENIZER)),
+                  json.loads((root / STATS).read_text()),
+                  (_exported(root / PLANNER_PREFILL), _exported(root / PLANNER_DECODE))
+                  if planner else None,
+                  tokenizers.Tokenizer.from_file(str(root / PLANNER_TOKENIZER))
+                  if planner else None)
+
+
+def _exported(path: pathlib.Path) -> export.Exported:
+    return export.deserialize(bytearray(path.read_bytes()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +154,8 @@ class BundlePolicy:
         self.image_size, self.context_frames = shapes["image_size"], shapes["context_frames"]
         self.max_text_tokens, self.action_dim = shapes["max_text_tokens"], shapes["action_dim"]
         self.stats = ActionStats.from_json(bundle.action_stats)
+        self._weights = bundle.weights_of("world_model", "action_decoder")
+        self._step = jax.jit(bundle.policy_step.call)  # compiled once per batch size
 
     def step(self, observations: np.ndarray, commands: Sequence[Command], *,
              step_index: int, use_sgg: bool = True) -> BundleStep:
@@ -136,8 +170,8 @@ class BundlePolicy:
                                     self.max_text_tokens)
         context = np.repeat(observations[:, None], self.context_frames, axis=1)  # (B, C, N, N, 3)
         start = time.perf_counter()
-        clips, normalised = self.bundle.policy_step.call(
-            self.bundle.weights, context, tokens, mask,
+        clips, normalised = self._step(
+            self._weights, context, tokens, mask,
             np.array([c.start_xy for c in commands], np.float32),
             np.array([c.goal_xy for c in commands], np.float32), np.full((b,), use_sgg),
             np.uint32(self.seed), np.int32(step_index))
@@ -145,3 +179,145 @@ class BundlePolicy:
         seconds = time.perf_counter() - start
         return BundleStep(clips, self.stats.denormalize(normalised[..., :self.action_dim]),
                           seconds)
+
+
+class BundlePlanner:
+    """The planner of a bundle: `plan(observations, tasks)` -> plans, the same plans as
+    `Planner.plan` of the checkpoint it was exported from (greedy, grammar-constrained), with
+    points in pixels of the observation."""
+
+    def __init__(self, bundle: Bundle):
+        if not bundle.has_planner:
+            raise BundleError(f"bundle {bundle.path} holds no planner. Fix: fine-tune one "
+                              "(`pewm planner`) into the run and export it again.")
+        self.bundle, self.shapes = bundle, bundle.manifest["planner"]
+        self.tokenizer = bundle.planner_tokenizer
+        self.image_size = self.shapes["image_size"]
+        self.plans_remaining = self.shapes["plans_remaining"]
+        self.grammar = PlanGrammar.from_tokenizer(self.tokenizer, self.shapes["max_steps"],
+                                                  self.shapes["max_words"],
+                                                  self.shapes["vocab_size"])
+        self._pad, self._eos = self.tokenizer.token_to_id(PAD), self.tokenizer.token_to_id(EOS)
+        self._weights = bundle.weights_of("planner")
+        # Under jax.jit each call takes the compiled fast path: a decode step per token.
+        self._steps = tuple(jax.jit(step.call) for step in bundle.planner_steps)
+        self.seconds = 0.0  # device time of the last `plan` call (prefill + decode steps)
+
+    def generate_ids(self, images: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
+        """Plan token ids (B, max_new_tokens) for uint8 images (B, S, S, 3) at the planner's
+        size: prefill, then one decode step per token, each choice masked by the grammar;
+        stops once every row has ended its plan (the rest is <pad>, all the grammar allows)."""
+        prefill, decode = self._steps
+        weights = self._weights
+        prompts = np.stack([prompt_ids(self.tokenizer, t, self.shapes["prompt_tokens"])
+                            for t in tasks]).astype(np.int32)  # (B, L)
+        out = np.full((len(tasks), self.shapes["max_new_tokens"]), self._pad, np.int32)
+        state = np.full((len(tasks),), self.grammar.initial_state, np.int64)
+        start = time.perf_counter()
+        logits, keys, values, length = prefill(weights, images, prompts)
+        for step in range(out.shape[1]):
+            rows = self.grammar.next_state[state]  # (B, V): next state per token, -1 forbidden
+            token = np.where(rows >= 0, np.asarray(logits), -np.inf).argmax(-1)  # (B,)
+            out[:, step] = token
+            state = rows[np.arange(len(state)), token]
+            if (state == self.grammar.terminal_state).all():
+                break
+            logits, keys, values, length = decode(weights, keys, values, length,
+                                                       token.astype(np.int32))
+        self.seconds = time.perf_counter() - start
+        return out
+
+    def plan(self, observations: np.ndarray, tasks: Sequence[str]) -> list[Plan]:
+        """Plans for uint8 observations (B, N, N, 3) and B task texts; points in pixels of the
+        observation. Raises PlanParseError if a plan does not end within max_new_tokens."""
+        observations = np.asarray(observations)
+        if (observations.ndim != 4 or observations.shape[0] != len(tasks) or len(tasks) < 1
+                or observations.shape[-1] != 3 or observations.dtype != np.uint8):
+            raise ValueError(f"expected {max(len(tasks), 1)} uint8 RGB observations (B, N, N, "
+                             f"3) for {len(tasks)} tasks, got {observations.dtype} "
+                             f"{observations.shape}")
+        images = observations
+        if observations.shape[1:3] != (self.image_size, self.image_size):
+            from data_loaders.transforms import resize_bicubic  # Pillow: only when resizing
+
+            images = resize_bicubic(observations, self.image_size)
+        scale = observations.shape[2] / self.image_size
+        plans = []
+        for row in self.generate_ids(images, tasks):
+            ends = np.flatnonzero(row == self._eos)
+            plan = parse_plan(row[:ends[0] + 1] if len(ends) else row, self.image_size,
+                              self.tokenizer, max_steps=self.grammar.max_steps,
+                              max_words=self.grammar.max_words)
+            plans.append(Plan(tuple(PlanStep(s.text, _scaled(s.start_xy, scale),
+                                             _scaled(s.goal_xy, scale)) for s in plan.steps)))
+        return plans
+
+
+class Robot(Protocol):
+    """What the closed loop acts on, Gymnasium-style: `step(action)` -> (observation with an
+    "image" (N, N, 3) uint8, reward, terminated, truncated, info). The built-in world's
+    `TabletopEnv` is one; a real robot wraps its arm and camera in the same call."""
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopRecord:
+    """One primitive the closed loop ran."""
+
+    command: PlanStep  # what the planner asked for (points: pixels of the observation)
+    actions: np.ndarray  # (H, A) the action chunk decoded for it, dataset units
+    env_steps: int  # robot steps it took (H * frame_stride unless the episode ended)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    """A closed-loop episode: what ran, why it stopped, the last observation."""
+
+    records: list[LoopRecord]
+    end: str  # 'terminated', 'truncated', 'plan_done' (no step left) or 'budget'
+    image: np.ndarray
+
+
+class BundleController:
+    """The closed loop from a bundle alone: plan from the current observation, imagine the
+    primitive to run and decode its actions, play them (each over frame_stride robot steps),
+    observe, replan; the same loop as `pewm_jax.control.Controller` with the VLM planner and
+    decoded executor, for one robot."""
+
+    def __init__(self, bundle: Bundle, *, seed: int = 0, use_sgg: bool = True):
+        self.planner, self.policy = BundlePlanner(bundle), BundlePolicy(bundle, seed=seed)
+        self.frame_stride = int(bundle.manifest["policy_step"]["frame_stride"])
+        self.use_sgg = use_sgg
+
+    def run(self, robot: Robot, image: np.ndarray, task: str, *, max_primitives: int,
+            first_step_index: int = 0) -> LoopResult:
+        """Runs `task` on `robot` from observation `image` for at most `max_primitives`
+        primitives; primitive k samples its clip with step index first_step_index + k."""
+        records: list[LoopRecord] = []
+        for executed in range(max_primitives):
+            plan = self.planner.plan(image[None], [task])[0]
+            index = 0 if self.planner.plans_remaining else executed
+            if index >= len(plan.steps):
+                return LoopResult(records, "plan_done", image)
+            command = plan.steps[index]
+            out = self.policy.step(image[None], [command], step_index=first_step_index + executed,
+                                   use_sgg=self.use_sgg)
+            steps, end = 0, None
+            for action in self.policy.stats.step_actions(out.actions[0], self.frame_stride):
+                for _ in range(self.frame_stride):
+                    observation, _, terminated, truncated, _ = robot.step(action)
+                    image, steps = observation["image"], steps + 1
+                    if terminated or truncated:
+                        end = "terminated" if terminated else "truncated"
+                        break
+                if end:
+                    break
+            records.append(LoopRecord(command, out.actions[0], steps))
+            if end:
+                return LoopResult(records, end, image)
+        return LoopResult(records, "budget", image)
+
+
+def _scaled(xy: tuple[float, float], scale: float) -> tuple[float, float]:
+    return float(xy[0]) * scale, float(xy[1]) * scale

@@ -147,6 +147,36 @@ class PaliGemmaSpec:
             image_token_id=config.get("image_token_index", config.get("image_token_id", 256000)))
 
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """The `PaliGemmaConfig` dict (config.json) of this spec: `from_hf_config`'s inverse,
+        what a Hugging Face export of a planner trained from scratch is saved with."""
+        act = "gelu_pytorch_tanh"  # every supported activation is the tanh approximation
+        text = {"model_type": self.text_model_type, "vocab_size": self.vocab_size,
+                "hidden_size": self.width, "intermediate_size": self.mlp_dim,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+                "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "rms_norm_eps": self.rms_eps, "attention_bias": self.attention_bias,
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+                "hidden_activation" if self.gemma2 else "hidden_act": act}
+        if self.gemma2:
+            text.update(layer_types=list(self.layer_types), sliding_window=self.sliding_window,
+                        query_pre_attn_scalar=self.query_pre_attn_scalar,
+                        attn_logit_softcapping=self.attn_logit_softcapping,
+                        final_logit_softcapping=self.final_logit_softcapping)
+        return {
+            "model_type": "paligemma", "architectures": ["PaliGemmaForConditionalGeneration"],
+            "vision_config": {
+                "model_type": "siglip_vision_model", "image_size": self.image_size,
+                "patch_size": self.patch_size, "num_channels": self.num_channels,
+                "hidden_size": self.vision_width, "intermediate_size": self.vision_mlp_dim,
+                "num_hidden_layers": self.vision_layers,
+                "num_attention_heads": self.vision_heads, "layer_norm_eps": self.vision_eps,
+                "hidden_act": act, "vision_use_head": False},  # PaliGemma has no pooling head
+            "text_config": text, "vocab_size": self.vocab_size, "projection_dim": self.width,
+            "hidden_size": self.width, "image_token_index": self.image_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings}
+
+
 def read_paligemma_config(path: str | pathlib.Path) -> dict[str, Any]:
     """The config.json dict of a local Hugging Face PaliGemma checkpoint directory."""
     config_file = pathlib.Path(path) / "config.json"
