@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tokenizers
-from etils import epath
 from tokenizers import models, normalizers, pre_tokenizers
 
 PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
@@ -44,7 +43,10 @@ def save_tokenizer(tok: tokenizers.Tokenizer, path: pathlib.Path) -> None:
 
 
 def load_tokenizer(path: str | pathlib.Path) -> tokenizers.Tokenizer:
-    """Loads a `tokenizer.json` (or a directory holding one), local or gs://; clear error if absent."""
+    """Loads a `tokenizer.json` (or a directory holding one), local or gs://; clear error if
+    absent."""
+    from etils import epath  # here, not at the top: the bundle runtime imports this module
+
     path = epath.Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"

@@ -244,6 +244,52 @@ def test_a_bundle_without_a_planner_runs_the_policy_only(closed_loop_run, tmp_pa
         runtime.BundlePlanner(bundle)
 
 
+def _rewrite_manifest(bundle: pathlib.Path, edit) -> None:
+    """Applies `edit` to the manifest and re-hashes it, as a careless hand edit would not."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    manifest["manifest_sha256"] = runtime.manifest_sha256(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("edited manifest", "manifest was modified"), ("unlisted file", "does not list: notes.txt"),
+    ("outside the bundle", "outside the bundle")])
+def test_a_bundle_that_is_not_as_exported_is_refused(exported, tmp_path, case, message):
+    """An edited manifest (here the frame stride the closed loop plays actions with), a file the
+    manifest does not list, and a listed name that points outside the bundle are refused."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(exported, copy)
+    if case == "edited manifest":
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["policy_step"]["frame_stride"] += 1
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    elif case == "unlisted file":
+        (copy / "notes.txt").write_text("hello")
+    else:
+        (tmp_path / "secret").write_text("x")
+        _rewrite_manifest(copy, lambda m: m["files"].update(
+            {"../secret": {"bytes": 1, "sha256": runtime.file_sha256(tmp_path / "secret")}}))
+    with pytest.raises(runtime.BundleError, match=message):
+        runtime.load_bundle(copy)
+
+
+def test_a_bundle_from_another_jax_names_the_versions(exported, tmp_path):
+    """A step this jax cannot deserialize is refused naming the exporter's versions."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(exported, copy)
+    (copy / "planner_decode.jaxexport").write_bytes(b"not a serialized export")
+
+    def rehash(manifest):
+        manifest["files"]["planner_decode.jaxexport"] = {
+            "bytes": 23, "sha256": runtime.file_sha256(copy / "planner_decode.jaxexport")}
+        manifest["versions"]["jax"] = "0.0.1"
+
+    _rewrite_manifest(copy, rehash)
+    with pytest.raises(runtime.BundleError, match="exported with .*0.0.1.*install the"):
+        runtime.load_bundle(copy)
+
+
 def test_export_without_an_action_decoder_names_the_fix(reference_run, tmp_path):
     with pytest.raises(bundle_lib.ExportError, match="pewm actions"):
         bundle_lib.export_bundle(reference_run[0], tmp_path / "bundle")
@@ -251,12 +297,14 @@ def test_export_without_an_action_decoder_names_the_fix(reference_run, tmp_path)
 
 
 def test_the_runtime_needs_no_flax(exported, tabletop_dataset):
-    """A process where importing flax, optax, orbax or grain fails still loads the bundle and
-    runs a primitive step and a closed-loop primitive on the built-in world: a robot needs jax,
-    numpy, safetensors, tokenizers (and Pillow to resize for the planner) only."""
+    """A process where importing flax, optax, orbax, grain, TensorFlow, etils, ml_collections,
+    transformers or torch fails still loads the bundle and runs a primitive step and a
+    closed-loop primitive on the built-in world: a robot needs jax, numpy, safetensors,
+    tokenizers (and Pillow to resize for the planner) only."""
     script = f"""
 import sys, types
-for name in ("flax", "optax", "orbax", "grain", "tensorflow", "tensorflow_datasets"):
+for name in ("flax", "optax", "orbax", "grain", "tensorflow", "tensorflow_datasets", "etils",
+             "ml_collections", "transformers", "torch"):
     sys.modules[name] = None
 import numpy as np
 from pewm_jax.export import runtime

@@ -73,6 +73,14 @@ def test_plan_equals_the_runtime(served, exported, frames):
     assert {"plan_s", "queue_s", "server_s"} <= set(reply.timing)
     with pytest.raises(client_lib.ServerError, match="tasks: expected a list of 2"):
         client_lib.PolicyClient(served.url).plan(frames[:2], tasks[:1])
+    with pytest.raises(client_lib.ServerError, match="tasks.1.: the task text is empty") as e:
+        client_lib.PolicyClient(served.url).plan(frames[:2], [tasks[0], " "])
+    assert e.value.status == 400
+
+
+def test_a_missing_server_names_the_fix():
+    with pytest.raises(ConnectionError, match="start it"):
+        client_lib.PolicyClient("http://127.0.0.1:9", timeout=5).health()
 
 
 @pytest.mark.parametrize("batch,use_sgg,return_clips", [(1, True, False), (3, False, True)])
@@ -195,6 +203,9 @@ BAD_REQUESTS = {
     "body not a map": ("POST", "/step", lambda f: client_lib.pack([1, 2]), 400,
                        "the /step body: expected a map"),
     "oversized body": ("POST", "/step", None, 400, "expected at most 67108864 bytes"),
+    "too many rows": ("POST", "/step", lambda f: _with(
+        observations=np.repeat(f[:1], 17, axis=0), commands=_command() * 17)(f), 400,
+                      "observations: at most 16 rows per request"),
     "unknown path": ("POST", "/act", _with(), 404, "no POST /act"),
     "GET /step": ("GET", "/step", None, 404, "no GET /step"),
 }
@@ -211,9 +222,10 @@ def test_a_bad_request_gets_an_error_reply_naming_it_and_the_server_goes_on(serv
     assert np.isfinite(reply.actions).all()
 
 
-@pytest.mark.parametrize("error,status", [(ValueError, 400), (RuntimeError, 500)])
+@pytest.mark.parametrize("error,status", [(runtime.InputError, 400), (ValueError, 500),
+                                          (RuntimeError, 500)])
 def test_errors_of_the_step_become_error_replies(served, frames, monkeypatch, error, status):
-    """The runtime refusing its inputs (ValueError) is the client's 400, anything else a 500;
+    """The runtime refusing its inputs (InputError) is the client's 400, anything else a 500;
     the client raises either as ServerError and the server goes on serving."""
     def broken(*args, **kwargs):
         raise error("the device is on fire")

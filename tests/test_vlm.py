@@ -93,6 +93,14 @@ def test_spec_reads_both_text_configs(models):
     assert untied.text.lm_head is not None and untied.text.layers[0].attn.out.bias is not None
 
 
+@pytest.mark.parametrize("name", list(fx.CONFIGS))
+def test_spec_round_trips_through_its_hf_config(models, name):
+    """`to_hf_config` is `from_hf_config`'s inverse for Gemma 1 and Gemma 2 specs (what a
+    planner trained from scratch is exported to Hugging Face with)."""
+    spec = models[name].spec
+    assert pg.PaliGemmaSpec.from_hf_config(spec.to_hf_config()) == spec
+
+
 def test_spec_of_a_hub_style_config(tmp_path):
     """Hub config.json files list few keys; transformers' defaults fill the rest."""
     (tmp_path / "config.json").write_text(json.dumps({

@@ -1,10 +1,10 @@
-"""Export bundle: a trained world model + action decoder as files a robot can run without us.
+"""Export bundle: a trained world model, action decoder and planner as files a robot can run.
 
 A bundle directory holds
 
     weights.safetensors   every parameter, named `world_model.<path>` / `action_decoder.<path>`
                           (the module's attribute path joined with '.', list indices as numbers,
-                          e.g. `world_model.blocks.0.attn.qkv.kernel`)
+                          e.g. `world_model.dit.blocks.0.spatial_attn.query.kernel`)
     policy_step.jaxexport the primitive policy step serialized with `jax.export` (StableHLO),
                           lowered for cpu, cuda and tpu, batch dimension symbolic, the weights
                           its first argument (a dict by the names above; never baked in)
@@ -12,8 +12,8 @@ A bundle directory holds
     dataset_stats.json    the action statistics the decoder's outputs are denormalised with
     tokenizer.json        the dataset tokenizer (words -> text tokens)
     manifest.json         format version, package versions, the policy's and planner's shapes,
-                          and the size and sha256 of every other file (`runtime.load_bundle`
-                          checks them)
+                          the size and sha256 of every other file, and its own sha256
+                          (`runtime.load_bundle` checks them all)
 
 and, when the run has a fine-tuned planner,
 
@@ -61,7 +61,7 @@ from pewm_jax.evaluate.actions import load_action_decoder
 from pewm_jax.evaluate.video_quality import load_world_model
 from pewm_jax.export.runtime import (BUNDLE_FORMAT, CONFIG, MANIFEST, PLANNER_DECODE,
                                      PLANNER_HF, PLANNER_PREFILL, PLANNER_TOKENIZER, STATS, STEP,
-                                     TOKENIZER, WEIGHTS, file_sha256)
+                                     TOKENIZER, WEIGHTS, file_sha256, manifest_sha256)
 from pewm_jax.train.checkpoint import CheckpointError, find_checkpoint
 from pewm_jax.vlm.convert import export_hf
 from pewm_jax.vlm.evaluation import load_planner
@@ -253,7 +253,8 @@ def export_bundle(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
         manifest = {
             "format": BUNDLE_FORMAT,
             "versions": {"pewm_jax": pewm_jax.__version__,
-                         **{p: metadata.version(p) for p in ("jax", "jaxlib", "flax")}},
+                         **{p: metadata.version(p)
+                            for p in ("jax", "jaxlib", "flax", "tokenizers", "safetensors")}},
             "source": {"workdir": str(workdir.resolve()), "steps": steps,
                        "params": "ema_params" if use_ema else "params"},
             "policy_step": {
@@ -272,6 +273,7 @@ def export_bundle(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                                                        "sha256": file_sha256(path)}
                       for path in sorted(staging.rglob("*")) if path.is_file()},
         }
+        manifest["manifest_sha256"] = manifest_sha256(manifest)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         staging.rename(out)
     except BaseException:

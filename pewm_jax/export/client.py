@@ -170,7 +170,8 @@ class PolicyClient:
         self.url, self.timeout = url.rstrip("/"), timeout
 
     def request(self, path: str, payload: Any = None) -> Any:
-        """GET `path` (payload None) or POST `payload` to it; the decoded reply, or ServerError."""
+        """GET `path` (payload None) or POST `payload` to it; the decoded reply. Raises
+        ServerError for an error reply, ConnectionError when the server does not answer."""
         data = None if payload is None else pack(payload)
         request = urllib.request.Request(self.url + path, data=data,
                                          headers={"Content-Type": CONTENT_TYPE})
@@ -184,6 +185,12 @@ class PolicyClient:
             except (WireError, TypeError, KeyError):
                 message = body[:1000].decode(errors="replace")
             raise ServerError(e.code, message) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            reason = getattr(e, "reason", e)
+            raise ConnectionError(f"no answer from the policy server at {self.url} ({reason}). "
+                                  "Fix: start it (python -m pewm_jax.export.server --bundle "
+                                  "DIR), check the host and port, or raise the client's "
+                                  f"timeout ({self.timeout} s).") from None
 
     def health(self) -> dict[str, Any]:
         """The server's /health map: the bundle, its policy shapes, whether it can plan."""

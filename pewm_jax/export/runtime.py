@@ -15,11 +15,12 @@ directory and runs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -43,6 +44,10 @@ PLANNER_PREFILL, PLANNER_DECODE, PLANNER_TOKENIZER, PLANNER_HF = (
 
 class BundleError(ValueError):
     """The bundle is missing, modified or from an unknown format; the message says which file."""
+
+
+class InputError(ValueError):
+    """Inputs a bundle step cannot take (shapes, dtypes, counts, texts); the message says which."""
 
 
 class Command(Protocol):
@@ -86,6 +91,13 @@ def file_sha256(path: pathlib.Path) -> str:
     return digest.hexdigest()
 
 
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """The sha256 of the manifest's content without its own `manifest_sha256` (canonical JSON),
+    so an edited manifest is caught like an edited file."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _check_file(root: pathlib.Path, name: str, expected: dict[str, Any]) -> None:
     path = root / name
     if not path.is_file():
@@ -100,35 +112,75 @@ def _check_file(root: pathlib.Path, name: str, expected: dict[str, Any]) -> None
                           "modified. Fix: copy the bundle again, or export it again.")
 
 
+def _check_listing(root: pathlib.Path, files: dict[str, Any]) -> None:
+    """Every listed name lies inside the bundle, and every file in it is listed."""
+    inside = root.resolve()
+    for name in files:
+        parts = pathlib.PurePosixPath(name)
+        if (parts.is_absolute() or ".." in parts.parts
+                or not (root / name).resolve().is_relative_to(inside)):
+            raise BundleError(f"{root / MANIFEST} lists {name!r}, which is outside the bundle. "
+                              "Fix: export the run again; never load a manifest edited by hand.")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    unlisted = sorted(present - set(files) - {MANIFEST})
+    if unlisted:
+        raise BundleError(f"bundle {root} holds files its manifest does not list: "
+                          f"{', '.join(unlisted[:5])}. Fix: remove them, or copy the bundle "
+                          "again.")
+
+
+def _read(root: pathlib.Path, name: str, read: Callable[[pathlib.Path], Any],
+          versions: dict[str, str]) -> Any:
+    """read(root / name), or a BundleError naming the exporter's versions and ours."""
+    try:
+        return read(root / name)
+    except Exception as e:  # deserializers raise many types; all mean "cannot read it here"
+        raise BundleError(
+            f"{root / name} cannot be read here ({type(e).__name__}: {e}). The bundle was "
+            f"exported with {versions}; this runtime has jax {jax.__version__}, tokenizers "
+            f"{tokenizers.__version__}. Fix: install the exporter's versions, or export the "
+            "run again with these.") from None
+
+
 def load_bundle(path: str | pathlib.Path) -> Bundle:
-    """Verifies and loads the bundle directory `path`; raises BundleError when it is not one."""
+    """Verifies and loads the bundle directory `path`; raises BundleError when it is not one,
+    is incomplete, holds unlisted files, or any file (the manifest too) was modified.
+
+    The hashes catch corruption and edits, not an attacker who rewrites the manifest's
+    hashes as well: sign the bundle directory if that matters.
+    """
     root = pathlib.Path(path)
     try:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise BundleError(f"{root} has no readable {MANIFEST} ({e}); it is not an export "
                           "bundle. Fix: point at the directory `pewm export` wrote.") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{root / MANIFEST} is bundle format {manifest.get('format')!r}; this "
-                          f"runtime reads format {BUNDLE_FORMAT}. Fix: export the run again.")
-    files = manifest.get("files", {})
-    planner = manifest.get("planner")
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise BundleError(f"{root / MANIFEST} is bundle format {found!r}; this runtime reads "
+                          f"format {BUNDLE_FORMAT}. Fix: export the run again.")
+    if manifest.get("manifest_sha256") != manifest_sha256(manifest):
+        raise BundleError(f"{root / MANIFEST} does not match its own manifest_sha256: the "
+                          "manifest was modified. Fix: copy the bundle again, or export it again.")
+    files, planner = manifest["files"], manifest["planner"]
     needed = (WEIGHTS, STEP, CONFIG, STATS, TOKENIZER) + (
         (PLANNER_PREFILL, PLANNER_DECODE, PLANNER_TOKENIZER) if planner else ())
     for name in needed:
         if name not in files:
             raise BundleError(f"{root / MANIFEST} lists no {name}. Fix: export the run again.")
+    _check_listing(root, files)
     for name, expected in files.items():
         _check_file(root, name, expected)
+    versions = manifest["versions"]
+    step = functools.partial(_read, root, read=_exported, versions=versions)
+    tokenizer = functools.partial(_read, root, read=lambda p: tokenizers.Tokenizer.from_file(
+        str(p)), versions=versions)
     weights = {k: jax.numpy.asarray(v)
                for k, v in safetensors.numpy.load_file(str(root / WEIGHTS)).items()}
     return Bundle(root, manifest, json.loads((root / CONFIG).read_text()), weights,
-                  _exported(root / STEP), tokenizers.Tokenizer.from_file(str(root / TOKENIZER)),
-                  json.loads((root / STATS).read_text()),
-                  (_exported(root / PLANNER_PREFILL), _exported(root / PLANNER_DECODE))
-                  if planner else None,
-                  tokenizers.Tokenizer.from_file(str(root / PLANNER_TOKENIZER))
-                  if planner else None)
+                  step(STEP), tokenizer(TOKENIZER), json.loads((root / STATS).read_text()),
+                  (step(PLANNER_PREFILL), step(PLANNER_DECODE)) if planner else None,
+                  tokenizer(PLANNER_TOKENIZER) if planner else None)
 
 
 def _exported(path: pathlib.Path) -> export.Exported:
@@ -149,6 +201,9 @@ class BundlePolicy:
     the same numbers as `PrimitivePolicy.step` of the checkpoints it was exported from."""
 
     def __init__(self, bundle: Bundle, *, seed: int = 0):
+        if not 0 <= seed < 2 ** 32:
+            raise ValueError(f"seed must be in [0, 2**32) (the sampler's uint32 seed), got "
+                             f"{seed}")
         self.bundle, self.seed = bundle, seed
         shapes = bundle.manifest["policy_step"]
         self.image_size, self.context_frames = shapes["image_size"], shapes["context_frames"]
@@ -164,7 +219,7 @@ class BundlePolicy:
         observations = np.asarray(observations)
         b, n = len(commands), self.image_size
         if b < 1 or observations.shape != (b, n, n, 3) or observations.dtype != np.uint8:
-            raise ValueError(f"expected {max(b, 1)} uint8 observations of shape ({n}, {n}, 3) "
+            raise InputError(f"expected {max(b, 1)} uint8 observations of shape ({n}, {n}, 3) "
                              f"for {b} commands, got {observations.dtype} {observations.shape}")
         tokens, mask = encode_batch(self.bundle.tokenizer, [c.text for c in commands],
                                     self.max_text_tokens)
@@ -201,7 +256,6 @@ class BundlePlanner:
         self._weights = bundle.weights_of("planner")
         # Under jax.jit each call takes the compiled fast path: a decode step per token.
         self._steps = tuple(jax.jit(step.call) for step in bundle.planner_steps)
-        self.seconds = 0.0  # device time of the last `plan` call (prefill + decode steps)
 
     def generate_ids(self, images: np.ndarray, tasks: Sequence[str]) -> np.ndarray:
         """Plan token ids (B, max_new_tokens) for uint8 images (B, S, S, 3) at the planner's
@@ -209,11 +263,9 @@ class BundlePlanner:
         stops once every row has ended its plan (the rest is <pad>, all the grammar allows)."""
         prefill, decode = self._steps
         weights = self._weights
-        prompts = np.stack([prompt_ids(self.tokenizer, t, self.shapes["prompt_tokens"])
-                            for t in tasks]).astype(np.int32)  # (B, L)
+        prompts = np.stack([self.prompt_ids(t) for t in tasks])  # (B, L)
         out = np.full((len(tasks), self.shapes["max_new_tokens"]), self._pad, np.int32)
         state = np.full((len(tasks),), self.grammar.initial_state, np.int64)
-        start = time.perf_counter()
         logits, keys, values, length = prefill(weights, images, prompts)
         for step in range(out.shape[1]):
             rows = self.grammar.next_state[state]  # (B, V): next state per token, -1 forbidden
@@ -223,17 +275,24 @@ class BundlePlanner:
             if (state == self.grammar.terminal_state).all():
                 break
             logits, keys, values, length = decode(weights, keys, values, length,
-                                                       token.astype(np.int32))
-        self.seconds = time.perf_counter() - start
+                                                  token.astype(np.int32))
         return out
 
+    def prompt_ids(self, task: str) -> np.ndarray:
+        """The padded prompt (L,) int32 of `task`; InputError when it is empty or too long."""
+        try:
+            return np.asarray(prompt_ids(self.tokenizer, task, self.shapes["prompt_tokens"]),
+                              np.int32)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
     def plan(self, observations: np.ndarray, tasks: Sequence[str]) -> list[Plan]:
-        """Plans for uint8 observations (B, N, N, 3) and B task texts; points in pixels of the
+        """Plans for uint8 observations (B, H, W, 3) and B task texts; points in pixels of the
         observation. Raises PlanParseError if a plan does not end within max_new_tokens."""
         observations = np.asarray(observations)
         if (observations.ndim != 4 or observations.shape[0] != len(tasks) or len(tasks) < 1
                 or observations.shape[-1] != 3 or observations.dtype != np.uint8):
-            raise ValueError(f"expected {max(len(tasks), 1)} uint8 RGB observations (B, N, N, "
+            raise InputError(f"expected {max(len(tasks), 1)} uint8 RGB observations (B, H, W, "
                              f"3) for {len(tasks)} tasks, got {observations.dtype} "
                              f"{observations.shape}")
         images = observations
@@ -241,7 +300,8 @@ class BundlePlanner:
             from data_loaders.transforms import resize_bicubic  # Pillow: only when resizing
 
             images = resize_bicubic(observations, self.image_size)
-        scale = observations.shape[2] / self.image_size
+        # The planner saw the frame squashed to a square: x and y scale back separately.
+        scale = (observations.shape[2] / self.image_size, observations.shape[1] / self.image_size)
         plans = []
         for row in self.generate_ids(images, tasks):
             ends = np.flatnonzero(row == self._eos)
@@ -282,8 +342,9 @@ class LoopResult:
 class BundleController:
     """The closed loop from a bundle alone: plan from the current observation, imagine the
     primitive to run and decode its actions, play them (each over frame_stride robot steps),
-    observe, replan; the same loop as `pewm_jax.control.Controller` with the VLM planner and
-    decoded executor, for one robot."""
+    observe, replan; the same loop as `pewm_jax.control.Controller` with the VLM planner,
+    decoded executor and closed loop, for one robot. Same seed, same actions: primitive k
+    samples with step index first_step_index + k, as the Controller's first episode does."""
 
     def __init__(self, bundle: Bundle, *, seed: int = 0, use_sgg: bool = True):
         self.planner, self.policy = BundlePlanner(bundle), BundlePolicy(bundle, seed=seed)
@@ -319,5 +380,5 @@ class BundleController:
         return LoopResult(records, "budget", image)
 
 
-def _scaled(xy: tuple[float, float], scale: float) -> tuple[float, float]:
-    return float(xy[0]) * scale, float(xy[1]) * scale
+def _scaled(xy: tuple[float, float], scale: tuple[float, float]) -> tuple[float, float]:
+    return float(xy[0]) * scale[0], float(xy[1]) * scale[1]

@@ -70,14 +70,18 @@ def _fields(payload: Any, where: str, required: Sequence[str],
     return {**optional, **payload}
 
 
-def _images(value: Any, name: str, size: int | None) -> np.ndarray:
-    """`value` if it is a uint8 batch (B >= 1, size, size, 3) (any square size if None)."""
+def _images(value: Any, name: str, size: int | None, max_batch: int) -> np.ndarray:
+    """`value` if it is a uint8 batch (1 <= B <= max_batch, size, size, 3) (any square size if
+    None)."""
     n = "N" if size is None else size
     if not (isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 4
             and value.shape[0] >= 1 and value.shape[1] == value.shape[2]
             and value.shape[3] == 3 and size in (None, value.shape[1])):
         raise RequestError(400, f"{name}: expected a uint8 array of shape (B, {n}, {n}, 3) "
                                 f"with B >= 1, got {_came(value)}")
+    if value.shape[0] > max_batch:
+        raise RequestError(400, f"{name}: at most {max_batch} rows per request (the server's "
+                                f"--max_batch), got {value.shape[0]}; split the request")
     return value
 
 
@@ -146,8 +150,10 @@ class PolicyServer(http.server.ThreadingHTTPServer):
     request_queue_size = 64  # connections waiting to be accepted (several robots at once)
 
     def __init__(self, bundle: runtime.Bundle, host: str = "127.0.0.1", port: int = 0, *,
-                 seed: int = 0, log_requests: bool = False):
-        self.bundle, self.log_requests = bundle, log_requests
+                 seed: int = 0, max_batch: int = 16, log_requests: bool = False):
+        """`max_batch`: the most rows a request may carry (each new batch size compiles while
+        every other robot waits)."""
+        self.bundle, self.log_requests, self.max_batch = bundle, log_requests, max_batch
         self.policy = runtime.BundlePolicy(bundle, seed=seed)
         self.planner = (runtime.BundlePlanner(bundle)  # looked up only for bundles with one
                         if bundle.has_planner else None)
@@ -201,7 +207,8 @@ class PolicyServer(http.server.ThreadingHTTPServer):
         """The POST /step reply: the policy's actions (and clips) for the request's inputs."""
         fields = _fields(payload, "the /step body", ("observations", "commands", "step_index"),
                          STEP_OPTIONS)
-        observations = _images(fields["observations"], "observations", self.policy.image_size)
+        observations = _images(fields["observations"], "observations", self.policy.image_size,
+                               self.max_batch)
         commands = _commands(fields["commands"], len(observations))
         step_index = _step_index(fields["step_index"])
         use_sgg = _flag(fields["use_sgg"], "use_sgg")
@@ -209,7 +216,7 @@ class PolicyServer(http.server.ThreadingHTTPServer):
         try:
             out, queue_s = self._on_device(lambda: self.policy.step(
                 observations, commands, step_index=step_index, use_sgg=use_sgg))
-        except ValueError as e:  # the runtime's refusal of its inputs
+        except runtime.InputError as e:  # the runtime's refusal of its inputs
             raise RequestError(400, str(e)) from None
         reply = {"actions": out.actions, **({"clips": out.clips} if return_clips else {})}
         return _reply(reply, {"step_s": out.seconds, "queue_s": queue_s}, start)
@@ -221,16 +228,21 @@ class PolicyServer(http.server.ThreadingHTTPServer):
                                     "/plan cannot answer. Fix: export a run that has a trained "
                                     "planner (`pewm planner`) and serve that bundle.")
         fields = _fields(payload, "the /plan body", ("images", "tasks"), {})
-        images = _images(fields["images"], "images", None)
+        images = _images(fields["images"], "images", None, self.max_batch)
         tasks = _list(fields["tasks"], "tasks", len(images), "strings (one per row of images)")
         tasks = [_text(t, f"tasks[{i}]") for i, t in enumerate(tasks)]
+        for i, task in enumerate(tasks):
+            try:
+                self.planner.prompt_ids(task)
+            except runtime.InputError as e:
+                raise RequestError(400, f"tasks[{i}]: {e}") from None
 
         def timed_plan() -> tuple[list[Any], float]:
             begin = time.perf_counter()
             return self.planner.plan(images, tasks), time.perf_counter() - begin
 
-        # The inputs are checked above, so a ValueError here (a plan that does not parse) is
-        # the model's failure: a 500, not the client's 400.
+        # The inputs are checked above, so an error here (e.g. a plan that does not end within
+        # the planner's tokens) is the model's failure: a 500, not the client's 400.
         (plans, plan_s), queue_s = self._on_device(timed_plan)
         reply = [[{"text": s.text, "start_xy": [float(v) for v in s.start_xy],
                    "goal_xy": [float(v) for v in s.goal_xy]} for s in plan.steps]
@@ -307,12 +319,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def serve(bundle: str | pathlib.Path | runtime.Bundle, host: str = "127.0.0.1", port: int = 0,
-          seed: int = 0) -> PolicyServer:
+          seed: int = 0, max_batch: int = 16) -> PolicyServer:
     """A PolicyServer for `bundle` (a directory, loaded and verified, or a loaded Bundle),
     already serving on a daemon thread; `.url` says where, `.close()` stops it."""
     if not isinstance(bundle, runtime.Bundle):
         bundle = runtime.load_bundle(bundle)
-    server = PolicyServer(bundle, host, port, seed=seed)
+    server = PolicyServer(bundle, host, port, seed=seed, max_batch=max_batch)
     server.start()
     return server
 
@@ -329,11 +341,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the sampler's seed")
     parser.add_argument("--warmup", type=int, nargs="*", default=[1], metavar="B",
                         help="batch sizes to compile before serving (default 1)")
+    parser.add_argument("--max_batch", type=int, default=16, help="the most rows a request "
+                        "may carry (default 16)")
     args = parser.parse_args(argv)
     try:
         server = PolicyServer(runtime.load_bundle(args.bundle), args.host, args.port,
-                              seed=args.seed, log_requests=True)
-    except (runtime.BundleError, OSError) as e:
+                              seed=args.seed, max_batch=args.max_batch, log_requests=True)
+    except (ValueError, OSError) as e:  # BundleError, a bad seed, a port in use
         parser.exit(2, f"error: {e}\n")
     server.warm_up(args.warmup)
     print(f"serving {args.bundle} at {server.url} (Ctrl-C stops)", flush=True)

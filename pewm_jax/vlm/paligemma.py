@@ -146,7 +146,6 @@ class PaliGemmaSpec:
             tie_word_embeddings=config.get("tie_word_embeddings", True),
             image_token_id=config.get("image_token_index", config.get("image_token_id", 256000)))
 
-
     def to_hf_config(self) -> dict[str, Any]:
         """The `PaliGemmaConfig` dict (config.json) of this spec: `from_hf_config`'s inverse,
         what a Hugging Face export of a planner trained from scratch is saved with."""
