@@ -53,9 +53,10 @@ JOBS: dict[str, str] = {
             "action_decoder/, planner/) on config.eval: success with 95% intervals beside the "
             "oracle and ablations, clip quality, latency (<workdir>/eval/report.json, GIFs)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
-    "export": "export the run's world model and action decoder as a bundle for robots "
-              "(safetensors weights, StableHLO policy step for cpu/cuda/tpu, tokenizer, "
-              "statistics, manifest with hashes; --out, default <workdir>/export)",
+    "export": "export the run's world model, action decoder and planner as a bundle for "
+              "robots (safetensors weights, StableHLO policy and planner steps for "
+              "cpu/cuda/tpu, tokenizers, statistics, the planner in Hugging Face format, "
+              "manifest with hashes; --out, default <workdir>/export)",
 }
 
 

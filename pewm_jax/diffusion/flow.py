@@ -85,7 +85,8 @@ def output_to_velocity(out: jax.Array, x_t: jax.Array, t: jax.Array,
     if prediction == "clean":
         t = jnp.maximum(t, T_MIN).reshape((-1,) + (1,) * (x_t.ndim - 1))  # (B, 1, 1, 1, 1)
         return (x_t - out) / t  # (B, T, N, N, 3)
-    raise ValueError(f"diffusion prediction must be one of {DIFFUSION_PREDICTIONS}, got {prediction!r}")
+    raise ValueError(f"diffusion prediction must be one of {DIFFUSION_PREDICTIONS}, got "
+                     f"{prediction!r}")
 
 
 def sample_time(rng: jax.Array, batch_size: int, mean: float, std: float) -> jax.Array:

@@ -69,7 +69,6 @@ from pewm_jax.vlm.paligemma import KVCache, decode_step, prefill
 from pewm_jax.vlm.planner import Planner, unit_pixels
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-MODELS = ("world_model", "action_decoder")
 
 
 class ExportError(ValueError):
@@ -201,14 +200,16 @@ def export_bundle(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     if out.exists():
         raise ExportError(f"{out} already exists; a bundle is never overwritten. Fix: give "
                           "another --out or remove that directory yourself.")
-    paths = {"world_model": world_model or workdir, "action_decoder": action_decoder or workdir}
-    if planner is not None or _has_checkpoint(workdir, "planner"):
-        paths["planner"] = planner or workdir
+    paths = {"world_model": world_model or workdir, "action_decoder": action_decoder or workdir,
+             "planner": planner or workdir}
     steps = {}
-    for name, path in paths.items():
+    for name, path in list(paths.items()):
         try:
             checkpoints, steps[name] = find_checkpoint(path, model=name)
         except CheckpointError as e:
+            if name == "planner" and planner is None:  # a run without a planner: policy only
+                del paths[name]
+                continue
             if name == "planner":
                 raise ExportError(f"no planner checkpoint in {path} ({e}). Fix: pass the "
                                   "step directory of a fine-tuned planner (`pewm planner`), "
@@ -281,12 +282,3 @@ def export_bundle(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
         raise
     return manifest
 
-
-def _has_checkpoint(workdir: pathlib.Path, model: str) -> bool:
-    """Whether `workdir` holds a committed checkpoint of `model`."""
-    try:
-        checkpoints, _ = find_checkpoint(workdir, model=model)
-    except CheckpointError:
-        return False
-    checkpoints.close()
-    return True

@@ -15,7 +15,6 @@ directory and runs
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import pathlib
@@ -30,8 +29,8 @@ import tokenizers
 from jax import export
 
 from data_loaders.clips import ActionStats
-from data_loaders.tokenizer import EOS, PAD, encode_batch
-from pewm_jax.vlm.plan import Plan, PlanGrammar, PlanStep, parse_plan, prompt_ids
+from data_loaders.tokenizer import PAD, encode_batch
+from pewm_jax.vlm.plan import Plan, PlanGrammar, PlanStep, parse_generated, prompt_ids
 
 BUNDLE_FORMAT = 1
 WEIGHTS, STEP, CONFIG, STATS, TOKENIZER, MANIFEST = (
@@ -98,18 +97,22 @@ def manifest_sha256(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _check_file(root: pathlib.Path, name: str, expected: dict[str, Any]) -> None:
+def _verified(root: pathlib.Path, name: str, expected: dict[str, Any]) -> bytes:
+    """The bytes of root / name, read once, after checking their size and sha256: what is
+    loaded is what was checked."""
     path = root / name
     if not path.is_file():
         raise BundleError(f"bundle {root} lacks {name}, which its manifest lists. Fix: copy the "
                           "whole bundle directory again.")
-    size = path.stat().st_size
-    if size != expected["bytes"]:
-        raise BundleError(f"{path} has {size} bytes but the manifest says {expected['bytes']}: "
-                          "the file is truncated or modified. Fix: copy the bundle again.")
-    if file_sha256(path) != expected["sha256"]:
+    data = path.read_bytes()
+    if len(data) != expected["bytes"]:
+        raise BundleError(f"{path} has {len(data)} bytes but the manifest says "
+                          f"{expected['bytes']}: the file is truncated or modified. Fix: copy "
+                          "the bundle again.")
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise BundleError(f"{path} does not match the sha256 in the manifest: the file was "
                           "modified. Fix: copy the bundle again, or export it again.")
+    return data
 
 
 def _check_listing(root: pathlib.Path, files: dict[str, Any]) -> None:
@@ -129,11 +132,12 @@ def _check_listing(root: pathlib.Path, files: dict[str, Any]) -> None:
                           "again.")
 
 
-def _read(root: pathlib.Path, name: str, read: Callable[[pathlib.Path], Any],
+def _read(root: pathlib.Path, name: str, data: bytes, read: Callable[[bytes], Any],
           versions: dict[str, str]) -> Any:
-    """read(root / name), or a BundleError naming the exporter's versions and ours."""
+    """read(data), the bytes of root / name, or a BundleError naming the exporter's versions
+    and ours."""
     try:
-        return read(root / name)
+        return read(data)
     except Exception as e:  # deserializers raise many types; all mean "cannot read it here"
         raise BundleError(
             f"{root / name} cannot be read here ({type(e).__name__}: {e}). The bundle was "
@@ -169,22 +173,26 @@ def load_bundle(path: str | pathlib.Path) -> Bundle:
         if name not in files:
             raise BundleError(f"{root / MANIFEST} lists no {name}. Fix: export the run again.")
     _check_listing(root, files)
+    data = {}
     for name, expected in files.items():
-        _check_file(root, name, expected)
+        verified = _verified(root, name, expected)
+        if name in needed:  # planner_hf/ is for Hugging Face, checked but not loaded here
+            data[name] = verified
     versions = manifest["versions"]
-    step = functools.partial(_read, root, read=_exported, versions=versions)
-    tokenizer = functools.partial(_read, root, read=lambda p: tokenizers.Tokenizer.from_file(
-        str(p)), versions=versions)
-    weights = {k: jax.numpy.asarray(v)
-               for k, v in safetensors.numpy.load_file(str(root / WEIGHTS)).items()}
-    return Bundle(root, manifest, json.loads((root / CONFIG).read_text()), weights,
-                  step(STEP), tokenizer(TOKENIZER), json.loads((root / STATS).read_text()),
+
+    def step(name: str) -> export.Exported:
+        return _read(root, name, data[name], lambda b: export.deserialize(bytearray(b)),
+                     versions)
+
+    def tokenizer(name: str) -> tokenizers.Tokenizer:
+        return _read(root, name, data[name], lambda b: tokenizers.Tokenizer.from_str(
+            b.decode()), versions)
+
+    weights = {k: jax.numpy.asarray(v) for k, v in safetensors.numpy.load(data[WEIGHTS]).items()}
+    return Bundle(root, manifest, json.loads(data[CONFIG]), weights, step(STEP),
+                  tokenizer(TOKENIZER), json.loads(data[STATS]),
                   (step(PLANNER_PREFILL), step(PLANNER_DECODE)) if planner else None,
                   tokenizer(PLANNER_TOKENIZER) if planner else None)
-
-
-def _exported(path: pathlib.Path) -> export.Exported:
-    return export.deserialize(bytearray(path.read_bytes()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +260,7 @@ class BundlePlanner:
         self.grammar = PlanGrammar.from_tokenizer(self.tokenizer, self.shapes["max_steps"],
                                                   self.shapes["max_words"],
                                                   self.shapes["vocab_size"])
-        self._pad, self._eos = self.tokenizer.token_to_id(PAD), self.tokenizer.token_to_id(EOS)
+        self._pad = self.tokenizer.token_to_id(PAD)
         self._weights = bundle.weights_of("planner")
         # Under jax.jit each call takes the compiled fast path: a decode step per token.
         self._steps = tuple(jax.jit(step.call) for step in bundle.planner_steps)
@@ -304,10 +312,9 @@ class BundlePlanner:
         scale = (observations.shape[2] / self.image_size, observations.shape[1] / self.image_size)
         plans = []
         for row in self.generate_ids(images, tasks):
-            ends = np.flatnonzero(row == self._eos)
-            plan = parse_plan(row[:ends[0] + 1] if len(ends) else row, self.image_size,
-                              self.tokenizer, max_steps=self.grammar.max_steps,
-                              max_words=self.grammar.max_words)
+            plan = parse_generated(row, self.image_size, self.tokenizer,
+                                   max_steps=self.grammar.max_steps,
+                                   max_words=self.grammar.max_words)
             plans.append(Plan(tuple(PlanStep(s.text, _scaled(s.start_xy, scale),
                                              _scaled(s.goal_xy, scale)) for s in plan.steps)))
         return plans

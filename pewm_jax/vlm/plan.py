@@ -217,6 +217,17 @@ def parse_plan(text_or_tokens: str | Sequence[str] | Sequence[int] | np.ndarray,
     return Plan(tuple(steps))
 
 
+def parse_generated(ids: Sequence[int] | np.ndarray, image_size: int,
+                    tokenizer: tokenizers.Tokenizer, *, max_steps: int = DEFAULT_MAX_STEPS,
+                    max_words: int = DEFAULT_MAX_WORDS) -> Plan:
+    """One row of decoded ids, up to and including its first <eos>, as a Plan (or raises
+    PlanParseError). Tokens after <eos> are not output: decoding just ran past the end."""
+    ids = np.asarray(ids).reshape(-1)
+    ends = np.flatnonzero(ids == tokenizer.token_to_id(EOS))
+    return parse_plan(ids[:ends[0] + 1] if len(ends) else ids, image_size, tokenizer,
+                      max_steps=max_steps, max_words=max_words)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PlanGrammar:
     """The plan grammar as a DFA over token ids, for constrained decoding (module docstring).

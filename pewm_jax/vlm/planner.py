@@ -10,7 +10,7 @@
 2. `paligemma.generate` for `PlanGrammar.max_length` tokens, greedy or sampled; constrained
    decoding masks, at every step, the tokens the plan grammar forbids (`GrammarHook`);
 3. output transform: the generated ids up to and including the first <eos> are read by
-   `parse_plan` into a `Plan` whose points are pixels of the planner's `image_size` image.
+   `parse_generated` into a `Plan` whose points are pixels of the planner's `image_size` image.
    Anything malformed raises `PlanParseError`: a bad plan is never read as a wrong one.
 
 Constrained output always parses (the grammar is the parser's language); unconstrained output
@@ -27,11 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from data_loaders.tokenizer import EOS
 from data_loaders.transforms import resize_bicubic
 from pewm_jax.vlm.paligemma import FULL, PaliGemma, PaliGemmaSpec, StepState, generate
 from pewm_jax.vlm.plan import (DEFAULT_MAX_STEPS, DEFAULT_MAX_WORDS, Plan, PlanGrammar,
-                               parse_plan, prompt_ids)
+                               parse_generated, prompt_ids)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -118,7 +117,6 @@ class Planner:
         self.plans_remaining = plans_remaining
         self.max_new_tokens = min(max_new_tokens or self.grammar.max_length,
                                   self.grammar.max_length)
-        self._eos = tokenizer.token_to_id(EOS)
 
     def prompt_ids(self, task_text: str) -> np.ndarray:
         """The prompt ids (L,) int32: <bos>, the tokens of `plan_prompt(task_text)`, and
@@ -150,13 +148,9 @@ class Planner:
         return out
 
     def parse(self, ids: np.ndarray) -> Plan:
-        """One row of output ids, up to and including its first <eos>, as a Plan (or raises
-        PlanParseError). Tokens after <eos> are not output: decoding just ran past the end."""
-        ids = np.asarray(ids).reshape(-1)
-        ends = np.flatnonzero(ids == self._eos)
-        return parse_plan(ids[:ends[0] + 1] if len(ends) else ids, self.image_size,
-                          self.tokenizer, max_steps=self.grammar.max_steps,
-                          max_words=self.grammar.max_words)
+        """One row of output ids as a Plan (`parse_generated`; raises PlanParseError)."""
+        return parse_generated(ids, self.image_size, self.tokenizer,
+                               max_steps=self.grammar.max_steps, max_words=self.grammar.max_words)
 
     def plan(self, image: np.ndarray, task_text: str | list[str], *, constrained: bool = True,
              temperature: float = 0.0, rng: jax.Array | None = None) -> Plan | list[Plan]:
