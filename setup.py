@@ -48,6 +48,10 @@ setup(
     extras_require={
         "test": TEST_REQUIRES,
         "gcs": ["gcsfs>=2024.2"],  # gs:// dataset and checkpoint paths through etils.epath
+        # pewm-compile: compile for TPU and GPU topologies on a CPU host. The CUDA plugin must
+        # match jaxlib exactly; no CUDA libraries are needed to compile.
+        "aot": ["libtpu==0.0.42.*", "jax-cuda12-plugin==0.10.2"],
     },
-    entry_points={"console_scripts": ["pewm=pewm_jax.cli:main"]},
+    entry_points={"console_scripts": ["pewm=pewm_jax.cli:main",
+                                    "pewm-compile=pewm_jax.compile_cli:main"]},
 )

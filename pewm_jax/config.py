@@ -15,7 +15,7 @@ import difflib
 import importlib.util
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ml_collections
@@ -441,6 +441,25 @@ def _in_train_sections(keys: Sequence[str]) -> list[str]:
     """`keys` with each 'train.x' also named in every other section of TRAIN_SECTIONS."""
     return list(keys) + [f"{section}.{key.removeprefix('train.')}" for key in keys
                          if key.startswith("train.") for section in TRAIN_SECTIONS[1:]]
+
+
+def apply_topology_preset(config: ml_collections.ConfigDict,
+                          presets: Mapping[str, tuple[int, int, int, int, str]],
+                          arg: str | None, path: str) -> ml_collections.ConfigDict:
+    """Sets a pod config's topology preset `arg` (default: the first of `presets`): the mesh
+    (data, fsdp, tensor), the global batch of every train section, and model.remat."""
+    preset = arg or next(iter(presets))
+    if preset not in presets:
+        raise ConfigError(
+            f"{path}: unknown topology preset {preset!r}; the presets are {', '.join(presets)}. "
+            f"Fix: --config={path}:{next(iter(presets))}")
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor, batch, config.model.remat = (
+        presets[preset])
+    # The planner and the action decoder train on the same mesh: their batches split over the
+    # same data axes.
+    for section in TRAIN_SECTIONS:
+        _get(config, section).global_batch_size = batch
+    return config
 
 
 def config_file_function(path: str, example: str):

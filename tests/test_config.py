@@ -21,9 +21,11 @@ SHIPPED = [
     ("quickstart.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
     ("mid.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
     ("reference_gpu.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
-    ("pewm_base.py", 64, {"data": 8, "fsdp": 8, "tensor": 1}),
-    ("pewm_base.py:v5p-128", 64, {"data": 8, "fsdp": 8, "tensor": 1}),
+    ("pewm_base.py", 64, {"data": 4, "fsdp": 16, "tensor": 1}),
+    ("pewm_base.py:v5p-128", 64, {"data": 4, "fsdp": 16, "tensor": 1}),
+    ("pewm_base.py:v5e-256", 256, {"data": 16, "fsdp": 16, "tensor": 1}),
     ("pewm_base.py:h100x8", 8, {"data": 1, "fsdp": 8, "tensor": 1}),
+    ("pewm_large.py", 512, {"data": 8, "fsdp": 64, "tensor": 1}),
 ]
 
 
@@ -85,6 +87,11 @@ def test_config_sizes():
     assert (v5p.model.dtype, v5p.model.param_dtype) == ("bfloat16", "float32")
     assert (v5p.train.global_batch_size, v5p.model.remat) == (512, "dots")
     assert (h100.train.global_batch_size, h100.model.remat) == (64, "full")
+    # Every train section of a preset splits its batch over the same mesh.
+    assert h100.planner.train.global_batch_size == h100.action_decoder.train.global_batch_size == 64
+    large = load_config(_spec("pewm_large.py:v5p-1024"), num_devices=512)
+    assert (large.model.width, large.model.num_heads, large.model.depth) == (1536, 12, 24)
+    assert (large.train.global_batch_size, large.model.remat) == (2048, "dots")
 
 
 def test_pewm_base_without_preset_is_v5p_128():
@@ -93,7 +100,7 @@ def test_pewm_base_without_preset_is_v5p_128():
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match="v5p-128, h100x8"):
+    with pytest.raises(ConfigError, match="v5p-128, v5e-256, h100x8"):
         load_config(_spec("pewm_base.py:v4-8"))
 
 

@@ -16,7 +16,7 @@ from data_loaders import clip_dataset, pipeline
 from data_loaders.clip_dataset import DatasetError, DatasetMeta
 from data_loaders.clips import cut_clip
 from pewm_jax.config import default_config
-from pewm_jax.parallel import make_global_batch
+from pewm_jax.parallel.global_batch import make_global_batch
 from pewm_jax.sgg import render_heatmaps
 from pewm_jax.sim import TabletopEnv, expert_episode
 

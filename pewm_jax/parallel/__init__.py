@@ -1,5 +1,4 @@
-"""Parallelism: how batches and parameters are laid out on the device mesh."""
+"""Parallelism: how batches and parameters are laid out on the device mesh.
 
-from pewm_jax.parallel.global_batch import batch_sharding, make_global_batch
-
-__all__ = ["batch_sharding", "make_global_batch"]
+The package itself imports nothing, so `pewm-compile` can set JAX's environment before JAX
+loads (`topologies` does not import JAX)."""

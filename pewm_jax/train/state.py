@@ -260,3 +260,9 @@ class TrainStep:
         """One step (traced with the mesh and logical rules active, so activations shard)."""
         with mesh_lib.activate(self.layout.mesh, self.layout.rules):
             return self._jitted(state, batch)
+
+    def lower(self, state: Any, batch: Mapping[str, Any]) -> jax.stages.Lowered:
+        """The step lowered for `state` and `batch` (arrays or jax.ShapeDtypeStructs with
+        shardings), for compiling ahead of time: `pewm-compile` on stand-in devices."""
+        with mesh_lib.activate(self.layout.mesh, self.layout.rules):
+            return self._jitted.lower(state, batch)
