@@ -111,7 +111,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
                 return leaf.replace(NamedSharding(mesh, PartitionSpec()))
             spec = logical_to_mesh_spec(names, rules, shape, mesh_shape)
             wanted = logical_to_mesh_spec(names, rules, None, mesh_shape)
-            if _devices_per_shard(spec, mesh_shape) > _devices_per_shard(wanted, mesh_shape):
+            if devices_per_shard(spec, mesh_shape) > devices_per_shard(wanted, mesh_shape):
                 undivided.append(f"{jax.tree_util.keystr(path)} {tuple(shape)}")
             return leaf.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, PartitionSpec())
@@ -125,7 +125,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
     return shardings
 
 
-def _devices_per_shard(spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
+def devices_per_shard(spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> int:
     """How many devices hold each shard of an array laid out by `spec` (1: fully sharded)."""
     used = [a for entry in spec if entry is not None
             for a in (entry if isinstance(entry, tuple) else (entry,))]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 
 from pewm_jax import config as config_lib
 from pewm_jax.config import MESH_AXES, ConfigError, resolve_mesh_shape
+from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel import topologies
 from pewm_jax.train import kinds, state as state_lib
 
@@ -32,7 +34,8 @@ from pewm_jax.train import kinds, state as state_lib
 MAX_REPLICATED_PARAM_SHARE = 0.05
 STAND_IN_VOCAB = 1100  # about a built tokenizer's size: specials, 1024 locations, words
 GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[2] / "tests" / "golden" / "sharding"
-KINDS: dict[str, kinds.ModelKind] = {"world_model": kinds.WORLD_MODEL, "planner": kinds.PLANNER}
+# The steps pewm-compile builds (the action decoder's needs the dataset's action spec).
+KINDS: dict[str, kinds.ModelKind] = {name: kinds.KINDS[name] for name in ("world_model", "planner")}
 
 
 def abstract_mesh(config: ml_collections.ConfigDict, chips: int) -> AbstractMesh:
@@ -61,22 +64,17 @@ def _leaf_lines(tree: Any) -> dict[str, str]:
             for path, leaf in leaves if not masked(leaf)}
 
 
-def _is_replicated(leaf: jax.ShapeDtypeStruct, mesh_shape: dict[str, int]) -> bool:
-    used = [a for entry in leaf.sharding.spec if entry is not None
-            for a in (entry if isinstance(entry, tuple) else (entry,))]
-    return all(mesh_shape[a] == 1 for a in used)
-
-
 def replicated_params(layout: state_lib.StateLayout) -> tuple[float, list[tuple[str, int]]]:
     """Share of parameter bytes every chip holds whole, and those leaves (path, bytes),
     largest first."""
     mesh_shape = dict(layout.mesh.shape)
+    devices = math.prod(mesh_shape.values())
     leaves, _ = jax.tree_util.tree_flatten_with_path(layout.abstract.params)
     total, whole = 0, []
     for path, leaf in leaves:
         size = leaf.size * leaf.dtype.itemsize
         total += size
-        if _is_replicated(leaf, mesh_shape):
+        if mesh_lib.devices_per_shard(leaf.sharding.spec, mesh_shape) == devices:
             whole.append((jax.tree_util.keystr(path, simple=True, separator="/"), size))
     whole.sort(key=lambda item: -item[1])
     return sum(size for _, size in whole) / total, whole
