@@ -51,6 +51,9 @@ setup(
         # pewm-compile: compile for TPU and GPU topologies on a CPU host. The CUDA plugin must
         # match jaxlib exactly; no CUDA libraries are needed to compile.
         "aot": ["libtpu==0.0.42.*", "jax-cuda12-plugin==0.10.2"],
+        # Meta-World v3 (pins mujoco 3.3.0); rendering also needs EGL: Debian's libegl1 and
+        # libgl1-mesa-dri on a machine without a GPU.
+        "metaworld": ["metaworld==3.1.1"],
     },
     entry_points={"console_scripts": ["pewm=pewm_jax.cli:main",
                                     "pewm-compile=pewm_jax.compile_cli:main"]},

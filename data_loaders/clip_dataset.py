@@ -24,6 +24,7 @@ import pathlib
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -168,6 +169,34 @@ def write_dataset(out_dir: str | os.PathLike, meta: DatasetMeta,
     with staged_directory(pathlib.Path(out_dir), overwrite) as stage:
         return write_clips(stage, meta, {s: make() for s, make in split_clips.items()},
                            tokenizer_texts)
+
+
+class Generator(Protocol):
+    """A dataset generator module (`data_loaders.tabletop`, `data_loaders.metaworld`)."""
+
+    def dataset_meta(self, config: Any) -> DatasetMeta: ...
+
+    def generate_dataset(self, config: Any, out_dir: str | os.PathLike,
+                         overwrite: bool = False) -> DatasetMeta: ...
+
+
+def ensure_dataset(generator: Generator, config: Any, out_dir: str | os.PathLike,
+                   overwrite: bool = False) -> tuple[DatasetMeta, bool]:
+    """(meta, generated): reuses the dataset at `out_dir` if `generator` would make the same one
+    from `config` (split counts aside), else generates it. A dataset made with other settings
+    is never replaced silently: DatasetError lists what differs (overwrite=True regenerates)."""
+    path = pathlib.Path(out_dir)
+    if path.exists() and not overwrite:
+        have, want = DatasetMeta.load(path), generator.dataset_meta(config)
+        differ = [f.name for f in dataclasses.fields(DatasetMeta)
+                  if f.name != "splits" and getattr(have, f.name) != getattr(want, f.name)]
+        if differ:
+            raise DatasetError(
+                f"{path} holds a dataset made with other settings ({', '.join(differ)} differ: "
+                f"{[(getattr(have, f), getattr(want, f)) for f in differ]}). It is left as it is; "
+                "use another --config.data.dataset_dir, or pass --overwrite to regenerate it.")
+        return have, False
+    return generator.generate_dataset(config, path, overwrite=overwrite), True
 
 
 def require_dataset(dataset_dir: str | os.PathLike) -> epath.Path:

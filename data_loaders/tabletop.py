@@ -28,8 +28,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_loaders.clip_dataset import (DatasetError, DatasetMeta, require_dataset, staged_directory,
-                                       write_clips)
+from data_loaders.clip_dataset import (DatasetError, DatasetMeta, require_dataset,
+                                       staged_directory, write_clips)
 from data_loaders.clips import Clip, cut_clip
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim.episodes import Episode
@@ -54,6 +54,52 @@ def episode_seed(config: ml_collections.ConfigDict, split: str, index: int) -> i
     return (config.seed * len(SPLITS) + list(SPLITS).index(split)) * _SEEDS_PER_SPLIT + index
 
 
+def step_features(image_size: int, *, state_dim: int, action_dim: int) -> tfds.features.Dataset:
+    """The RLDS steps of generated episodes (module docstring), with primitive annotations."""
+    n, t = image_size, tfds.features.Tensor
+    return tfds.features.Dataset({
+        "observation": {"image": t(shape=(n, n, 3), dtype=np.uint8,
+                                   encoding=tfds.features.Encoding.BYTES),
+                        "state": t(shape=(state_dim,), dtype=np.float32)},
+        "action": t(shape=(action_dim,), dtype=np.float32),
+        "language_instruction": tfds.features.Text(),
+        "reward": t(shape=(), dtype=np.float32),
+        "discount": t(shape=(), dtype=np.float32),
+        "is_first": t(shape=(), dtype=np.bool_),
+        "is_last": t(shape=(), dtype=np.bool_),
+        "is_terminal": t(shape=(), dtype=np.bool_),
+        "primitive_id": t(shape=(), dtype=np.int32),
+        "primitive_text": tfds.features.Text(),
+        "primitive_start_xy": t(shape=(2,), dtype=np.float32),
+        "primitive_goal_xy": t(shape=(2,), dtype=np.float32),
+    })
+
+
+def rlds_steps(frames: np.ndarray, states: np.ndarray, actions: np.ndarray, instruction: str,
+               success: bool, segments: Sequence[tuple[int, str, np.ndarray, np.ndarray]]
+               ) -> list[dict]:
+    """T + 1 RLDS steps from frames (T+1, ...), states (T+1, S), actions (T, A) and segments
+    (first frame, words, start xy, goal xy) in order; the last step holds the final
+    observation (zero action) and belongs to the last segment."""
+    num_steps = len(frames)
+    seg_of_step = np.zeros(num_steps, np.int32)
+    for k, (start, *_) in enumerate(segments):
+        seg_of_step[start:] = k
+    actions = np.concatenate([actions, np.zeros((1, actions.shape[1]), np.float32)])
+    steps = []
+    for t in range(num_steps):
+        _, text, start_xy, goal_xy = segments[seg_of_step[t]]
+        last = t == num_steps - 1
+        steps.append({
+            "observation": {"image": frames[t], "state": states[t]},
+            "action": actions[t], "language_instruction": instruction,
+            "reward": np.float32(last and success), "discount": np.float32(1.0),
+            "is_first": t == 0, "is_last": last, "is_terminal": last and success,
+            "primitive_id": seg_of_step[t], "primitive_text": text,
+            "primitive_start_xy": start_xy, "primitive_goal_xy": goal_xy})
+    return steps
+
+
 class _EpisodeBuilder(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the tabletop episodes in RLDS layout (module docstring)."""
 
@@ -66,26 +112,11 @@ class _EpisodeBuilder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        n, t = self._cfg.world.image_size, tfds.features.Tensor
+        t = tfds.features.Tensor
         return tfds.core.DatasetInfo(builder=self, description="pewm built-in tabletop world, "
                                      "scripted expert episodes with primitive annotations",
                                      features=tfds.features.FeaturesDict({
-            "steps": tfds.features.Dataset({
-                "observation": {"image": t(shape=(n, n, 3), dtype=np.uint8,
-                                           encoding=tfds.features.Encoding.BYTES),
-                                "state": t(shape=(3,), dtype=np.float32)},
-                "action": t(shape=(3,), dtype=np.float32),
-                "language_instruction": tfds.features.Text(),
-                "reward": t(shape=(), dtype=np.float32),
-                "discount": t(shape=(), dtype=np.float32),
-                "is_first": t(shape=(), dtype=np.bool_),
-                "is_last": t(shape=(), dtype=np.bool_),
-                "is_terminal": t(shape=(), dtype=np.bool_),
-                "primitive_id": t(shape=(), dtype=np.int32),
-                "primitive_text": tfds.features.Text(),
-                "primitive_start_xy": t(shape=(2,), dtype=np.float32),
-                "primitive_goal_xy": t(shape=(2,), dtype=np.float32),
-            }),
+            "steps": step_features(self._cfg.world.image_size, state_dim=3, action_dim=3),
             "episode_metadata": {"seed": t(shape=(), dtype=np.int64),
                                  "template": tfds.features.Text(),
                                  "task_split": tfds.features.Text(),
@@ -135,25 +166,11 @@ def _worker_pool(config: ml_collections.ConfigDict):
 
 
 def _rlds_episode(ep: Episode) -> dict:
-    """An Episode as an RLDS episode: T + 1 steps, the last one holding the final observation."""
-    num_steps = len(ep.frames)
-    seg_of_step = np.zeros(num_steps, np.int32)
-    for k, seg in enumerate(ep.segments):
-        seg_of_step[seg.start_frame:] = k  # the final observation belongs to the last segment
-    actions = np.concatenate([ep.actions, np.zeros((1, 3), np.float32)])
-    steps = []
-    for t in range(num_steps):
-        seg = ep.segments[seg_of_step[t]]
-        last = t == num_steps - 1
-        steps.append({
-            "observation": {"image": ep.frames[t], "state": ep.states[t]},
-            "action": actions[t], "language_instruction": ep.task,
-            "reward": np.float32(last and ep.success), "discount": np.float32(1.0),
-            "is_first": t == 0, "is_last": last, "is_terminal": last and ep.success,
-            "primitive_id": seg_of_step[t], "primitive_text": seg.text,
-            "primitive_start_xy": seg.start_xy, "primitive_goal_xy": seg.goal_xy})
-    return {"steps": steps, "episode_metadata": {"seed": ep.seed, "template": ep.template,
-                                                 "task_split": ep.split, "success": ep.success}}
+    """An Episode as an RLDS episode (`rlds_steps`)."""
+    segments = [(seg.start_frame, seg.text, seg.start_xy, seg.goal_xy) for seg in ep.segments]
+    return {"steps": rlds_steps(ep.frames, ep.states, ep.actions, ep.task, ep.success, segments),
+            "episode_metadata": {"seed": ep.seed, "template": ep.template,
+                                 "task_split": ep.split, "success": ep.success}}
 
 
 def episode_source(dataset_dir: str | pathlib.Path, split: str) -> Sequence[dict]:
@@ -195,8 +212,11 @@ def segment_starts(record: dict) -> np.ndarray:
     return np.flatnonzero(np.diff(ids, prepend=-1))
 
 
-def episode_clips(record: dict, data: ml_collections.ConfigDict) -> list[Clip]:
-    """The primitive clips of one stored RLDS episode (per-step primitive annotations)."""
+def episode_clips(record: dict, data: ml_collections.ConfigDict, *,
+                  gripper_dims: Sequence[int] = tuple(GRIPPER_DIMS),
+                  episode_id: int | None = None) -> list[Clip]:
+    """The primitive clips of one stored RLDS episode (per-step primitive annotations);
+    `episode_id` defaults to the episode's seed."""
     steps = record["steps"]
     steps = [steps[t] for t in range(len(steps))]
     frames = np.stack([s["observation"]["image"] for s in steps])
@@ -208,10 +228,12 @@ def episode_clips(record: dict, data: ml_collections.ConfigDict) -> list[Clip]:
         first = steps[start]
         clips.append(cut_clip(
             frames, actions, int(start), int(end), horizon=data.horizon, stride=data.frame_stride,
-            context_frames=data.context_frames, gripper_dims=GRIPPER_DIMS,
+            context_frames=data.context_frames, gripper_dims=gripper_dims,
             text=decode_text(first["primitive_text"]), start_xy=first["primitive_start_xy"],
             goal_xy=first["primitive_goal_xy"], sgg_valid=True,
-            episode_id=int(record["episode_metadata"]["seed"]), segment_index=int(steps[start]["primitive_id"])))
+            episode_id=int(record["episode_metadata"]["seed"] if episode_id is None
+                           else episode_id),
+            segment_index=int(steps[start]["primitive_id"])))
     return clips
 
 
@@ -253,25 +275,3 @@ def dataset_meta(config: ml_collections.ConfigDict) -> DatasetMeta:
         action_dim=3, gripper_dims=GRIPPER_DIMS,
         source=(f"pewm_jax.sim expert episodes; seed {config.seed}; world {config.world.to_dict()}; "
                 + "; ".join(f"{k} {config.data[k]}" for _, k in SPLITS.values())))
-
-
-def ensure_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.Path,
-                   overwrite: bool = False) -> tuple[DatasetMeta, bool]:
-    """Reuses the dataset at `out_dir` if `config` would generate the same one, else generates.
-
-    Returns (meta, generated). A dataset made from a different config is never replaced
-    silently: DatasetError lists what differs (pass overwrite=True to regenerate).
-    """
-    path = pathlib.Path(out_dir)
-    if path.exists() and not overwrite:
-        have, want = DatasetMeta.load(path), dataset_meta(config)
-        differ = [f for f in ("name", "image_size", "horizon", "frame_stride", "context_frames",
-                              "action_dim", "gripper_dims", "source")
-                  if getattr(have, f) != getattr(want, f)]
-        if differ:
-            raise DatasetError(
-                f"{path} holds a dataset made with other settings ({', '.join(differ)} differ: "
-                f"{[(getattr(have, f), getattr(want, f)) for f in differ]}). It is left as it is; "
-                "use another --config.data.dataset_dir, or pass --overwrite to regenerate it.")
-        return have, False
-    return generate_dataset(config, path, overwrite=overwrite), True

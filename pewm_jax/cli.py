@@ -162,12 +162,22 @@ def _preview_stage(config, workdir: pathlib.Path, job: str) -> None:
 
 
 def _data_stage(config, workdir: pathlib.Path, job: str) -> None:
-    from data_loaders import clip_dataset, tabletop
+    from data_loaders import clip_dataset
 
     out = dataset_dir(config, workdir)
-    print(f"[data] built-in world dataset -> {out}")
+    if config.data.generator == "metaworld":
+        try:
+            from data_loaders import metaworld as generator
+        except ImportError as e:
+            _fail(f"data.generator 'metaworld' needs the metaworld extra ({e}). Fix: "
+                  "pip install -e '.[metaworld]'")
+        print(f"[data] Meta-World expert demonstrations -> {out}")
+    else:
+        from data_loaders import tabletop as generator
+        print(f"[data] built-in world dataset -> {out}")
     try:
-        meta, generated = tabletop.ensure_dataset(config, out, overwrite=flags.FLAGS.overwrite)
+        meta, generated = clip_dataset.ensure_dataset(generator, config, out,
+                                                      overwrite=flags.FLAGS.overwrite)
     except clip_dataset.DatasetError as e:
         _fail(str(e))
     print(f"  {'generated' if generated else 'reused'}: clips per split {meta.splits}")

@@ -40,6 +40,12 @@ EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "vlm_scripted", 
                    "whole_task")
 EVAL_SPLITS = ("train", "holdout_primitive", "holdout_composition")
 REMAT_POLICIES = ("none", "full", "dots")
+DATA_GENERATORS = ("tabletop", "metaworld")
+# Meta-World tasks with primitive words (pewm_jax.metaworld.experts.TASKS): the AVDC protocol's.
+METAWORLD_TASKS = ("door-open", "door-close", "basketball", "shelf-place", "button-press",
+                   "button-press-topdown", "faucet-close", "faucet-open", "handle-press",
+                   "hammer", "assembly")
+METAWORLD_CAMERAS = ("corner", "corner2", "corner3")
 SAMPLERS = ("euler", "heun")
 DIFFUSION_TARGETS = ("frames", "residual")
 DIFFUSION_PREDICTIONS = ("velocity", "clean")
@@ -104,6 +110,7 @@ _POSITIVE = (
     "run.preview_episodes",
     "run.preview_episodes_per_template",
     "run.preview_scenes_per_primitive",
+    "metaworld.min_segment_steps",
 )
 _NON_NEGATIVE = (
     "data.generation_workers",
@@ -125,8 +132,12 @@ _NON_NEGATIVE = (
     "planner.location_sigma_px",
     "planner.location_input_noise_px",
     "planner.shift_px",
+    "metaworld.train_seeds",
+    "metaworld.val_seeds",
+    "metaworld.test_seeds",
 )
 _CHOICES = {
+    "data.generator": DATA_GENERATORS,
     "model.text_encoder": ("trainable", "siglip"),
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
@@ -213,7 +224,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Weighted mixture of clip dataset directories, (("dir", weight), ...); empty: dataset_dir alone.
     c.data.mixture = ()
     c.data.tokenizer = ""  # tokenizer.json path; '' means the (first) dataset's own tokenizer
-    c.data.generation_workers = 2  # processes generating built-in world episodes (`pewm data`)
+    # What `pewm data` generates: 'tabletop' (the built-in world) or 'metaworld' (Meta-World
+    # expert demonstrations; the `metaworld` extra and config.metaworld).
+    c.data.generator = "tabletop"
+    c.data.generation_workers = 2  # processes generating episodes (`pewm data`)
     c.data.augment = True  # random crop-and-resize + colour jitter, points moved with the pixels
     c.data.crop_scale_min = 0.85  # smallest crop side as a fraction of the frame (augmentation)
     c.data.color_jitter = 0.1  # max relative brightness / contrast change (augmentation)
@@ -362,6 +376,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.video_clips = 64  # held-out clips sampled for PSNR / SSIM (0: none)
     c.eval.rollout_videos = 3  # episodes of the first condition saved as GIFs
 
+    # Meta-World demonstrations (data.generator 'metaworld'), rendered at world.image_size.
+    c.metaworld = ml_collections.ConfigDict()
+    c.metaworld.tasks = METAWORLD_TASKS  # tasks to demonstrate
+    c.metaworld.cameras = METAWORLD_CAMERAS  # each demonstration is stored once per camera
+    c.metaworld.train_seeds = 20  # seeded task variations per task in the train split
+    c.metaworld.val_seeds = 2  # ... in the validation split
+    c.metaworld.test_seeds = 2  # ... in the test split (0 leaves the split out)
+    c.metaworld.min_segment_steps = 4  # expert phases shorter than this merge into a neighbour
+
     c.run = ml_collections.ConfigDict()  # what `pewm run` executes
     c.run.stages = ("preview", "data", "train")  # stages to run, from RUN_STAGES, in that order
     c.run.preview_episodes = 6  # preview: expert episodes drawn as a GIF grid and PNG strip
@@ -435,6 +458,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_names("run.stages", config.run.stages, RUN_STAGES, "stage")
     _check_names("eval.conditions", config.eval.conditions, EVAL_CONDITIONS, "condition")
     _check_names("eval.splits", config.eval.splits, EVAL_SPLITS, "split")
+    _check_names("metaworld.tasks", config.metaworld.tasks, METAWORLD_TASKS, "task")
+    _check_names("metaworld.cameras", config.metaworld.cameras, METAWORLD_CAMERAS, "camera")
 
 
 def _in_train_sections(keys: Sequence[str]) -> list[str]:

@@ -26,6 +26,8 @@ SHIPPED = [
     ("pewm_base.py:v5e-256", 256, {"data": 16, "fsdp": 16, "tensor": 1}),
     ("pewm_base.py:h100x8", 8, {"data": 1, "fsdp": 8, "tensor": 1}),
     ("pewm_large.py", 512, {"data": 8, "fsdp": 64, "tensor": 1}),
+    ("metaworld.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
+    ("metaworld.py:128", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
 ]
 
 
@@ -350,3 +352,14 @@ def test_logical_axis_rules_name_only_mesh_axes():
     _raises(config, "mesh.logical_axis_rules[8]")
     config.mesh.logical_axis_rules = (("batch",),)
     _raises(config, "mesh.logical_axis_rules[0]")
+
+
+def test_metaworld_keys_name_what_is_wrong():
+    with pytest.raises(ConfigError, match="metaworld.tasks.*unknown task 'door-opn'"):
+        validate(_with("metaworld.tasks", ("door-opn",)))
+    with pytest.raises(ConfigError, match="metaworld.cameras.*unknown camera 'topview'"):
+        validate(_with("metaworld.cameras", ("topview",)))
+    with pytest.raises(ConfigError, match="data.generator"):
+        validate(_with("data.generator", "meta-world"))
+    with pytest.raises(ConfigError, match="takes a frame size"):
+        load_config(_spec("metaworld.py:96"))

@@ -143,11 +143,11 @@ def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, mon
 
 
 def test_existing_dataset_is_reused_or_refused_never_replaced(tabletop_dataset):
-    meta, generated = tabletop.ensure_dataset(tiny_config(), tabletop_dataset)
+    meta, generated = clip_dataset.ensure_dataset(tabletop, tiny_config(), tabletop_dataset)
     assert not generated and meta.splits == clip_dataset.DatasetMeta.load(tabletop_dataset).splits
     before = (tabletop_dataset / clip_dataset.META_FILE).read_text()
     with pytest.raises(clip_dataset.DatasetError, match="--overwrite"):
-        tabletop.ensure_dataset(tiny_config("seed=7"), tabletop_dataset)
+        clip_dataset.ensure_dataset(tabletop, tiny_config("seed=7"), tabletop_dataset)
     with pytest.raises(clip_dataset.DatasetError, match="already exists"):
         tabletop.generate_dataset(tiny_config(), tabletop_dataset)
     assert (tabletop_dataset / clip_dataset.META_FILE).read_text() == before

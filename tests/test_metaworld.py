@@ -1,0 +1,223 @@
+"""Meta-World: the environment adapter, the camera projection, expert segmentation and the
+demonstration dataset. Needs the `metaworld` extra and software EGL (`.ci/run` installs both
+and runs these in their own step)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+import pewm_jax.metaworld  # noqa: F401  (selects MuJoCo's EGL backend before mujoco loads)
+
+pytest.importorskip("metaworld")
+
+from pewm_jax.metaworld.env import CAMERAS, MetaWorldEnv  # noqa: E402  (before mujoco: EGL)
+from pewm_jax.metaworld import experts  # noqa: E402
+import mujoco  # noqa: E402
+
+from data_loaders import clip_dataset  # noqa: E402
+from data_loaders import metaworld as mw_data  # noqa: E402
+from pewm_jax import config as config_lib  # noqa: E402
+from pewm_jax.sim.world import ActionError  # noqa: E402
+
+pytestmark = pytest.mark.metaworld
+
+
+@pytest.fixture
+def env():
+    e = MetaWorldEnv("door-open", camera="corner", image_size=64)
+    yield e
+    e.close()
+
+
+def _rollout(seed: int, actions: np.ndarray) -> np.ndarray:
+    e = MetaWorldEnv("basketball", camera="corner2", image_size=64)
+    try:
+        frames = [e.reset(seed=seed)[0]["image"]]
+        frames += [e.step(a)[0]["image"] for a in actions]
+        return np.stack(frames)
+    finally:
+        e.close()
+
+
+def test_same_seed_same_frames_and_seeds_vary_the_task():
+    actions = np.random.default_rng(0).uniform(-1, 1, (6, 4)).astype(np.float32)
+    first, again, other = _rollout(3, actions), _rollout(3, actions), _rollout(4, actions)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first[0], other[0])  # another seed places the ball elsewhere
+
+
+def _marker_pixels(env: MetaWorldEnv, camera: str, point: np.ndarray) -> np.ndarray:
+    """MuJoCo's own rendering of a small sphere at `point` alone: the (x, y) centroid of its
+    pixels in the stored (upright) image."""
+    renderer = env._renderer
+    renderer.update_scene(env.task_env.data, camera=camera)
+    renderer.scene.ngeom = 0
+    blank = renderer.render().copy()
+    mujoco.mjv_initGeom(renderer.scene.geoms[0], mujoco.mjtGeom.mjGEOM_SPHERE,
+                        np.array([0.02, 0, 0]), np.asarray(point, np.float64),
+                        np.eye(3).ravel(), np.array([1, 0, 0, 1], np.float32))
+    renderer.scene.ngeom = 1
+    image = renderer.render()
+    if env._up_is_down(camera):
+        image, blank = image[::-1, ::-1], blank[::-1, ::-1]
+    rows, cols = np.nonzero(np.any(image != blank, axis=-1))
+    assert len(rows) >= 3, "the marker is not visible"
+    return np.array([cols.mean() + 0.5, rows.mean() + 0.5])
+
+
+def test_projection_matches_mujocos_rendering_of_a_marker_and_images_are_upright():
+    env = MetaWorldEnv("assembly", camera="corner", image_size=128)
+    try:
+        env.reset(seed=2)
+        offsets = np.array([[0, 0, 0], [0.08, 0, 0.1], [-0.1, 0.1, 0], [0.05, -0.05, 0.2]])
+        for camera in CAMERAS:
+            model = env.camera_model(camera)
+            points = env.tcp + offsets
+            errors = [np.linalg.norm(_marker_pixels(env, camera, p) - model.project(p))
+                      for p in points]
+            assert np.mean(errors) < 1.0, (camera, errors)
+            # Upright images: a marker higher in the world is drawn higher (smaller y).
+            low = _marker_pixels(env, camera, env.tcp)
+            high = _marker_pixels(env, camera, env.tcp + [0, 0, 0.15])
+            assert high[1] < low[1] - 3, (camera, low, high)
+    finally:
+        env.close()
+
+
+def test_actions_outside_bounds_are_clipped(env):
+    twin = MetaWorldEnv("door-open", camera="corner", image_size=64)
+    try:
+        env.reset(seed=1)
+        twin.reset(seed=1)
+        obs, _, _, _, info = env.step(np.array([3.0, -2.0, 0.5, 9.0], np.float32))
+        ref, _, _, _, ref_info = twin.step(np.array([1.0, -1.0, 0.5, 1.0], np.float32))
+        assert info["action_clipped"] and not ref_info["action_clipped"]
+        np.testing.assert_array_equal(obs["state"], ref["state"])
+        np.testing.assert_array_equal(obs["image"], ref["image"])
+    finally:
+        twin.close()
+
+
+def test_bad_actions_and_names_raise(env):
+    env.reset(seed=0)
+    with pytest.raises(ActionError, match="finite action of shape"):
+        env.step(np.array([np.nan, 0, 0, 0]))
+    with pytest.raises(ActionError, match="shape"):
+        env.step(np.zeros(3))
+    with pytest.raises(ValueError, match="did you mean"):
+        MetaWorldEnv("door-opn")
+    with pytest.raises(ValueError, match="camera must be one of"):
+        MetaWorldEnv("door-open", camera="topview")
+
+
+def test_episode_ends_at_success_and_is_truncated_at_the_budget():
+    e = MetaWorldEnv("reach", camera="corner", image_size=32, max_episode_steps=5)
+    try:
+        e.reset(seed=0)
+        outcomes = [e.step(np.zeros(4, np.float32))[2:4] for _ in range(5)]
+        assert outcomes[-1] == (False, True) and all(o == (False, False) for o in outcomes[:-1])
+    finally:
+        e.close()
+
+
+WORDS = experts.TaskWords("do it", "block", ("reach", "lower", "lift"))
+
+
+def test_segmentation_moves_forward_and_splits_at_gripper_changes():
+    branches = np.array([0] * 6 + [1] * 5 + [0, 1] * 3 + [2] * 8)  # oscillates back to 0
+    efforts = np.array([-1.0] * 8 + [0.7] * 17)  # closes in the middle of 'lower'
+    segments = experts.segment_demo(branches, efforts, WORDS, min_steps=2)
+    assert [(s.start, s.end, s.text) for s in segments] == [
+        (0, 6, "reach"), (6, 8, "lower"), (8, 17, "grasp the block"), (17, 25, "lift")]
+
+
+def test_segmentation_merges_short_runs():
+    branches = np.array([0] * 2 + [1] * 10 + [2] * 10)
+    segments = experts.segment_demo(branches, np.zeros(22), WORDS, min_steps=4)
+    assert [(s.start, s.end) for s in segments] == [(0, 12), (12, 22)]
+    assert segments[0].text == "reach"  # the episode's first phase names the merged run
+    with pytest.raises(ValueError, match="one branch and one effort per step"):
+        experts.segment_demo(branches, np.zeros(3), WORDS, min_steps=4)
+
+
+def test_words_table_covers_the_protocol_tasks():
+    assert tuple(experts.TASKS) == config_lib.METAWORLD_TASKS
+    with pytest.raises(ValueError, match="no primitive words"):
+        experts.task_words("reach")
+
+
+@pytest.mark.parametrize("task", config_lib.METAWORLD_TASKS)
+def test_every_task_segments_into_ordered_primitives_inside_the_image(task):
+    successes = 0
+    for seed in (0, 1, 2):
+        demo = experts.run_expert(task, seed, image_size=32)
+        successes += demo.success  # failed demonstrations are segmented too, then dropped
+        segments = demo.segments
+        assert segments[0].start == 0 and segments[-1].end == len(demo.actions)
+        assert all(a.end == b.start for a, b in zip(segments, segments[1:]))
+        assert all(s.end > s.start for s in segments)
+        words = experts.task_words(task)
+        texts = [s.text for s in segments]
+        # Branch phrases appear at most once and in the expert's order of first appearance.
+        branch_texts = [t for t in texts if t in words.branches]
+        assert len(branch_texts) == len(set(branch_texts)), texts
+        for camera, xy in demo.tcp_xy.items():
+            ends = xy[[i for s in segments for i in (s.start, s.end)]]
+            assert np.all((ends >= 0) & (ends <= 32)), (task, seed, camera, ends)
+        assert demo.frames["corner"].shape == (len(demo.actions) + 1, 32, 32, 3)
+    assert successes >= 2, f"the {task} expert succeeded on {successes} of 3 seeds"
+
+
+def _tiny_config(**metaworld):
+    config = config_lib.default_config()
+    config.data.generator = "metaworld"
+    config.world.image_size = 32
+    config.data.generation_workers = 1
+    config.metaworld.tasks = ("button-press-topdown", "handle-press")
+    config.metaworld.cameras = ("corner", "corner3")
+    config.metaworld.train_seeds, config.metaworld.val_seeds, config.metaworld.test_seeds = 2, 0, 1
+    for k, v in metaworld.items():
+        config.metaworld[k] = v
+    config_lib.validate(config)
+    return config
+
+
+def test_dataset_has_the_built_in_worlds_layout(tmp_path):
+    config = _tiny_config()
+    meta, generated = clip_dataset.ensure_dataset(mw_data, config, tmp_path / "data")
+    assert generated and meta.name == "pewm_metaworld" and meta.gripper_dims == [3]
+    assert set(meta.splits) == {"train", "test"} and meta.splits["train"] >= 2 * 2 * 2
+    assert not (tmp_path / ".data.demos").exists()  # the cache goes once the dataset is in place
+    clips = clip_dataset.clip_source(tmp_path / "data", "train")
+    texts = set()
+    for i in range(len(clips)):
+        clip = clips[i]
+        assert clip["frames"].shape == (config.data.horizon, 32, 32, 3)
+        assert clip["actions"].shape == (config.data.horizon, 4)
+        for xy in (clip["start_xy"], clip["goal_xy"]):
+            assert np.all((xy >= 0) & (xy <= 32))
+        texts.add(clip["text"].decode() if isinstance(clip["text"], bytes) else clip["text"])
+    assert "press the button down" in texts
+    # Same settings: reused, not regenerated. Other settings: refused, the dataset kept.
+    assert clip_dataset.ensure_dataset(mw_data, config, tmp_path / "data")[1] is False
+    with pytest.raises(clip_dataset.DatasetError, match="other settings"):
+        clip_dataset.ensure_dataset(mw_data, _tiny_config(train_seeds=3), tmp_path / "data")
+    assert clip_dataset.DatasetMeta.load(tmp_path / "data").splits == meta.splits
+
+
+def test_demo_collection_resumes_from_its_cache(tmp_path, monkeypatch):
+    config = _tiny_config(tasks=("handle-press",), cameras=("corner",))
+    cache = tmp_path / "cache"
+    first = mw_data.collect_demos(config, cache)
+    assert len(first["train"]) == 2 and len(first["test"]) == 1
+    stamps = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
+    lost = first["train"][1]
+    lost.unlink()  # as if the run had stopped before this demonstration
+    played = []
+    real = mw_data._run_demo
+    monkeypatch.setattr(mw_data, "_run_demo", lambda job: played.append(job) or real(job))
+    again = mw_data.collect_demos(config, cache)
+    assert [pathlib.Path(job[-1]) for job in played] == [lost]
+    assert again == first
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost)
