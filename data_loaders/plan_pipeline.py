@@ -1,12 +1,14 @@
-"""The planner's input pipeline: built-in world episodes -> (first frame, task) -> plan batches.
+"""The planner's input pipeline: generated episodes -> (first frame, task) -> plan batches.
 
-One example per stored expert episode (`tabletop.episode_source`):
+One example per stored expert episode (`tabletop.episode_source`: the built-in world's or
+Meta-World's):
 
     image        the first observation, resized (bicubic) to the planner's input size
     tokens       <bos> plan_prompt(task) <pad>... | plan <eos> | <pad>...   (`plan.prompt_ids`
                  padded to config.planner.prompt_tokens, `plan.target_ids`); the plan's steps
-                 are the episode's primitives in their canonical wording (`primitive_from_text`: the stored words may be a
-                 paraphrase) with start/goal points as location tokens of the input image
+                 are the episode's primitives in their canonical wording (`episode_plan`: the
+                 built-in world's words may be a paraphrase) with start/goal points as
+                 location tokens of the input image
     target_mask  True on the plan tokens: the loss is the plan's likelihood given the prompt
     target_bins  the bin of each location token of the plan (-1 elsewhere), for the soft
                  location targets of `finetune.plan_loss`
@@ -58,7 +60,9 @@ class EpisodePlan:
 def episode_plan(record: dict, segment: int = 0) -> EpisodePlan:
     """The frame where primitive `segment` of a stored RLDS episode (tabletop layout) begins,
     the task, and the expert's primitives from there on: segment 0 is the whole task from the
-    first frame; a later one is what a closed-loop controller replans from mid-task."""
+    first frame; a later one is what a closed-loop controller replans from mid-task. The
+    built-in world's paraphrases become their primitive's canonical words; Meta-World's words
+    come from one table (pewm_jax.metaworld.experts.TASKS) and are kept as stored."""
     steps = record["steps"]
     starts = tabletop.segment_starts(record)
     if not 0 <= segment < len(starts):
@@ -67,11 +71,12 @@ def episode_plan(record: dict, segment: int = 0) -> EpisodePlan:
     for start in starts[segment:]:
         step = steps[int(start)]
         words = tabletop.decode_text(step["primitive_text"])
-        try:
-            canonical = primitive_from_text(words).text()
-        except ValueError as e:
-            raise DatasetError(f"episode {record['episode_metadata']['seed']}: {e}") from None
-        plan_steps.append(PlanStep(canonical, tuple(step["primitive_start_xy"]),
+        if "template" in record["episode_metadata"]:  # the built-in world: paraphrases
+            try:
+                words = primitive_from_text(words).text()  # -> the canonical wording
+            except ValueError as e:
+                raise DatasetError(f"episode {record['episode_metadata']['seed']}: {e}") from None
+        plan_steps.append(PlanStep(words, tuple(step["primitive_start_xy"]),
                                    tuple(step["primitive_goal_xy"])))
     first = steps[int(starts[segment])]
     return EpisodePlan(np.asarray(first["observation"]["image"]),

@@ -47,6 +47,8 @@ SPLITS = {
     "holdout_composition": ("holdout_composition", "num_holdout_episodes"),
 }
 _SEEDS_PER_SPLIT = 10_000_000  # episode seeds of different splits never collide
+# Episode builders (version 1.0.0) of `pewm data`: the built-in world's, Meta-World's.
+GENERATED_EPISODES = ("pewm_tabletop", "pewm_metaworld")
 
 
 def episode_seed(config: ml_collections.ConfigDict, split: str, index: int) -> int:
@@ -174,14 +176,17 @@ def _rlds_episode(ep: Episode) -> dict:
 
 
 def episode_source(dataset_dir: str | pathlib.Path, split: str) -> Sequence[dict]:
-    """Random-access source over one split's stored RLDS episodes (decoded numpy dicts);
+    """Random-access source over one split's stored RLDS episodes (decoded numpy dicts) of a
+    generated dataset (the built-in world's or Meta-World's: the same per-step annotations);
     DatasetError when the directory holds no generated episodes or not that split."""
     root = require_dataset(dataset_dir)
-    version = root / EPISODES_DIR / _EpisodeBuilder.name / str(_EpisodeBuilder.VERSION)
-    if not version.exists():
+    found = [root / EPISODES_DIR / name / "1.0.0" for name in GENERATED_EPISODES]
+    version = next((v for v in found if v.exists()), None)
+    if version is None:
         raise DatasetError(
-            f"{root} holds no built-in world episodes ({version} not found); the planner learns "
-            "from them. Fix: point config.data.dataset_dir at a dataset `pewm data` generated.")
+            f"{root} holds no generated episodes (none of {[str(v) for v in found]}); the planner "
+            "learns from them. Fix: point config.data.dataset_dir at a dataset `pewm data` "
+            "generated.")
     builder = tfds.builder_from_directory(str(version))
     if split not in builder.info.splits:
         raise DatasetError(f"{root} has no episodes in split {split!r}; it has "

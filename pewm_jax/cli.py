@@ -38,8 +38,9 @@ JOBS: dict[str, str] = {
     "run": "the main job: every stage in config.run.stages (preview, data, train, whole_task, "
            "actions, planner, eval) into --workdir",
     "preview": "run the world's task experts; write a GIF/PNG of episodes and expert statistics",
-    "data": "generate the built-in world's dataset: RLDS episodes, primitive clips, statistics, "
-            "tokenizer (into config.data.dataset_dir, default <workdir>/data)",
+    "data": "generate the built-in world's dataset (or Meta-World's, data.generator="
+            "'metaworld'): RLDS episodes, primitive clips, statistics, tokenizer (into "
+            "config.data.dataset_dir, default <workdir>/data)",
     "train": "train the world model on the run's dataset: sharded over the config's mesh, Orbax "
              "checkpoints in <workdir>/world_model, TensorBoard logs in <workdir>/tensorboard",
     "whole_task": "train the non-primitive baseline (<workdir>/whole_task): the world model "
@@ -51,7 +52,9 @@ JOBS: dict[str, str] = {
                "then score its plans on config.planner.eval_splits (<workdir>/planner_eval.json)",
     "eval": "closed-loop evaluation of the run's checkpoints (whatever it has of world_model/, "
             "action_decoder/, planner/) on config.eval: success with 95% intervals beside the "
-            "oracle and ablations, clip quality, latency (<workdir>/eval/report.json, GIFs)",
+            "oracle and ablations, clip quality, latency (<workdir>/eval/report.json, GIFs); "
+            "for Meta-World, the AVDC protocol of config.metaworld "
+            "(<workdir>/eval/metaworld_report.json)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
     "export": "export the run's world model, action decoder and planner as a bundle for "
               "robots (safetensors weights, StableHLO policy and planner steps for "
@@ -299,6 +302,16 @@ def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 def _eval_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: str) -> None:
     """Evaluates the run's checkpoints in closed loop and prints the headline numbers."""
+    if config.data.generator == "metaworld":
+        from pewm_jax.metaworld import evaluate as metaworld_eval
+
+        mw = config.metaworld
+        print(f"[eval] Meta-World closed loop of {workdir}: {len(mw.eval_tasks)} tasks x "
+              f"{len(mw.eval_cameras)} cameras x {mw.eval_seeds} seeds, conditions "
+              f"{mw.eval_conditions}")
+        print(metaworld_eval.headline(metaworld_eval.evaluate_run(config, workdir)))
+        print(f"[eval] report: {workdir / 'eval' / 'metaworld_report.json'}")
+        return
     from pewm_jax.evaluate import closed_loop
 
     print(f"[eval] closed-loop evaluation of {workdir} on {config.eval.splits} "

@@ -46,6 +46,8 @@ METAWORLD_TASKS = ("door-open", "door-close", "basketball", "shelf-place", "butt
                    "button-press-topdown", "faucet-close", "faucet-open", "handle-press",
                    "hammer", "assembly")
 METAWORLD_CAMERAS = ("corner", "corner2", "corner3")
+# Meta-World closed-loop conditions (pewm_jax.metaworld.evaluate.CONDITIONS).
+METAWORLD_CONDITIONS = ("pewm", "open_loop", "no_sgg", "oracle_primitives", "expert")
 SAMPLERS = ("euler", "heun")
 DIFFUSION_TARGETS = ("frames", "residual")
 DIFFUSION_PREDICTIONS = ("velocity", "clean")
@@ -111,6 +113,7 @@ _POSITIVE = (
     "run.preview_episodes_per_template",
     "run.preview_scenes_per_primitive",
     "metaworld.min_segment_steps",
+    "metaworld.eval_seeds",
 )
 _NON_NEGATIVE = (
     "data.generation_workers",
@@ -135,6 +138,7 @@ _NON_NEGATIVE = (
     "metaworld.train_seeds",
     "metaworld.val_seeds",
     "metaworld.test_seeds",
+    "metaworld.max_replans",
 )
 _CHOICES = {
     "data.generator": DATA_GENERATORS,
@@ -384,6 +388,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.metaworld.val_seeds = 2  # ... in the validation split
     c.metaworld.test_seeds = 2  # ... in the test split (0 leaves the split out)
     c.metaworld.min_segment_steps = 4  # expert phases shorter than this merge into a neighbour
+    # Closed-loop evaluation (`pewm eval` with data.generator 'metaworld'): the AVDC protocol,
+    # every eval task x camera x seed 0 .. eval_seeds - 1, success within 500 env steps.
+    c.metaworld.eval_tasks = METAWORLD_TASKS
+    c.metaworld.eval_cameras = METAWORLD_CAMERAS
+    c.metaworld.eval_seeds = 25
+    c.metaworld.max_replans = 5  # fresh plans after the first one runs out without success
+    c.metaworld.eval_conditions = METAWORLD_CONDITIONS  # each beside the others, same episodes
 
     c.run = ml_collections.ConfigDict()  # what `pewm run` executes
     c.run.stages = ("preview", "data", "train")  # stages to run, from RUN_STAGES, in that order
@@ -460,6 +471,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_names("eval.splits", config.eval.splits, EVAL_SPLITS, "split")
     _check_names("metaworld.tasks", config.metaworld.tasks, METAWORLD_TASKS, "task")
     _check_names("metaworld.cameras", config.metaworld.cameras, METAWORLD_CAMERAS, "camera")
+    _check_names("metaworld.eval_tasks", config.metaworld.eval_tasks, METAWORLD_TASKS, "task")
+    _check_names("metaworld.eval_cameras", config.metaworld.eval_cameras, METAWORLD_CAMERAS,
+                 "camera")
+    _check_names("metaworld.eval_conditions", config.metaworld.eval_conditions,
+                 METAWORLD_CONDITIONS, "condition")
 
 
 def _in_train_sections(keys: Sequence[str]) -> list[str]:

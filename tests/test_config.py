@@ -359,6 +359,10 @@ def test_metaworld_keys_name_what_is_wrong():
         validate(_with("metaworld.tasks", ("door-opn",)))
     with pytest.raises(ConfigError, match="metaworld.cameras.*unknown camera 'topview'"):
         validate(_with("metaworld.cameras", ("topview",)))
+    with pytest.raises(ConfigError, match="metaworld.eval_conditions.*unknown condition 'oracle'"):
+        validate(_with("metaworld.eval_conditions", ("pewm", "oracle")))
+    with pytest.raises(ConfigError, match="metaworld.eval_seeds"):
+        validate(_with("metaworld.eval_seeds", 0))
     with pytest.raises(ConfigError, match="data.generator"):
         validate(_with("data.generator", "meta-world"))
     with pytest.raises(ConfigError, match="takes a frame size"):

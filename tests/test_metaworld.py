@@ -221,3 +221,170 @@ def test_demo_collection_resumes_from_its_cache(tmp_path, monkeypatch):
     assert [pathlib.Path(job[-1]) for job in played] == [lost]
     assert again == first
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost)
+
+
+# Closed-loop evaluation (pewm_jax.metaworld.evaluate).
+from data_loaders.clips import ActionStats  # noqa: E402
+from pewm_jax.control.policy import PolicyOutput  # noqa: E402
+from pewm_jax.metaworld import evaluate as mw_eval  # noqa: E402
+from pewm_jax.vlm.plan import Plan, PlanParseError, PlanStep  # noqa: E402
+
+
+class _StillPolicy:
+    """A policy double whose clips never move: every action is zero (the gripper stays)."""
+
+    batch_size, image_size = 4, 32
+    stats = ActionStats.compute(np.zeros((4, 4)), [3])
+
+    def __init__(self):
+        self.commands = []
+
+    def step(self, observations, commands, *, step_index, use_sgg):
+        self.commands.append((list(commands), use_sgg))
+        b = len(commands)
+        return PolicyOutput(np.zeros((b, 2, 32, 32, 3), np.uint8), np.zeros((b, 2, 4), np.float32),
+                            0.0, 0.0)
+
+
+class _FixedPlanner:
+    """A planner double: the same two-primitive plan for every frame."""
+
+    image_size, plans_remaining = 64, False
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate_ids(self, images, tasks):
+        self.calls += 1
+        return np.arange(len(tasks))  # a row "id" per task, read by `parse`
+
+    def parse(self, row):
+        step = PlanStep("press the button down", (10.0, 20.0), (30.0, 40.0))
+        return Plan((step, step))
+
+
+def test_protocol_is_tasks_by_cameras_by_seeds():
+    mw = config_lib.default_config().metaworld
+    specs = mw_eval.protocol_specs(mw)
+    assert len(specs) == 11 * 3 * 25
+    assert {s.seed for s in specs} == set(range(25)) and len(set(specs)) == len(specs)
+
+
+@pytest.mark.parametrize("loop", ["pewm", "open_loop"])
+def test_failed_attempts_replan_up_to_the_budget(loop):
+    policy, planner = _StillPolicy(), _FixedPlanner()
+    controller = mw_eval.MetaWorldController(loop, image_size=32, frame_stride=2, max_replans=2,
+                                             policy=policy, planner=planner)
+    specs = [mw_eval.EpisodeSpec("button-press-topdown", "corner", s) for s in (0, 1)]
+    results = controller.run(specs, parallel=2)
+    for r in results:
+        assert not r.success and r.end == "replans" and r.replans == 2
+        assert len(r.primitives) == 3 * 2  # 3 attempts of the 2-primitive plan
+        assert r.env_steps == 6 * 2 * 2  # 2 labels x frame_stride per primitive
+    # Points are scaled from the planner's 64-pixel image to the env's 32.
+    first = policy.commands[0][0][0]
+    assert first.start_xy == (5.0, 10.0) and first.goal_xy == (15.0, 20.0)
+    # Closed loop plans before every primitive; open loop once per attempt.
+    assert planner.calls == (6 if loop == "pewm" else 3)
+    scores = mw_eval.condition_scores(results, 2)
+    assert scores["replans"] == {"0": 0, "1": 0, "2": 2}
+    assert scores["mean_success"] == 0.0 and scores["overall"]["success_ci95"][1] < 1.0
+
+
+class _CutOffPlanner(_FixedPlanner):
+    """A planner double whose output never parses (as when decoding hits max_tokens)."""
+
+    def parse(self, row):
+        raise PlanParseError(80, "<end of plan>", "a location token")
+
+
+def test_unparsable_plans_are_counted_and_never_acted_on():
+    policy = _StillPolicy()
+    controller = mw_eval.MetaWorldController("pewm", image_size=32, frame_stride=1,
+                                             max_replans=1, policy=policy,
+                                             planner=_CutOffPlanner())
+    result = controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)[0]
+    assert result.end == "replans" and result.planner_errors == 2 and result.primitives == []
+    assert policy.commands == [] and result.env_steps == 0
+    assert mw_eval.condition_scores([result], 1)["planner_errors"] == 2
+
+
+def test_no_sgg_drops_the_heatmaps_and_the_expert_solves_the_tasks():
+    policy = _StillPolicy()
+    controller = mw_eval.MetaWorldController("no_sgg", image_size=32, frame_stride=1,
+                                             max_replans=0, policy=policy,
+                                             planner=_FixedPlanner())
+    controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)
+    assert policy.commands and not any(sgg for _, sgg in policy.commands)
+    expert = mw_eval.MetaWorldController("expert", image_size=32, frame_stride=1,
+                                         max_replans=0)
+    specs = [mw_eval.EpisodeSpec(t, "corner", s) for t in ("door-open", "handle-press")
+             for s in (0, 1)]
+    results = expert.run(specs, parallel=2)
+    assert all(r.success and r.env_steps < 500 for r in results)
+    scores = mw_eval.condition_scores(results, 0)
+    assert scores["mean_success"] == 1.0 and set(scores["per_task"]) == {"door-open",
+                                                                          "handle-press"}
+
+
+def test_oracle_primitives_follow_the_experts_segments():
+    policy = _StillPolicy()
+    controller = mw_eval.MetaWorldController("oracle_primitives", image_size=32, frame_stride=1,
+                                             max_replans=0, policy=policy)
+    spec = mw_eval.EpisodeSpec("door-open", "corner3", 0)
+    result = controller.run([spec], parallel=1)[0]
+    plan = mw_eval.oracle_plan(spec, 32)
+    assert result.primitives == [c.text for c in plan]
+    assert [c.text for c in plan] == list(experts.TASKS["door-open"].branches)
+    sent = [cmds[0] for cmds, _ in policy.commands]
+    assert sent == plan
+
+
+def test_bad_conditions_name_what_is_missing():
+    with pytest.raises(ValueError, match="unknown condition"):
+        mw_eval.MetaWorldController("oracle", image_size=32, frame_stride=1, max_replans=0)
+    with pytest.raises(ValueError, match="needs the planner"):
+        mw_eval.MetaWorldController("pewm", image_size=32, frame_stride=1, max_replans=0,
+                                    policy=_StillPolicy())
+    with pytest.raises(ValueError, match="world model and action decoder"):
+        mw_eval.MetaWorldController("oracle_primitives", image_size=32, frame_stride=1,
+                                    max_replans=0)
+
+
+@pytest.mark.slow
+def test_demos_to_dataset_to_training_to_an_evaluated_episode(tmp_path):
+    """`pewm run` on Meta-World end to end: one task's demonstrations, a few steps of every
+    model, then one protocol episode per condition, with a finite, well-formed report."""
+    import json
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    steps = {f"{s}.{k}": 4 for s in ("train", "action_decoder.train", "planner.train")
+             for k in ("steps", "checkpoint_every", "sample_every")}
+    overrides = {"metaworld.tasks": "('handle-press',)",
+                 "metaworld.eval_tasks": "('handle-press',)",
+                 "metaworld.train_seeds": 2, "metaworld.val_seeds": 1, "metaworld.test_seeds": 1,
+                 "metaworld.eval_seeds": 1, "metaworld.max_replans": 1, "world.image_size": 32,
+                 "model.patch_size": 8, "action_decoder.patch_size": 8,
+                 "planner.image_size": 32, "eval.parallel_envs": 1, **steps}
+    out = subprocess.run(
+        [sys.executable, "-m", "pewm_jax.cli", "run", f"--config={root / 'configs/metaworld.py'}",
+         f"--workdir={tmp_path}", *(f"--config.{k}={v}" for k, v in overrides.items())],
+        cwd=root, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "metaworld_report.json").read_text())
+    assert report["protocol"]["tasks"] == ["handle-press"] and report["protocol"]["seeds"] == 1
+    assert set(report["conditions"]) == set(config_lib.METAWORLD_CONDITIONS)
+    for name, c in report["conditions"].items():
+        assert "skipped" not in c, (name, c)
+        assert 0.0 <= c["mean_success"] <= 1.0 and sum(c["replans"].values()) == 1
+        lo, hi = c["per_task"]["handle-press"]["success_ci95"]
+        assert 0.0 <= lo <= hi <= 1.0
+        # A 4-step planner's plans may not parse: counted, and then nothing moves.
+        assert np.isfinite(c["env_steps_per_s"]) and 0 <= c["env_steps"] <= 500
+        assert c["planner_errors"] >= 0 and sum(c["ends"].values()) == 1
+    for name in ("oracle_primitives", "expert"):
+        assert report["conditions"][name]["env_steps"] > 0
+    assert report["conditions"]["expert"]["mean_success"] == 1.0
+    assert "mean" in out.stdout and "published mean success" in out.stdout

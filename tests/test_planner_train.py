@@ -263,6 +263,19 @@ def test_scores_count_paraphrases_and_measure_points_in_frame_pixels():
     assert scores.centre_error_px == pytest.approx(np.mean(centre))
 
 
+def test_scores_match_words_that_name_no_built_in_primitive():
+    """Meta-World plans: words from its table are compared as words (a wrong one never
+    matches a built-in primitive, nor other words)."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    truth = EpisodePlan(image, "open the door", Plan((
+        PlanStep("move the gripper above the door handle", (10, 10), (20, 20)),
+        PlanStep("pull the door open", (20, 20), (30, 50)))))
+    same = Plan(truth.plan.steps)
+    other = Plan((truth.plan.steps[0], PlanStep("push the door closed", (20, 20), (30, 50))))
+    scores = evaluation.score_plans([same, other], [truth, truth], planner_size=64)
+    assert scores.exact_match == 0.5 and scores.point_error_px == 0.0
+
+
 def test_init_from_a_converted_hugging_face_checkpoint(tabletop_dataset, tmp_path):
     import vlm_fixtures
 

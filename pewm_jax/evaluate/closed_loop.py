@@ -142,7 +142,7 @@ def verdict(name: str, splits: dict, oracle: dict | None) -> str:
     return said
 
 
-class _Models:
+class RunModels:
     """The run directory's models, each restored on first use (only what conditions need)."""
 
     def __init__(self, workdir: pathlib.Path, parallel: int, seed: int):
@@ -191,7 +191,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     e = config.eval
-    models = _Models(workdir, e.parallel_envs, e.seed)
+    models = RunModels(workdir, e.parallel_envs, e.seed)
     world_model = models.get("world_model")
     # The world and clip settings the models saw (the given config when there is no model).
     trained = world_model[1] if world_model is not None else config
@@ -247,7 +247,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     return report
 
 
-def _component_scores(config: ml_collections.ConfigDict, models: _Models,
+def _component_scores(config: ml_collections.ConfigDict, models: RunModels,
                       dataset_dir: str | pathlib.Path) -> dict:
     """Held-out scores of each restored model beside its baseline."""
     e = config.eval
