@@ -24,6 +24,7 @@ progress bar starts from there. The cache is deleted once the dataset is in plac
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import pathlib
@@ -35,7 +36,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from data_loaders.clip_dataset import DatasetMeta, staged_directory, write_clips
+from data_loaders.clip_dataset import DatasetError, DatasetMeta, staged_directory, write_clips
 from data_loaders.clips import Clip
 from data_loaders.tabletop import decode_text, episode_clips, rlds_steps, step_features
 from pewm_jax.metaworld.experts import all_wordings, run_expert, task_words
@@ -146,9 +147,20 @@ def _pool(workers: int):
 
 def collect_demos(config: ml_collections.ConfigDict, cache: pathlib.Path
                   ) -> dict[str, list[pathlib.Path]]:
-    """Every split's successful demonstrations, played (or reused from `cache`) in order."""
+    """Every split's successful demonstrations, played (or reused from `cache`) in order.
+
+    A cache made with other recording settings is refused (DatasetError), never mixed in."""
     mw = config.metaworld
     cache.mkdir(parents=True, exist_ok=True)
+    settings = {"image_size": config.world.image_size, "cameras": list(mw.cameras),
+                "min_segment_steps": mw.min_segment_steps}
+    stamp = cache / "settings.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != settings:
+        raise DatasetError(
+            f"{cache} holds demonstrations of an interrupted run recorded with other settings "
+            f"({json.loads(stamp.read_text())}, this config: {settings}). Fix: run again with "
+            "those settings to finish it, or delete that directory to start over.")
+    stamp.write_text(json.dumps(settings))
     jobs, wanted = [], {}
     for split, key in SPLIT_SEEDS.items():
         wanted[split] = []

@@ -220,7 +220,14 @@ def test_demo_collection_resumes_from_its_cache(tmp_path, monkeypatch):
     again = mw_data.collect_demos(config, cache)
     assert [pathlib.Path(job[-1]) for job in played] == [lost]
     assert again == first
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != lost)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()
+               if p not in (lost, cache / "settings.json"))
+    # Recorded at another frame size: refused, not mixed in; the cache is kept.
+    bigger = _tiny_config(tasks=("handle-press",), cameras=("corner",))
+    bigger.world.image_size = 64
+    with pytest.raises(clip_dataset.DatasetError, match="other settings.*delete that directory"):
+        mw_data.collect_demos(bigger, cache)
+    assert lost.exists()
 
 
 # Closed-loop evaluation (pewm_jax.metaworld.evaluate).
