@@ -16,9 +16,10 @@ Splits train / validation / test take `metaworld.{train,val,test}_seeds` seeds p
 disjoint ranges far past the AVDC protocol's evaluation seeds (0-24); a split with 0 seeds
 is left out.
 
-Resumable: each finished demonstration is saved at once under `<out_dir>.demos/` (written under
-a temporary name, then renamed); a run started again after an interruption reuses them and the
-progress bar starts from there. The cache is deleted once the dataset is in place.
+Resumable: each finished demonstration is saved at once in `.<name>.demos/` beside `out_dir`
+(written under a temporary name, then renamed); a run started again after an interruption
+reuses them and the progress bar starts from there. The cache is deleted once the dataset is in
+place; a cache recorded with other settings is refused, not mixed in.
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def demo_seed(config: ml_collections.ConfigDict, split: str, index: int) -> int:
     disjoint ranges per split and config seed."""
     if index >= 1_000_000:
         raise ValueError(f"at most 1,000,000 seeds per split, got index {index}")
-    return config.seed * 10_000_000 + _SEED_BASE[split] + index
+    seed = config.seed * 10_000_000 + _SEED_BASE[split] + index
+    if seed >= 2**32:  # Meta-World seeds numpy's global generator
+        raise DatasetError(f"config.seed = {config.seed} puts Meta-World demonstration seeds "
+                           f"past 2**32 - 1 ({seed}). Fix: use a config.seed of at most 429.")
+    return seed
 
 
 def episode_id(tasks: tuple[str, ...], cameras: tuple[str, ...], task: str, seed: int,
@@ -190,6 +195,10 @@ def generate_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.P
     out_dir = pathlib.Path(out_dir)
     cache = out_dir.with_name(f".{out_dir.name}.demos")
     demos = collect_demos(config, cache)
+    if not demos["train"]:
+        raise DatasetError(f"no successful train demonstrations (metaworld.train_seeds = "
+                           f"{config.metaworld.train_seeds}; every expert episode failed). Fix: "
+                           "raise config.metaworld.train_seeds.")
     with staged_directory(out_dir, overwrite) as stage:
         builder = _EpisodeBuilder(config=config, demos=demos,
                                   data_dir=str(stage / EPISODES_DIR), file_format="array_record")

@@ -172,8 +172,9 @@ def _data_stage(config, workdir: pathlib.Path, job: str) -> None:
         try:
             from data_loaders import metaworld as generator
         except ImportError as e:
-            _fail(f"data.generator 'metaworld' needs the metaworld extra ({e}). Fix: "
-                  "pip install -e '.[metaworld]'")
+            _fail(f"data.generator 'metaworld' could not load Meta-World ({e}). Fix: "
+                  "pip install -e '.[metaworld]'; for rendering without a GPU also "
+                  "apt-get install libegl1 libgl1-mesa-dri")
         print(f"[data] Meta-World expert demonstrations -> {out}")
     else:
         from data_loaders import tabletop as generator

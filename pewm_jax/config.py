@@ -114,6 +114,7 @@ _POSITIVE = (
     "run.preview_scenes_per_primitive",
     "metaworld.min_segment_steps",
     "metaworld.eval_seeds",
+    "metaworld.train_seeds",
 )
 _NON_NEGATIVE = (
     "data.generation_workers",
@@ -135,7 +136,6 @@ _NON_NEGATIVE = (
     "planner.location_sigma_px",
     "planner.location_input_noise_px",
     "planner.shift_px",
-    "metaworld.train_seeds",
     "metaworld.val_seeds",
     "metaworld.test_seeds",
     "metaworld.max_replans",

@@ -363,6 +363,8 @@ def test_metaworld_keys_name_what_is_wrong():
         validate(_with("metaworld.eval_conditions", ("pewm", "oracle")))
     with pytest.raises(ConfigError, match="metaworld.eval_seeds"):
         validate(_with("metaworld.eval_seeds", 0))
+    with pytest.raises(ConfigError, match="metaworld.train_seeds.*must be positive"):
+        validate(_with("metaworld.train_seeds", 0))
     with pytest.raises(ConfigError, match="data.generator"):
         validate(_with("data.generator", "meta-world"))
     with pytest.raises(ConfigError, match="takes a frame size"):

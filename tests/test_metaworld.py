@@ -206,6 +206,15 @@ def test_dataset_has_the_built_in_worlds_layout(tmp_path):
     assert clip_dataset.DatasetMeta.load(tmp_path / "data").splits == meta.splits
 
 
+def test_demonstration_seeds_stay_within_what_meta_world_accepts():
+    config = _tiny_config()
+    config.seed = 429
+    assert mw_data.demo_seed(config, "test", 999_999) < 2**32
+    config.seed = 430
+    with pytest.raises(clip_dataset.DatasetError, match="config.seed of at most 429"):
+        mw_data.demo_seed(config, "train", 0)
+
+
 def test_demo_collection_resumes_from_its_cache(tmp_path, monkeypatch):
     config = _tiny_config(tasks=("handle-press",), cameras=("corner",))
     cache = tmp_path / "cache"
@@ -298,6 +307,27 @@ def test_failed_attempts_replan_up_to_the_budget(loop):
     assert scores["mean_success"] == 0.0 and scores["overall"]["success_ci95"][1] < 1.0
 
 
+class _RemainingPlanner(_FixedPlanner):
+    """A mid-task planner double: it lists the primitives left, so closed loop runs the first."""
+
+    plans_remaining = True
+
+    def parse(self, row):
+        return Plan((PlanStep("move the gripper above the handle", (1.0, 2.0), (3.0, 4.0)),
+                     PlanStep("press the handle down", (3.0, 4.0), (5.0, 6.0))))
+
+
+def test_closed_loop_runs_the_first_primitive_a_mid_task_planner_lists():
+    policy = _StillPolicy()
+    controller = mw_eval.MetaWorldController("pewm", image_size=64, frame_stride=1,
+                                             max_replans=1, policy=policy,
+                                             planner=_RemainingPlanner())
+    result = controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)[0]
+    # Two attempts of the first plan's length (2), each primitive the fresh plan's first.
+    assert result.primitives == ["move the gripper above the handle"] * 4
+    assert result.end == "replans" and result.replans == 1
+
+
 class _CutOffPlanner(_FixedPlanner):
     """A planner double whose output never parses (as when decoding hits max_tokens)."""
 
@@ -340,7 +370,7 @@ def test_oracle_primitives_follow_the_experts_segments():
                                              max_replans=0, policy=policy)
     spec = mw_eval.EpisodeSpec("door-open", "corner3", 0)
     result = controller.run([spec], parallel=1)[0]
-    plan = mw_eval.oracle_plan(spec, 32)
+    plan = mw_eval.oracle_plan(spec, 32, 4)
     assert result.primitives == [c.text for c in plan]
     assert [c.text for c in plan] == list(experts.TASKS["door-open"].branches)
     sent = [cmds[0] for cmds, _ in policy.commands]

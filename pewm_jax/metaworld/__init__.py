@@ -7,5 +7,6 @@ set: MuJoCo reads it once, when it is first imported, so import this before mujo
 
 import os
 
-for _key in ("MUJOCO_GL", "PYOPENGL_PLATFORM"):  # an empty value counts as unset
-    os.environ[_key] = os.environ.get(_key) or "egl"
+os.environ["MUJOCO_GL"] = os.environ.get("MUJOCO_GL") or "egl"  # empty counts as unset
+if os.environ["MUJOCO_GL"] == "egl":  # PyOpenGL must agree with MuJoCo's backend
+    os.environ["PYOPENGL_PLATFORM"] = os.environ.get("PYOPENGL_PLATFORM") or "egl"

@@ -115,7 +115,8 @@ class MetaWorldEnv(gymnasium.Env):
             model.vis.quality.offsamples = 0  # read when the renderer's buffers are made
         try:
             self._renderer = mujoco.Renderer(model, self.image_size, self.image_size)
-        except mujoco.FatalError as e:
+        except (mujoco.FatalError, ImportError, RuntimeError) as e:  # no usable GL context
+            self.close()
             raise RuntimeError(
                 f"MuJoCo could not make an offscreen OpenGL context ({e}); MUJOCO_GL is "
                 f"{os.environ.get('MUJOCO_GL')!r}. Fix: import pewm_jax.metaworld before mujoco "

@@ -88,9 +88,12 @@ def protocol_specs(mw: ml_collections.ConfigDict) -> list[EpisodeSpec]:
             for camera in mw.eval_cameras for seed in range(mw.eval_seeds)]
 
 
-def oracle_plan(spec: EpisodeSpec, image_size: int) -> list[PrimitiveCommand]:
-    """The expert's primitives on this seed, with its tool-centre points in this camera."""
-    demo = run_expert(spec.task, spec.seed, cameras=(spec.camera,), image_size=image_size)
+def oracle_plan(spec: EpisodeSpec, image_size: int,
+                min_segment_steps: int) -> list[PrimitiveCommand]:
+    """The expert's primitives on this seed (segmented as the training data was), with its
+    tool-centre points in this camera."""
+    demo = run_expert(spec.task, spec.seed, cameras=(spec.camera,), image_size=image_size,
+                      min_segment_steps=min_segment_steps)
     xy = demo.tcp_xy[spec.camera]
     return [PrimitiveCommand(s.text, tuple(map(float, xy[s.start])), tuple(map(float, xy[s.end])))
             for s in demo.segments]
@@ -106,7 +109,8 @@ class _Slot:
         obs, _ = self.env.reset(seed=spec.seed)
         self.image = obs["image"]
         self.plan: list[PrimitiveCommand] | None = None
-        self.position = 0  # primitive of the current attempt that runs next
+        self.position = 0  # primitives of the current attempt run so far
+        self.attempt_length = 0  # primitives in the attempt's first plan
         self.replans = 0
         self.env_steps = 0
         self.primitives: list[str] = []
@@ -114,7 +118,6 @@ class _Slot:
         self.end: str | None = None
 
     def result(self) -> EpisodeResult:
-        self.env.close()
         return EpisodeResult(self.spec, self.end == "success", self.end, self.env_steps,
                              self.replans, self.primitives, self.planner_errors)
 
@@ -124,7 +127,9 @@ class MetaWorldController:
 
     def __init__(self, condition: str, *, image_size: int, frame_stride: int, max_replans: int,
                  policy: PrimitivePolicy | None = None, planner: Planner | None = None,
-                 max_steps: int = MAX_EPISODE_STEPS):
+                 max_steps: int = MAX_EPISODE_STEPS, min_segment_steps: int = 4):
+        """`min_segment_steps`: how the oracle's expert episodes are cut (the data's
+        config.metaworld.min_segment_steps)."""
         if condition not in CONDITIONS:
             raise ValueError(f"unknown condition {condition!r}; known: {list(CONDITIONS)}")
         self.source, self.loop, self.sgg = CONDITIONS[condition]
@@ -135,6 +140,11 @@ class MetaWorldController:
         self.policy, self.planner = policy, planner
         self.image_size, self.frame_stride = image_size, frame_stride
         self.max_replans, self.max_steps = max_replans, max_steps
+        self.min_segment_steps = min_segment_steps
+        # A planner trained on mid-task examples lists the primitives left: closed loop runs
+        # the first of each fresh plan (as the built-in world's controller does).
+        self.first_of_plan = (self.loop == "closed" and planner is not None
+                              and planner.plans_remaining)
         self.latency = Latency()
         self._round = 0
 
@@ -145,13 +155,18 @@ class MetaWorldController:
                              f"{self.policy.batch_size}")
         results = []
         for first in range(0, len(specs), parallel):
-            slots = [_Slot(s, self.image_size, self.max_steps)
-                     for s in specs[first:first + parallel]]
-            if self.source == "expert":
+            slots: list[_Slot] = []
+            try:
+                for spec in specs[first:first + parallel]:
+                    slots.append(_Slot(spec, self.image_size, self.max_steps))
+                if self.source == "expert":
+                    for slot in slots:
+                        self._run_expert(slot)
+                while active := [s for s in slots if s.end is None]:
+                    self._round_of(active)
+            finally:  # the environments' renderers hold GL contexts: always released
                 for slot in slots:
-                    self._run_expert(slot)
-            while active := [s for s in slots if s.end is None]:
-                self._round_of(active)
+                    slot.env.close()
             results += [s.result() for s in slots]
         return results
 
@@ -166,7 +181,8 @@ class MetaWorldController:
         """A fresh plan for each of `slots` from its current frame."""
         if self.source == "oracle":
             for slot in slots:
-                slot.plan = slot.plan or oracle_plan(slot.spec, self.image_size)
+                slot.plan = slot.plan or oracle_plan(slot.spec, self.image_size,
+                                                     self.min_segment_steps)
             return
         rows = slots + [slots[0]] * (self.policy.batch_size - len(slots))  # one compiled shape
         start = time.perf_counter()
@@ -187,7 +203,8 @@ class MetaWorldController:
     def _round_of(self, slots: list[_Slot]) -> None:
         """Plans (as the loop asks) and runs one primitive in every slot."""
         for slot in slots:
-            if slot.plan is not None and slot.position >= len(slot.plan):
+            if slot.plan is not None and slot.position >= (
+                    slot.attempt_length if self.first_of_plan else len(slot.plan)):
                 # This attempt is used up without success: replan and start again, or stop.
                 if slot.replans >= self.max_replans:
                     slot.end = "replans"
@@ -198,8 +215,12 @@ class MetaWorldController:
         need = [s for s in slots if s.plan is None or (self.loop == "closed" and s.position)]
         if need:
             self._plan(need)
+            for slot in need:
+                if slot.position == 0:
+                    slot.attempt_length = len(slot.plan)
         # A fresh closed-loop plan may be shorter than the attempt so far: next round ends it.
-        running = [(s, s.plan[s.position]) for s in slots if s.position < len(s.plan)]
+        index = (lambda s: 0) if self.first_of_plan else (lambda s: s.position)
+        running = [(s, s.plan[index(s)]) for s in slots if index(s) < len(s.plan)]
         if not running:
             return
         out = self.policy.step(np.stack([s.image for s, _ in running]), [c for _, c in running],
@@ -280,7 +301,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
             name, image_size=trained.world.image_size,
             frame_stride=int(trained.data.frame_stride), max_replans=mw.max_replans,
             policy=models.policy("world_model") if wanted else None,
-            planner=models.get("planner") if source == "vlm" else None)
+            planner=models.get("planner") if source == "vlm" else None,
+            min_segment_steps=mw.min_segment_steps)
         start = time.perf_counter()
         results = controller.run(specs, parallel=e.parallel_envs)
         seconds = time.perf_counter() - start
