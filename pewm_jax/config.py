@@ -136,6 +136,7 @@ _NON_NEGATIVE = (
     "planner.location_sigma_px",
     "planner.location_input_noise_px",
     "planner.shift_px",
+    "planner.grounding_weight",
     "metaworld.val_seeds",
     "metaworld.test_seeds",
     "metaworld.max_replans",
@@ -301,6 +302,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Training images move by a random translation of up to this many pixels (the plan's points
     # with them), so a planner trained from scratch learns to find things; 0: no augmentation.
     c.planner.shift_px = 6
+    # Weight of the grounding loss (finetune.grounding_loss): while writing a point, the last
+    # layer's first head is taught to look at the image patches at that point; 0: off.
+    c.planner.grounding_weight = 0.3
     # This share of training examples starts at a later primitive boundary of its episode (the
     # primitives left), so the planner can replan mid-task in closed loop; 0: first frames only.
     c.planner.mid_task_fraction = 0.0

@@ -251,6 +251,7 @@ def test_json_round_trip_validates():
         ("eval.episodes_per_template", 0),
         ("mesh.data", 0),
         ("mesh.fsdp", -2),
+        ("planner.grounding_weight", -0.1),
         ("run.preview_episodes", 0),
         ("run.stages", ()),
         ("run.stages", ("train", "deploy")),

@@ -184,7 +184,9 @@ def test_per_row_prefixes_equal_one_row_at_a_time_and_the_loss_is_the_plan_nll()
     n = model.spec.num_image_tokens
     targets = [(r, i) for r in range(2) for i in range(1, 9) if mask[r, i]]
     one_hot = [-logp[r, n + i - 1, tokens[r, i]] for r, i in targets]
-    loss, metrics = plan_loss(model, batch, None, tiny_config("planner.location_sigma_px=0"))
+    nll = ["planner.grounding_weight=0"]
+    loss, metrics = plan_loss(model, batch, None,
+                              tiny_config(*nll, "planner.location_sigma_px=0"))
     assert float(loss) == pytest.approx(np.mean(one_hot), rel=1e-5)
     assert 0.0 <= float(metrics["token_accuracy"]) <= 1.0
     # Soft location targets: a Gaussian over the bins within 3 sigma (sigma = 0.5 px = 32 bins
@@ -197,18 +199,62 @@ def test_per_row_prefixes_equal_one_row_at_a_time_and_the_loss_is_the_plan_nll()
         near = np.arange(1024)[np.abs(np.arange(1024) - bins[r, i]) <= 96]
         w = np.exp(-0.5 * ((near - bins[r, i]) / sigma) ** 2)
         soft.append(-np.sum(w / w.sum() * logp[r, n + i - 1, base + near]))
-    loss, _ = plan_loss(model, batch, None, tiny_config("planner.location_sigma_px=0.5"))
+    loss, _ = plan_loss(model, batch, None, tiny_config(*nll, "planner.location_sigma_px=0.5"))
     assert float(loss) == pytest.approx(np.mean(soft), rel=1e-5)
     assert planner_flops(model.spec, 8, 9) > 0
     # With an rng the location inputs move (the loss changes) and nothing else does: a batch
     # without location tokens gives the same loss with or without noise.
-    noisy = tiny_config("planner.location_input_noise_px=2")
+    noisy = tiny_config(*nll, "planner.location_input_noise_px=2")
     key = jax.random.key(0)
     assert float(plan_loss(model, batch, key, noisy)[0]) != float(
         plan_loss(model, batch, None, noisy)[0])
     plain = dict(batch, target_bins=np.full((2, 9), -1, np.int32))
     assert float(plan_loss(model, plain, key, noisy)[0]) == float(
         plan_loss(model, plain, None, noisy)[0])
+
+
+def test_grounding_loss_is_the_cross_entropy_of_where_the_last_layer_looks():
+    """While writing a point's y and x tokens, head 0 of the last layer is scored against a
+    Gaussian (sigma half a patch) over the patch centres around that point."""
+    vocab, base, size, patch = 1100, 5, 16, 8  # 2 x 2 patches of 8 px
+    model = PaliGemma(tiny_planner_spec(vocab, size, patch, 32, 2), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    tokens = rng.integers(base + NUM_LOCATION_BINS, vocab, (2, 10)).astype(np.int32)
+    bins = np.full((2, 10), -1, np.int32)
+    bins[0, 3:7] = [100, 900, 512, 40]  # a step's start (y, x) and goal (y, x)
+    bins[1, 5:9] = [700, 300, 1000, 1000]
+    tokens = np.where(bins >= 0, base + bins, tokens).astype(np.int32)
+    prefix = np.array([2, 4], np.int32)
+    batch = {"image": image, "tokens": tokens, "target_mask": np.arange(10) >= prefix[:, None],
+             "target_bins": bins, "prefix_len": prefix}
+    pixels = unit_pixels(image)
+    logits, scores = model.with_scores(pixels, jnp.asarray(tokens), jnp.asarray(prefix), 1)
+    np.testing.assert_allclose(logits, model(pixels, jnp.asarray(tokens), jnp.asarray(prefix)),
+                               atol=1e-5)
+    n = model.spec.num_image_tokens
+    weights = np.asarray(jax.nn.softmax(scores, axis=-1), np.float64)  # (B, H, T, T)
+    assert weights.shape == (2, 4, n + 10, n + 10)
+    for r in range(2):  # plan rows attend causally: nothing after themselves
+        q = n + prefix[r] + 1
+        assert weights[r, :, q, q + 1:].max() == 0.0
+    centres = (np.arange(2) + 0.5) * patch
+    terms = []
+    for r in range(2):
+        for t in np.flatnonzero(bins[r] >= 0):
+            first = t - (np.flatnonzero(bins[r] >= 0).tolist().index(t) % 2)  # the point's y
+            y, x = (bins[r, first:first + 2] + 0.5) / NUM_LOCATION_BINS * size
+            d2 = (centres[:, None] - y) ** 2 + (centres[None, :] - x) ** 2  # (row, col)
+            target = np.exp(-0.5 * d2 / (patch / 2) ** 2).reshape(-1)
+            terms.append(-np.sum(target / target.sum() * np.log(weights[r, 0, n + t - 1, :n])))
+    grounded, metrics = plan_loss(model, batch, None, tiny_config(
+        "planner.grounding_weight=0.5", "planner.location_sigma_px=0"))
+    assert float(metrics["grounding_loss"]) == pytest.approx(np.mean(terms), rel=1e-5)
+    plain, _ = plan_loss(model, batch, None, tiny_config(
+        "planner.grounding_weight=0", "planner.location_sigma_px=0"))
+    assert float(grounded) == pytest.approx(float(plain) + 0.5 * np.mean(terms), rel=1e-5)
+    assert float(metrics["plan_nll"]) == pytest.approx(float(plain), rel=1e-6)
+    assert float(metrics["loss"]) == float(grounded)  # the trainer logs what it minimises
 
 
 def test_planner_trains_in_its_run_directory_and_resumes_exactly(planner_run, tabletop_dataset,
@@ -306,7 +352,8 @@ def test_init_from_a_converted_hugging_face_checkpoint(tabletop_dataset, tmp_pat
 def test_fine_tuned_planner_plans_held_out_scenes(tmp_path_factory):
     """The quickstart planner fine-tuned from scratch on 1000 episodes for 1500 steps: at least
     90% exact match of the primitive sequence on unseen scenes (test split), and point errors
-    below the image-centre guess."""
+    well below the image-centre guess: at most half of it (measured: 5.3 px against 19.6 px;
+    without the grounding loss, 17.0 px)."""
     dataset = tmp_path_factory.mktemp("planner_data") / "data"
     overrides = [*TINY_DATA, "data.num_train_episodes=1000", "data.num_test_episodes=50",
                  "data.num_holdout_episodes=30", f"data.dataset_dir={dataset}"]
@@ -322,4 +369,5 @@ def test_fine_tuned_planner_plans_held_out_scenes(tmp_path_factory):
     print("\n" + evaluation.scores_table(scores))
     test = scores[0]
     assert test.exact_match >= 0.9
-    assert test.point_error_px < test.centre_error_px
+    assert test.point_error_px < 0.5 * test.centre_error_px
+    assert scores[1].point_error_px < 0.5 * scores[1].centre_error_px

@@ -321,8 +321,29 @@ class GemmaAttention(nnx.Module):
             k_index = jnp.arange(k.shape[1])
         else:
             k_index = index
-        h, g = q.shape[2], k.shape[2]
-        q = q.reshape(b, t, g, h // g, q.shape[-1])  # (B, T, G, H/G, E)
+        h = q.shape[2]
+        logits = self._logits(q, k, index, k_index, prefix_len)  # (B, G, H/G, T, S)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        o = jnp.einsum("bgrts,bsge->btgre", weights, v.astype(self.dtype))
+        o = constrain(o.reshape(b, t, h, -1), ("batch", "tokens", "heads", "kv"))  # (B, T, H, E)
+        return self.out(o), cache
+
+    def scores(self, x: Array, index: Array, prefix_len: Array | int) -> Array:
+        """The masked attention logits (B, H, T, T) float32 of x (B, T, D) attending to itself
+        (no cache): what each head's softmax reads, for losses on where the model looks."""
+        positions = index + 1
+        q = rope(self.query(x), positions, self.theta)  # (B, T, H, E)
+        k = rope(self.key(x), positions, self.theta)  # (B, T, G, E)
+        logits = self._logits(q, k, index, index, prefix_len)  # (B, G, H/G, T, T)
+        return logits.reshape(x.shape[0], q.shape[2], *logits.shape[-2:])
+
+    def _logits(self, q: Array, k: Array, index: Array, k_index: Array,
+                prefix_len: Array | int) -> Array:
+        """q (B, T, H, E), k (B, S, G, E) -> scaled, soft-capped, masked logits (B, G, H/G, T, S)
+        float32 (masked keys at the float32 minimum)."""
+        b, t, h, e = q.shape
+        g = k.shape[2]
+        q = q.reshape(b, t, g, h // g, e)  # (B, T, G, H/G, E)
         logits = jnp.einsum("btgre,bsge->bgrts", q, k.astype(q.dtype)).astype(jnp.float32)
         logits = logits * self.scale  # (B, G, H/G, T, S)
         if self.softcap is not None:
@@ -330,11 +351,7 @@ class GemmaAttention(nnx.Module):
         mask = attention_mask(index, k_index, prefix_len, self.window)  # ([B,] T, S)
         if mask.ndim == 3:
             mask = mask[:, None, None]  # (B, 1, 1, T, S)
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bgrts,bsge->btgre", weights, v.astype(self.dtype))
-        o = constrain(o.reshape(b, t, h, -1), ("batch", "tokens", "heads", "kv"))  # (B, T, H, E)
-        return self.out(o), cache
+        return jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
 
 
 class GeGLU(nnx.Module):
@@ -411,13 +428,29 @@ class GemmaDecoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, index, prefix_len, None if cache is None else cache[i])
             new_cache.append(layer_cache)
+        return self.head(x), None if cache is None else new_cache
+
+    def with_scores(self, x: Array, index: Array, prefix_len: Array | int, layer: int
+                    ) -> tuple[Array, Array]:
+        """Embeddings x (B, T, D) -> logits (B, T, V) and layer `layer`'s attention logits
+        (B, H, T, T) (`GemmaAttention.scores`), in one pass without a cache."""
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer {layer} is not one of this decoder's {len(self.layers)}")
+        scores = None
+        for i, block in enumerate(self.layers):
+            if i == layer:
+                scores = block.attn.scores(block.input_norm(x), index, prefix_len)
+            x, _ = block(x, index, prefix_len, None)
+        return self.head(x), scores
+
+    def head(self, x: Array) -> Array:
+        """Hidden states (B, T, D) after the last layer -> logits (B, T, V) float32."""
         x = self.final_norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]  # (D, V)
         logits = jnp.dot(x, head.astype(self.dtype)).astype(jnp.float32)
         if self.final_softcap is not None:
             logits = jnp.tanh(logits / self.final_softcap) * self.final_softcap
-        logits = constrain(logits, ("batch", "tokens", "vocab"))
-        return logits, None if cache is None else new_cache
+        return constrain(logits, ("batch", "tokens", "vocab"))
 
 
 class PaliGemma(nnx.Module):
@@ -451,6 +484,14 @@ class PaliGemma(nnx.Module):
         index = jnp.arange(x.shape[1])
         logits, _ = self.text(x, index, self.spec.num_image_tokens + prefix_len, None)
         return logits
+
+    def with_scores(self, image: Array, tokens: Array, prefix_len: Array | int, layer: int
+                    ) -> tuple[Array, Array]:
+        """`model(image, tokens, prefix_len)` and the attention logits (B, H, N + L, N + L) of
+        decoder layer `layer`, from the same pass (for losses on where the planner looks)."""
+        x = jnp.concatenate([self.embed_image(image), self.text.embed_tokens(tokens)], axis=1)
+        index = jnp.arange(x.shape[1])
+        return self.text.with_scores(x, index, self.spec.num_image_tokens + prefix_len, layer)
 
 
 # ---------------------------------------------------------------------------------------------
