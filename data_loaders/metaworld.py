@@ -39,7 +39,7 @@ import tqdm
 
 from data_loaders.clip_dataset import DatasetError, DatasetMeta, staged_directory, write_clips
 from data_loaders.clips import Clip
-from data_loaders.tabletop import decode_text, episode_clips, rlds_steps, step_features
+from data_loaders.tabletop import episode_clips, rlds_steps, step_features
 from pewm_jax.metaworld.experts import all_wordings, run_expert, task_words
 from pewm_jax.vlm.plan import plan_prompt
 
@@ -212,8 +212,7 @@ def generate_dataset(config: ml_collections.ConfigDict, out_dir: str | pathlib.P
                 yield from episode_clips(record, config.data, gripper_dims=GRIPPER_DIMS,
                                          episode_id=int(record["episode_metadata"]["episode_id"]))
 
-        prompts = {plan_prompt(decode_text(r["steps"][0]["language_instruction"]))
-                   for r in splits["train"]}
+        prompts = {plan_prompt(task_words(t).instruction) for t in config.metaworld.tasks}
         meta = write_clips(stage, dataset_meta(config),
                            {s: clips_of(src) for s, src in splits.items()},
                            tokenizer_texts=sorted(prompts | set(all_wordings())))

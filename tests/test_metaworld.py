@@ -244,6 +244,7 @@ from data_loaders.clips import ActionStats  # noqa: E402
 from pewm_jax.control.policy import PolicyOutput  # noqa: E402
 from pewm_jax.metaworld import evaluate as mw_eval  # noqa: E402
 from pewm_jax.vlm.plan import Plan, PlanParseError, PlanStep  # noqa: E402
+from pewm_jax.vlm.planner import Planner  # noqa: E402
 
 
 class _StillPolicy:
@@ -266,6 +267,7 @@ class _FixedPlanner:
     """A planner double: the same two-primitive plan for every frame."""
 
     image_size, plans_remaining = 64, False
+    plan_batch = Planner.plan_batch  # the real batching over the double's ids and parse
 
     def __init__(self):
         self.calls = 0

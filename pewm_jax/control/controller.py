@@ -234,9 +234,7 @@ class Controller:
             self.latency.planner.append((time.perf_counter() - start, len(need)))
             scale = self.image_size / self.planner.image_size
             for slot, plan in zip(need, plans):
-                slot.plan = [PrimitiveCommand(step.text, _scaled(step.start_xy, scale),
-                                              _scaled(step.goal_xy, scale))
-                             for step in plan.steps]
+                slot.plan = [PrimitiveCommand.from_plan_step(step, scale) for step in plan.steps]
         out = []
         for slot in slots:
             index = 0 if closed and self.planner.plans_remaining else slot.executed

@@ -29,6 +29,7 @@ from data_loaders.tokenizer import encode_batch
 from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.action_decoder import ActionDecoder
 from pewm_jax.models.video_dit import WorldModel
+from pewm_jax.vlm.plan import PlanStep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,13 @@ class PrimitiveCommand:
     text: str
     start_xy: tuple[float, float]
     goal_xy: tuple[float, float]
+
+    @classmethod
+    def from_plan_step(cls, step: PlanStep, scale: float) -> PrimitiveCommand:
+        """A planner's step as a command: its points (pixels of the planner's image) times
+        `scale`, the observation's size over the planner's."""
+        return cls(step.text, (float(step.start_xy[0]) * scale, float(step.start_xy[1]) * scale),
+                   (float(step.goal_xy[0]) * scale, float(step.goal_xy[1]) * scale))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -99,12 +99,17 @@ def needs(settings: ControlSettings) -> tuple[str, ...]:
         (clip_model(settings), "action_decoder") if settings.executor == "decoded" else ())
 
 
+def success_rate(successes: Sequence[bool]) -> dict:
+    """Episodes, successes, success rate and its 95% Wilson interval, for a report."""
+    n, wins = len(successes), int(sum(successes))
+    return {"episodes": n, "successes": wins, "success": wins / max(n, 1),
+            "success_ci95": list(wilson_interval(wins, n))}
+
+
 def split_scores(results: Sequence[EpisodeResult]) -> dict:
     """Success (with its 95% interval), chain length, per-template and per-primitive success,
     goal reach of imagined clips and how episodes ended, for one split's episodes."""
     n = len(results)
-    wins = sum(r.success for r in results)
-    lo, hi = wilson_interval(wins, n)
     per_template = defaultdict(list)
     per_kind = defaultdict(list)
     reach = []
@@ -115,8 +120,7 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
             if p.goal_reached is not None:
                 reach.append(p.goal_reached)
     return {
-        "episodes": n, "successes": wins, "success": wins / max(n, 1),
-        "success_ci95": [lo, hi],
+        **success_rate([r.success for r in results]),
         "chain_length": float(np.mean([r.chain_length for r in results])) if n else 0.0,
         "task_length": float(np.mean([r.task_length for r in results])) if n else 0.0,
         "primitives_run": float(np.mean([len(r.primitives) for r in results])) if n else 0.0,

@@ -41,10 +41,9 @@ from metaworld.policies import ENV_POLICY_MAP
 
 from pewm_jax.control.controller import Latency
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
-from pewm_jax.evaluate.closed_loop import RunModels, wilson_interval
+from pewm_jax.evaluate.closed_loop import RunModels, success_rate
 from pewm_jax.metaworld.env import MAX_EPISODE_STEPS, MetaWorldEnv
 from pewm_jax.metaworld.experts import run_expert, task_words
-from pewm_jax.vlm.plan import PlanParseError
 from pewm_jax.vlm.planner import Planner
 
 # (plan source, loop, sgg)
@@ -186,19 +185,15 @@ class MetaWorldController:
             return
         rows = slots + [slots[0]] * (self.policy.batch_size - len(slots))  # one compiled shape
         start = time.perf_counter()
-        ids = self.planner.generate_ids(np.stack([s.image for s in rows]),
+        plans = self.planner.plan_batch(np.stack([s.image for s in rows]),
                                         [task_words(s.spec.task).instruction for s in rows])
         self.latency.planner.append((time.perf_counter() - start, len(slots)))
         scale = self.image_size / self.planner.image_size
-        for slot, row in zip(slots, ids):
-            try:
-                steps = self.planner.parse(row).steps
-            except PlanParseError:  # e.g. cut off at max_tokens: this attempt has no plan
+        for slot, plan in zip(slots, plans):
+            if plan is None:  # cut off at max_tokens: this attempt has no plan
                 slot.planner_errors += 1
-                steps = ()
-            slot.plan = [PrimitiveCommand(p.text, (p.start_xy[0] * scale, p.start_xy[1] * scale),
-                                          (p.goal_xy[0] * scale, p.goal_xy[1] * scale))
-                         for p in steps]
+            slot.plan = [PrimitiveCommand.from_plan_step(step, scale)
+                         for step in (plan.steps if plan is not None else ())]
 
     def _round_of(self, slots: list[_Slot]) -> None:
         """Plans (as the loop asks) and runs one primitive in every slot."""
@@ -251,9 +246,7 @@ def condition_scores(results: Sequence[EpisodeResult], max_replans: int) -> dict
     """Per-task, mean-over-tasks and per-camera success (95% Wilson intervals) and the
     histogram of replans used."""
     def rate(rs: Sequence[EpisodeResult]) -> dict:
-        wins = sum(r.success for r in rs)
-        return {"episodes": len(rs), "successes": wins, "success": wins / max(len(rs), 1),
-                "success_ci95": list(wilson_interval(wins, len(rs)))}
+        return success_rate([r.success for r in rs])
 
     tasks = list(dict.fromkeys(r.spec.task for r in results))
     cameras = list(dict.fromkeys(r.spec.camera for r in results))

@@ -33,7 +33,7 @@ from data_loaders.plan_pipeline import EpisodePlan, episode_plan
 from pewm_jax.sim.primitives import Primitive, primitive_from_text
 from pewm_jax.train.checkpoint import find_checkpoint
 from pewm_jax.vlm.finetune import build_planner, make_planner
-from pewm_jax.vlm.plan import Plan, PlanParseError
+from pewm_jax.vlm.plan import Plan
 from pewm_jax.vlm.planner import Planner
 
 
@@ -92,21 +92,9 @@ def evaluate_planner(planner: Planner, dataset_dir: str | epath.PathLike, split:
     truths = [episode_plan(source[i]) for i in range(count)]
     plans: list[Plan | None] = []
     for first in range(0, count, batch_size):
-        plans += plan_episodes(planner, truths[first:first + batch_size])
+        batch = truths[first:first + batch_size]
+        plans += planner.plan_batch(np.stack([e.image for e in batch]), [e.task for e in batch])
     return score_plans(plans, truths, planner.image_size, split)
-
-
-def plan_episodes(planner: Planner, episodes: Sequence[EpisodePlan]) -> list[Plan | None]:
-    """Greedy constrained plans of `episodes` (one batch); None where the token budget ran out
-    before <eos> (the only output of constrained decoding that does not parse)."""
-    plans: list[Plan | None] = []
-    for row in planner.generate_ids(np.stack([e.image for e in episodes]),
-                                    [e.task for e in episodes]):
-        try:
-            plans.append(planner.parse(row))
-        except PlanParseError:
-            plans.append(None)
-    return plans
 
 
 def load_planner(path: str | epath.PathLike, *, use_ema: bool = True) -> Planner:

@@ -30,7 +30,7 @@ import tokenizers
 from data_loaders.transforms import resize_bicubic
 from pewm_jax.vlm.paligemma import FULL, PaliGemma, PaliGemmaSpec, StepState, generate
 from pewm_jax.vlm.plan import (DEFAULT_MAX_STEPS, DEFAULT_MAX_WORDS, Plan, PlanGrammar,
-                               parse_generated, prompt_ids)
+                               PlanParseError, parse_generated, prompt_ids)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,6 +151,18 @@ class Planner:
         """One row of output ids as a Plan (`parse_generated`; raises PlanParseError)."""
         return parse_generated(ids, self.image_size, self.tokenizer,
                                max_steps=self.grammar.max_steps, max_words=self.grammar.max_words)
+
+    def plan_batch(self, images: np.ndarray, task_texts: Sequence[str]) -> list[Plan | None]:
+        """Greedy constrained plans of uint8 images (B, H, W, 3) and B tasks; None where the
+        token budget ran out before <eos> (the only constrained output that does not parse),
+        so a caller can count it instead of acting on a guess."""
+        plans: list[Plan | None] = []
+        for row in self.generate_ids(images, task_texts):
+            try:
+                plans.append(self.parse(row))
+            except PlanParseError:
+                plans.append(None)
+        return plans
 
     def plan(self, image: np.ndarray, task_text: str | list[str], *, constrained: bool = True,
              temperature: float = 0.0, rng: jax.Array | None = None) -> Plan | list[Plan]:
