@@ -319,12 +319,17 @@ class _RemainingPlanner(_FixedPlanner):
                      PlanStep("press the handle down", (3.0, 4.0), (5.0, 6.0))))
 
 
-def test_closed_loop_runs_the_first_primitive_a_mid_task_planner_lists():
+def _handle_press_closed_loop(planner, image_size: int):
+    """One closed-loop handle-press episode (one replan allowed) with `planner` and a policy
+    double that keeps still: the result and the policy (it records its commands)."""
     policy = _StillPolicy()
-    controller = mw_eval.MetaWorldController("pewm", image_size=64, frame_stride=1,
-                                             max_replans=1, policy=policy,
-                                             planner=_RemainingPlanner())
-    result = controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)[0]
+    controller = mw_eval.MetaWorldController("pewm", image_size=image_size, frame_stride=1,
+                                             max_replans=1, policy=policy, planner=planner)
+    return controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)[0], policy
+
+
+def test_closed_loop_runs_the_first_primitive_a_mid_task_planner_lists():
+    result, _ = _handle_press_closed_loop(_RemainingPlanner(), image_size=64)
     # Two attempts of the first plan's length (2), each primitive the fresh plan's first.
     assert result.primitives == ["move the gripper above the handle"] * 4
     assert result.end == "replans" and result.replans == 1
@@ -338,11 +343,7 @@ class _CutOffPlanner(_FixedPlanner):
 
 
 def test_unparsable_plans_are_counted_and_never_acted_on():
-    policy = _StillPolicy()
-    controller = mw_eval.MetaWorldController("pewm", image_size=32, frame_stride=1,
-                                             max_replans=1, policy=policy,
-                                             planner=_CutOffPlanner())
-    result = controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)[0]
+    result, policy = _handle_press_closed_loop(_CutOffPlanner(), image_size=32)
     assert result.end == "replans" and result.planner_errors == 2 and result.primitives == []
     assert policy.commands == [] and result.env_steps == 0
     assert mw_eval.condition_scores([result], 1)["planner_errors"] == 2

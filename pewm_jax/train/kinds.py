@@ -40,7 +40,7 @@ from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.train import metrics as metrics_lib
 from pewm_jax.train.metrics import log
 from pewm_jax.train.state import StateLayout, TrainState, copy_tree
-from pewm_jax.vlm import finetune
+from pewm_jax.vlm import evaluation, finetune
 
 Previews = Callable[[int, TrainState, metrics_lib.MetricWriter], None]
 
@@ -255,8 +255,7 @@ class PlannerKind(ModelKind):
             planner = finetune.make_planner(nnx.merge(layout.graphdef, state.ema_params),
                                             tokenizer, config)
             with mesh_lib.activate(layout.mesh, layout.rules):
-                plans = planner.plan_batch(np.stack([e.image for e in examples]),
-                                           [e.task for e in examples])
+                plans = evaluation.plan_episodes(planner, examples)
             rows, matches = [], 0
             for example, plan in zip(examples, plans):
                 said = ["(ran out of tokens)"] if plan is None else [s.text for s in plan.steps]

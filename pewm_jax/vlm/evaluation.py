@@ -92,9 +92,13 @@ def evaluate_planner(planner: Planner, dataset_dir: str | epath.PathLike, split:
     truths = [episode_plan(source[i]) for i in range(count)]
     plans: list[Plan | None] = []
     for first in range(0, count, batch_size):
-        batch = truths[first:first + batch_size]
-        plans += planner.plan_batch(np.stack([e.image for e in batch]), [e.task for e in batch])
+        plans += plan_episodes(planner, truths[first:first + batch_size])
     return score_plans(plans, truths, planner.image_size, split)
+
+
+def plan_episodes(planner: Planner, episodes: Sequence[EpisodePlan]) -> list[Plan | None]:
+    """`Planner.plan_batch` of the episodes' first frames and tasks (one batch)."""
+    return planner.plan_batch(np.stack([e.image for e in episodes]), [e.task for e in episodes])
 
 
 def load_planner(path: str | epath.PathLike, *, use_ema: bool = True) -> Planner:

@@ -309,9 +309,7 @@ class GemmaAttention(nnx.Module):
         (B, S, G, E), the new keys/values are written at index[0] and all S slots attended
         (unwritten ones are masked as future keys). Returns (B, T, D) and the updated cache."""
         b, t, _ = x.shape
-        positions = index + 1  # PaliGemma's positions are 1-indexed
-        q = rope(self.query(x), positions, self.theta)  # (B, T, H, E)
-        k = rope(self.key(x), positions, self.theta)  # (B, T, G, E)
+        q, k = self._query_key(x, index)  # (B, T, H, E), (B, T, G, E)
         v = self.value(x)  # (B, T, G, E)
         if cache is not None:
             start = (0, index[0], 0, 0)
@@ -331,11 +329,16 @@ class GemmaAttention(nnx.Module):
     def scores(self, x: Array, index: Array, prefix_len: Array | int) -> Array:
         """The masked attention logits (B, H, T, T) float32 of x (B, T, D) attending to itself
         (no cache): what each head's softmax reads, for losses on where the model looks."""
-        positions = index + 1
-        q = rope(self.query(x), positions, self.theta)  # (B, T, H, E)
-        k = rope(self.key(x), positions, self.theta)  # (B, T, G, E)
+        q, k = self._query_key(x, index)  # (B, T, H, E), (B, T, G, E)
         logits = self._logits(q, k, index, index, prefix_len)  # (B, G, H/G, T, T)
         return logits.reshape(x.shape[0], q.shape[2], *logits.shape[-2:])
+
+    def _query_key(self, x: Array, index: Array) -> tuple[Array, Array]:
+        """x (B, T, D) at sequence indices (T,) -> RoPE'd queries (B, T, H, E) and keys
+        (B, T, G, E)."""
+        positions = index + 1  # PaliGemma's positions are 1-indexed
+        return (rope(self.query(x), positions, self.theta),
+                rope(self.key(x), positions, self.theta))
 
     def _logits(self, q: Array, k: Array, index: Array, k_index: Array,
                 prefix_len: Array | int) -> Array:
