@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "dm-pix>=0.4.5,<0.5",  # PSNR / SSIM of sampled clips (evaluation)
     "flatbuffers>=24,<27",
     "importlib_resources>=6,<7",  # tensorflow-datasets needs it for builders defined in packages
+    # TFRecord payload checksums at C speed (RLDS ingestion): Google's maintained CRC-32C.
+    "google-crc32c>=1.5,<2",
 ]
 
 TEST_REQUIRES = [

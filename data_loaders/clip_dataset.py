@@ -58,6 +58,9 @@ class DatasetMeta:
     gripper_dims: list[int]  # action dimensions that are gripper commands (never normalised)
     source: str  # where the episodes came from (generator and its settings, or an RLDS path)
     splits: dict[str, int] = dataclasses.field(default_factory=dict)  # split -> clip count
+    # Ingested data: split -> what was read ({"episodes": n, "without_instruction": n,
+    # "too_short": n, "clips_without_text": n}), filled in while the clips are written.
+    episodes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, dataset_dir: str | os.PathLike) -> "DatasetMeta":
@@ -189,7 +192,8 @@ def ensure_dataset(generator: Generator, config: Any, out_dir: str | os.PathLike
     if path.exists() and not overwrite:
         have, want = DatasetMeta.load(path), generator.dataset_meta(config)
         differ = [f.name for f in dataclasses.fields(DatasetMeta)
-                  if f.name != "splits" and getattr(have, f.name) != getattr(want, f.name)]
+                  if f.name not in ("splits", "episodes")
+                  and getattr(have, f.name) != getattr(want, f.name)]
         if differ:
             raise DatasetError(
                 f"{path} holds a dataset made with other settings ({', '.join(differ)} differ: "

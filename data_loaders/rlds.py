@@ -64,6 +64,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import google_crc32c
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
@@ -433,7 +434,11 @@ def _read_episode(example: Mapping[str, Any], res: _Resolved, spec: ml_collectio
     def value(key: _Key, step: Mapping[str, Any]) -> np.ndarray:
         return key.get(example) if key.episode_level else key.get(step)
 
-    for i, step in enumerate(steps):
+    for i in range(n):
+        try:
+            step = steps[i]  # decodes the step's features (TFDS decodes steps lazily)
+        except Exception as e:  # pylint: disable=broad-except
+            raise _StepDecodeError(f"step {i}") from e
         image = res.image.get(step)
         if image.ndim != 3 or image.shape[-1] < 3:
             raise ValueError(f"step {i}: camera image has shape {image.shape}, not (H, W, 3)")
@@ -525,54 +530,48 @@ def episode_clips(ep: Episode, *, episode_id: int, spec: ml_collections.ConfigDi
 # ------------------------------------------------------------------------------- records
 
 _U64_CRC = struct.Struct("<QI")
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
+_REFETCH = ("The shard is damaged (an interrupted or corrupted copy or download); nothing was "
+            "written. Fix: copy or download {name} again from the dataset's source, then rerun "
+            "the same command.")
 
 
 def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (pure Python: used on the 8-byte length fields)."""
-    c = 0xFFFFFFFF
-    for byte in data:
-        c = _CRC_TABLE[(c ^ byte) & 0xFF] ^ (c >> 8)
-    c ^= 0xFFFFFFFF
+    """TFRecord's masked CRC-32C of `data` (google-crc32c's C implementation)."""
+    c = google_crc32c.value(data)
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def read_tfrecord(path: epath.Path) -> Iterator[tuple[int, bytes]]:
-    """(index, record) of a TFRecord file; RldsError naming the file and record when corrupt.
+def read_tfrecord(path: epath.Path, verify_data: bool = True) -> Iterator[tuple[int, bytes]]:
+    """(index, record) of a TFRecord file; RldsError naming the file, the record, its byte
+    offset and the fix when the file is damaged.
 
-    The length field's CRC is checked (a corrupt or misaligned file fails there); the data CRC
-    is not (pure Python would be too slow), but a damaged record fails to decode.
+    Both CRCs of the framing are checked: the length field's (a corrupt or misaligned file
+    fails there) and the payload's (a changed byte inside a record fails there, before it is
+    decoded). `verify_data=False` skips the payload's, for measuring what it costs.
     """
+    refetch = _REFETCH.format(name=epath.Path(path).name)
     with epath.Path(path).open("rb") as f:
         index, offset = 0, 0
         while True:
             header = f.read(12)
             if not header:
                 return
+            where = f"{path}: record {index} (byte {offset})"
             if len(header) < 12:
-                raise RldsError(f"{path}: record {index} (byte {offset}) is truncated: the file "
-                                "ends inside its header")
+                raise RldsError(f"{where} is truncated: the file ends inside its header. "
+                                f"{refetch}")
             length, crc = _U64_CRC.unpack(header)
             if masked_crc32c(header[:8]) != crc:
-                raise RldsError(f"{path}: record {index} (byte {offset}) is corrupt: its length "
-                                "field fails its CRC")
+                raise RldsError(f"{where} is corrupt: its length field fails its CRC-32C "
+                                f"check. {refetch}")
             data = f.read(length)
             footer = f.read(4)
             if len(data) < length or len(footer) < 4:
-                raise RldsError(f"{path}: record {index} (byte {offset}) is truncated: "
-                                f"{length} bytes announced, the file ends first")
+                raise RldsError(f"{where} is truncated: {length} bytes announced, the file "
+                                f"ends first. {refetch}")
+            if verify_data and masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+                raise RldsError(f"{where} is corrupt: its {length}-byte payload fails its "
+                                f"CRC-32C check. {refetch}")
             yield index, data
             index += 1
             offset += 16 + length
@@ -582,16 +581,17 @@ def read_array_record(path: epath.Path) -> Iterator[tuple[int, bytes]]:
     """(index, record) of an array_record file."""
     from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
 
+    refetch = _REFETCH.format(name=epath.Path(path).name)
     try:
         reader = array_record_module.ArrayRecordReader(os.fspath(path))
     except Exception as e:  # pylint: disable=broad-except
-        raise RldsError(f"{path}: cannot be opened as array_record: {e}") from e
+        raise RldsError(f"{path}: cannot be opened as array_record ({e}). {refetch}") from e
     try:
         for index in range(reader.num_records()):
             try:
                 record = reader.read([index])[0]
             except Exception as e:  # pylint: disable=broad-except
-                raise RldsError(f"{path}: record {index} cannot be read: {e}") from e
+                raise RldsError(f"{path}: record {index} cannot be read ({e}). {refetch}") from e
             yield index, record
     finally:
         reader.close()
@@ -661,6 +661,20 @@ def _plan(builder: tfds.core.DatasetBuilder, spec: ml_collections.ConfigDict
     return {split: parts for split, parts in plan.items() if parts}
 
 
+class _StepDecodeError(Exception):
+    """A step whose features (its images, mostly) do not decode; raised from its cause."""
+
+
+def _undecodable(shard: str | os.PathLike, index: int, error: BaseException) -> str:
+    """The message for a record whose bytes pass their checksum but do not decode."""
+    cause = error.__cause__ if isinstance(error, _StepDecodeError) else error
+    return (f"{shard}: record {index} cannot be decoded ({error}: {type(cause).__name__}: "
+            f"{cause}). Its bytes pass their checksum, so it was stored this way (e.g. an image "
+            f"that is not valid JPEG or PNG). Fix: copy or download {epath.Path(shard).name} "
+            "again; if a fresh copy fails the same way, the release itself is broken at this "
+            "record: report it to the dataset's maintainers. Nothing was written.")
+
+
 def _source_episodes(builder: tfds.core.DatasetBuilder, part: _Part, res: _Resolved
                      ) -> Iterator[tuple[int, Any, str, int]]:
     """(episode index in split, decoded example, shard, record index) of a part's episodes."""
@@ -680,8 +694,7 @@ def _source_episodes(builder: tfds.core.DatasetBuilder, part: _Part, res: _Resol
                 try:
                     example = features.deserialize_example_np(record, decoders=res.skip_decoding)
                 except Exception as e:  # pylint: disable=broad-except
-                    raise RldsError(f"{shard}: record {index} cannot be decoded: "
-                                    f"{type(e).__name__}: {e}") from e
+                    raise RldsError(_undecodable(shard, index, e)) from e
                 yield episode, example, os.fspath(shard), index
             episode += 1
 
@@ -700,7 +713,9 @@ def ingest(spec: ml_collections.ConfigDict | Mapping[str, Any], source_dir: str 
       image_size: side of the stored square frames.
 
     Returns:
-      The written dataset's DatasetMeta (with clip counts per split).
+      The written dataset's DatasetMeta: clip counts per split, and per split the episodes
+      read, those without an instruction, those too short to cut (skipped) and the clips left
+      without text (no instruction and no fallback).
     """
     spec = check_spec(spec)
     for name, v in (("horizon", horizon), ("frame_stride", frame_stride),
@@ -719,8 +734,12 @@ def ingest(spec: ml_collections.ConfigDict | Mapping[str, Any], source_dir: str 
     res = _resolve(spec, _Features(builder.info.features, os.fspath(version_dir)))
     plan = _plan(builder, spec)
 
+    # What each split read, kept in the dataset's meta (DatasetMeta.episodes) and printed.
+    summary = {split: dict.fromkeys(("episodes", "without_instruction", "too_short",
+                                     "clips_without_text"), 0) for split in plan}
+
     def clips_of(split: str) -> Iterator[Clip]:
-        total = sum(p.count for p in plan[split])
+        total, counts = sum(p.count for p in plan[split]), summary[split]
         with tqdm(total=total, desc=f"{spec.name} {split}", unit="episode",
                   disable=total == 0, file=sys.stderr) as bar:
             for part in plan[split]:
@@ -729,26 +748,53 @@ def ingest(spec: ml_collections.ConfigDict | Mapping[str, Any], source_dir: str 
                         ep = _read_episode(example, res, spec, image_size)
                     except RldsError:
                         raise
+                    except _StepDecodeError as e:
+                        raise RldsError(_undecodable(shard, index, e)) from e
                     except Exception as e:  # pylint: disable=broad-except
-                        raise RldsError(f"{shard}: record {index} (episode {episode} of split "
-                                        f"{part.source_split!r}) cannot be read: "
-                                        f"{type(e).__name__}: {e}") from e
+                        raise RldsError(
+                            f"{shard}: record {index} (episode {episode} of split "
+                            f"{part.source_split!r}) cannot be read: {type(e).__name__}: {e}. "
+                            f"Fix: check that the spec's keys ({spec.image_key!r}, "
+                            f"{list(spec.action_keys)}) fit this record's features. Nothing "
+                            "was written.") from e
                     bar.update(1)
+                    counts["episodes"] += 1
+                    counts["without_instruction"] += not any(ep.instructions)
                     if len(ep.actions) < 1:
+                        counts["too_short"] += 1
                         logging.warning("%s: record %d has fewer than 2 steps: skipped", shard,
                                         index)
                         continue
-                    yield from episode_clips(ep, episode_id=part.first_id + episode, spec=spec,
-                                             horizon=horizon, frame_stride=frame_stride,
-                                             context_frames=context_frames,
-                                             image_size=image_size)
+                    for clip in episode_clips(ep, episode_id=part.first_id + episode, spec=spec,
+                                              horizon=horizon, frame_stride=frame_stride,
+                                              context_frames=context_frames,
+                                              image_size=image_size):
+                        counts["clips_without_text"] += not clip.text
+                        yield clip
 
     meta = DatasetMeta(name=spec.name, image_size=int(image_size), horizon=int(horizon),
                        frame_stride=int(frame_stride), context_frames=int(context_frames),
                        action_dim=res.action_dim, gripper_dims=list(spec.gripper_dims),
-                       source=os.fspath(version_dir))
+                       source=os.fspath(version_dir), episodes=summary)
     split_clips = {split: (lambda s=split: clips_of(s)) for split in plan}
     # Every train clip's text (its episode's instruction, or the fallback) goes into the
     # tokenizer as it is written; the fallback is added even when no clip uses it.
     return write_dataset(out_dir, meta, split_clips,
                          tokenizer_texts=[spec.fallback_instruction], overwrite=overwrite)
+
+
+def ingest_summary(meta: DatasetMeta, fallback_instruction: str = "") -> str:
+    """Lines saying what an ingestion read per split: episodes, clips, and what was missing
+    (episodes without an instruction, too short to cut, clips left without text)."""
+    lines = []
+    for split, c in meta.episodes.items():
+        line = (f"  {split}: {c['episodes']} episodes -> {meta.splits.get(split, 0)} clips")
+        if c["without_instruction"]:
+            line += (f"; {c['without_instruction']} episodes without an instruction (their clips "
+                     + (f"use the fallback {fallback_instruction!r})" if fallback_instruction
+                        else f"have no text: {c['clips_without_text']} clips; set the spec's "
+                             "fallback_instruction to give them one)"))
+        if c["too_short"]:
+            line += f"; {c['too_short']} episodes with fewer than 2 steps skipped"
+        lines.append(line)
+    return "\n".join(lines)

@@ -32,6 +32,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from pewm_jax import config as config_lib
+from pewm_jax import paths
 from pewm_jax.parallel import distributed
 
 JOBS: dict[str, str] = {
@@ -123,6 +124,21 @@ def _define_flags(job: str) -> None:
     flags.mark_flags_as_required(required)
 
 
+# Flags that hold a path (each job defines some of them): resolved against the current
+# directory before anything runs, so no module below sees a relative path. (--config and
+# --spec are read right here, from the current directory or else the project root:
+# config.config_file_function.)
+PATH_FLAGS = ("workdir", "out", "source", "init_from", "world_model", "action_decoder",
+              "planner")
+
+
+def _resolve_path_flags() -> None:
+    """Makes the job's path flags absolute (`~` expanded; gs:// and other URLs untouched)."""
+    for name in PATH_FLAGS:
+        if name in flags.FLAGS and flags.FLAGS[name].value:
+            flags.FLAGS[name].value = paths.resolve(flags.FLAGS[name].value)
+
+
 def _fail(message: str) -> None:
     print(f"pewm: {message}", file=sys.stderr)
     sys.exit(2)
@@ -202,6 +218,7 @@ def _ingest_job(config, workdir: pathlib.Path) -> None:
                            image_size=config.world.image_size, overwrite=flags.FLAGS.overwrite)
     except clip_dataset.DatasetError as e:
         _fail(str(e))
+    print(rlds.ingest_summary(meta, spec.fallback_instruction))
     print(f"  clips per split {meta.splits}; statistics and tokenizer beside them in {out}")
 
 
@@ -371,6 +388,7 @@ def _job(job: str, overrides: list[str]):
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         if not flags.FLAGS["verbosity"].present:  # library INFO logs only on request (-v 0)
             absl_logging.set_verbosity(absl_logging.WARNING)
+        _resolve_path_flags()
         _start_processes(job)
         config = _load_config(overrides)
         workdir = pathlib.Path(flags.FLAGS.workdir)

@@ -25,6 +25,7 @@ from typing import NoReturn
 from absl import app, flags
 
 from pewm_jax import config as config_lib
+from pewm_jax import paths
 from pewm_jax.parallel import topologies
 
 _HOST_ONLY_FLAGS = re.compile(r"--xla_(force_host_platform_device_count|cpu_)\S*")
@@ -70,6 +71,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def _run(overrides: list[str]) -> None:
     f = flags.FLAGS
+    json_path = paths.resolve(f.json)  # against the directory the command was given in
     try:
         topology = topologies.get_topology(f.topology)
     except ValueError as e:
@@ -105,12 +107,12 @@ def _run(overrides: list[str]) -> None:
     except jax.errors.JaxRuntimeError as e:
         _fail(f"the compiler failed for {f.config} on {f.topology}: "
               f"{str(e).strip().splitlines()[0]}")
-    if f.json:
+    if json_path:
         try:
-            with open(f.json, "w", encoding="utf-8") as out:
+            with open(json_path, "w", encoding="utf-8") as out:
                 json.dump([r.to_json(f.mfu) for r in reports], out, indent=1)
         except OSError as e:
-            _fail(f"cannot write --json={f.json}: {e}")
+            _fail(f"cannot write --json={json_path}: {e}")
     for report in reports:
         if not report.fits:
             _fail(str(aot.fit_error(report, config)))

@@ -22,6 +22,8 @@ import ml_collections
 from absl import flags
 from ml_collections.config_flags import tuple_parser
 
+from pewm_jax import paths
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or holds a value that cannot work."""
@@ -543,8 +545,28 @@ def load_config(
     for override in overrides:
         _apply_override(config, schema, override)
     validate(config, num_devices)
+    resolve_paths(config)
     config.lock()
     return config
+
+
+# Keys that hold a local path or a remote URL: resolved against the current directory when the
+# config is loaded (pewm_jax/paths.py), so nothing below sees a relative one.
+PATH_KEYS = ("data.dataset_dir", "data.tokenizer", "model.text_encoder_path",
+             "planner.hf_config", "planner.tokenizer")
+
+
+def resolve_paths(config: ml_collections.ConfigDict) -> None:
+    """Makes every path in `config` (PATH_KEYS and the data.mixture directories) absolute
+    against the current directory, `~` expanded; empty and remote (`gs://`) paths stay."""
+    for key in PATH_KEYS:
+        group, leaf = key.split(".")
+        config[group][leaf] = paths.resolve(config[group][leaf])
+    # Malformed mixture entries are left for the pipeline to name (pipeline.mixture_entries).
+    config.data.mixture = tuple(
+        (paths.resolve(entry[0]), *entry[1:])
+        if isinstance(entry, (tuple, list)) and entry and isinstance(entry[0], str) else entry
+        for entry in config.data.mixture)
 
 
 def _apply_override(

@@ -1,6 +1,7 @@
 """Session-wide test set-up: 8 fake CPU devices for sharding tests, set before JAX is imported."""
 
 import os
+import sys
 import tempfile
 
 # A long run on 8 fake devices sharing 2 cores can leave one device thread more than XLA's
@@ -21,6 +22,40 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--require-all", action="store_true",
+                     help="fail the session when a test or a whole test module is skipped, or "
+                          "when no test runs (CI's stages for an extra: a missing or broken "
+                          "install must not pass with its tests gone)")
+
+
+_SKIPPED: list[str] = []
+
+
+def pytest_collectreport(report):
+    if report.skipped:  # a module skipped whole, e.g. by pytest.importorskip
+        _SKIPPED.append(f"{report.nodeid}: {report.longrepr[-1]}")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _SKIPPED.append(f"{report.nodeid}: {report.longrepr[-1]}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not session.config.getoption("require_all"):
+        return
+    problems = list(_SKIPPED)
+    if session.testscollected == 0 or exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        problems.append("no test was selected")
+    if problems:
+        print("\n--require-all: this stage must run every test it selects; install what the "
+              "skips name. Not run:\n  " + "\n  ".join(problems), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 TINY_DATA = ["data.num_train_episodes=12", "data.num_val_episodes=3", "data.num_test_episodes=3",
              "data.num_holdout_episodes=3", "data.generation_workers=2"]
 

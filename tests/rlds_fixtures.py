@@ -292,7 +292,9 @@ def _tfrecord_writer():
         adapter.write_examples = original
 
 
-def _write(builder_cls, root: pathlib.Path, file_format: str) -> pathlib.Path:
+def write_builder(builder_cls, root: pathlib.Path, file_format: str) -> pathlib.Path:
+    """Writes a TFDS builder's dataset under `root` (TFRecord without TensorFlow as well);
+    returns its version directory."""
     builder = builder_cls(data_dir=str(root), file_format=file_format)
     with _tfrecord_writer():
         builder.download_and_prepare(
@@ -302,13 +304,13 @@ def _write(builder_cls, root: pathlib.Path, file_format: str) -> pathlib.Path:
 
 def write_bridge(root: pathlib.Path, file_format: str = "tfrecord") -> Fixture:
     """Writes the Bridge-layout fixture under `root`; its version directory and ground truth."""
-    path = _write(_BridgeDataset, root, file_format)
+    path = write_builder(_BridgeDataset, root, file_format)
     episodes = {e: bridge_episode(e)[1] for e in BRIDGE_CHANGES}
     return Fixture(path, episodes, dict(BRIDGE_SPLITS))
 
 
 def write_fractal(root: pathlib.Path) -> Fixture:
     """Writes the fractal-layout fixture (train split only) under `root`."""
-    path = _write(_Fractal, root, "tfrecord")
+    path = write_builder(_Fractal, root, "tfrecord")
     episodes = {e: fractal_episode(e)[1] for e in range(FRACTAL_EPISODES)}
     return Fixture(path, episodes, {"train": list(range(FRACTAL_EPISODES))})

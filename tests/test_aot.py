@@ -125,10 +125,12 @@ def test_the_projection_follows_from_flops_peak_and_mfu():
 
 
 def _compile(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, list[dict] | None]:
-    """pewm-compile in its own process (it sets JAX's environment before importing JAX)."""
+    """pewm-compile in its own process (it sets JAX's environment before importing JAX), run
+    in `tmp_path` with a --json path relative to it."""
     out = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "pewm_jax.compile_cli", f"--json={out}", *args],
-                          capture_output=True, text=True, timeout=1200, env=dict(os.environ))
+    proc = subprocess.run([sys.executable, "-m", "pewm_jax.compile_cli", f"--json={out.name}",
+                           *args], capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ), cwd=tmp_path)
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 

@@ -101,3 +101,57 @@ def test_ingest_job_reports_a_missing_source(tmp_path):
                "--spec=configs/rlds/bridge.py", f"--source={tmp_path / 'nowhere'}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert str(tmp_path / "nowhere") in out.stderr
+
+
+def test_every_job_takes_paths_relative_to_the_current_directory(tmp_path):
+    """Each job that reads or writes a directory, run from a scratch directory with relative
+    paths (and `~`), as a user types them: asynchronous Orbax saves, worker processes and
+    moved checkpoints all need them resolved at the command line."""
+    import os
+
+    import rlds_fixtures
+
+    home = tmp_path / "home"
+    cwd = home / "work"
+    cwd.mkdir(parents=True)
+    rlds_fixtures.write_bridge(cwd / "sources")
+    env = {**os.environ, "HOME": str(home)}
+    data = "--config.data.dataset_dir=~/work/data"  # `~` expanded at the command line
+    tiny = [*(f"--config.{o}" for o in [*TINY_DATA, *TINY_TRAIN, *TINY_PLANNER]), data,
+            "--config.train.checkpoint_every=1", "--config.planner.train.steps=1",
+            "--config.action_decoder.width=32", "--config.action_decoder.depth=1",
+            "--config.action_decoder.num_heads=2", "--config.action_decoder.train.steps=1",
+            "--config.action_decoder.train.global_batch_size=8",
+            "--config.eval.episodes_per_template=1", "--config.eval.splits=('train',)",
+            "--config.eval.parallel_envs=4", "--config.eval.conditions=('pewm',)",
+            "--config.eval.video_clips=0", "--config.eval.rollout_videos=0"]
+
+    def job(name: str, *args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "pewm_jax.cli", name,
+                              "--config=configs/quickstart.py", *args, *tiny], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"pewm {name} {' '.join(args)}:\n{out.stderr[-3000:]}"
+        return out.stdout
+
+    job("data", "--workdir=run")
+    assert clip_dataset.DatasetMeta.load(cwd / "data").splits["train"] > 0
+    job("train", "--workdir=run", "--config.train.steps=2")
+    job("train", "--workdir=run", "--resume", "--config.train.steps=3")
+    assert sorted(p.name for p in (cwd / "run" / "world_model").iterdir()) == ["2", "3"]
+    job("train", "--workdir=run", "--resume_step=2", "--config.train.steps=3")
+    assert (cwd / "run" / "superseded").is_dir() and (cwd / "run/world_model/3").is_dir()
+    job("train", "--workdir=other", "--init_from=run/world_model/2", "--config.train.steps=1")
+    assert (cwd / "other" / "world_model" / "1" / "params").is_dir()
+    job("actions", "--workdir=run")
+    job("planner", "--workdir=run")
+    assert json.loads((cwd / "run" / "planner_eval.json").read_text())
+    job("eval", "--workdir=run")
+    assert "pewm" in json.loads((cwd / "run" / "eval" / "report.json").read_text())["conditions"]
+    job("export", "--workdir=run", "--out=bundle")
+    assert (cwd / "bundle" / "manifest.json").is_file()
+    printed = job("ingest", "--workdir=run", "--spec=configs/rlds/bridge.py",
+                  "--source=sources/bridge_dataset/1.0.0", "--out=bridge_clips")
+    assert clip_dataset.DatasetMeta.load(cwd / "bridge_clips").episodes["train"]["episodes"] == 3
+    assert "without an instruction" in printed
+    assert sorted(p.name for p in cwd.iterdir()) == [
+        "bridge_clips", "bundle", "data", "other", "run", "sources"]

@@ -370,3 +370,19 @@ def test_metaworld_keys_name_what_is_wrong():
         validate(_with("data.generator", "meta-world"))
     with pytest.raises(ConfigError, match="takes a frame size"):
         load_config(_spec("metaworld.py:96"))
+
+
+def test_path_keys_resolve_against_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = load_config(_spec("quickstart.py"), [
+        "data.dataset_dir=runs/../data", "data.tokenizer=~/tok.json",
+        "planner.hf_config=gs://bucket/pg/config.json", "planner.tokenizer=/abs/tok.json",
+        "data.mixture=(('a', 1.0), ('gs://b/c', 2.0))"])
+    assert config.data.dataset_dir == str(tmp_path / "data")
+    assert config.data.tokenizer == str(tmp_path / "home" / "tok.json")
+    assert config.planner.hf_config == "gs://bucket/pg/config.json"  # remote: as given
+    assert config.planner.tokenizer == "/abs/tok.json"
+    assert config.model.text_encoder_path == ""  # empty: unset, stays empty
+    assert [tuple(e) for e in config.data.mixture] == [(str(tmp_path / "a"), 1.0),
+                                                       ("gs://b/c", 2.0)]

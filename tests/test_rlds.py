@@ -123,6 +123,21 @@ def hand_projection(ee):
             (50 * cam[1] / cam[2] + 32 + 0.5) * SIZE / 64]
 
 
+def test_episodes_without_an_instruction_are_counted(bridge_out, fractal_out):
+    _, meta = bridge_out  # episode 2 (train) has no instruction; its clips take the fallback
+    assert meta.episodes["train"] == {"episodes": 3, "without_instruction": 1, "too_short": 0,
+                                      "clips_without_text": 0}
+    assert meta.episodes["validation"]["without_instruction"] == 0
+    assert "1 episodes without an instruction (their clips use the fallback 'do the task')" in \
+        rlds.ingest_summary(meta, "do the task")
+    out, meta = fractal_out  # no fallback: the clips of its episode without text have none
+    no_text = [r for s in meta.splits for r in records(out, s) if not r["text"]]
+    counts = {k: sum(c[k] for c in meta.episodes.values()) for k in meta.episodes["train"]}
+    assert counts == {"episodes": F.FRACTAL_EPISODES, "without_instruction": 1, "too_short": 0,
+                      "clips_without_text": len(no_text)} and no_text
+    assert "set the spec's fallback_instruction" in rlds.ingest_summary(meta)
+
+
 def test_bridge_points_annotation_then_projection(sources, bridge_out):
     out, _ = bridge_out
     fx = sources["bridge"]
@@ -310,13 +325,62 @@ def test_corrupt_records_name_file_and_index(sources, tmp_path):
     data = (cut / shard_name).read_bytes()
     first = int.from_bytes(data[:8], "little") + 16
     (cut / shard_name).write_bytes(data[:first + 100])
-    with pytest.raises(rlds.RldsError, match=rf"{shard_name}: record 1 .*truncated"):
+    with pytest.raises(rlds.RldsError, match=rf"{shard_name}: record 1 .*truncated") as e:
         rlds.ingest(bridge_spec(), cut, tmp_path / "o2", **SHAPE)
+    assert f"copy or download {shard_name} again" in str(e.value)
     # A damaged length field in record 1 (its CRC no longer matches).
     (cut / shard_name).write_bytes(data[:first] + bytes([data[first] ^ 1]) + data[first + 1:])
-    with pytest.raises(rlds.RldsError, match=rf"{shard_name}: record 1 .*length field"):
+    with pytest.raises(rlds.RldsError, match=rf"{shard_name}: record 1 .*length field") as e:
         rlds.ingest(bridge_spec(), cut, tmp_path / "o3", **SHAPE)
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert f"copy or download {shard_name} again" in str(e.value)
+    assert all(_nothing_written(tmp_path / o) for o in ("o1", "o2", "o3"))
+
+
+def _bridge_copy(sources, tmp_path, name: str) -> tuple[pathlib.Path, pathlib.Path, bytes]:
+    """A copy of the Bridge source: its directory, its train shard's path and bytes."""
+    copy = tmp_path / name
+    shutil.copytree(sources["bridge"].path, copy)
+    shard = copy / "bridge_dataset-train.tfrecord-00000-of-00001"
+    return copy, shard, shard.read_bytes()
+
+
+def _nothing_written(out: pathlib.Path) -> bool:
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+def test_a_changed_value_in_an_intact_record_stops_ingestion(sources, tmp_path):
+    # One action float of episode 1 (record 1 of the train shard) becomes 1e6; the framing
+    # (length field and its CRC) is untouched, only the payload's CRC no longer matches.
+    copy, shard, data = _bridge_copy(sources, tmp_path, "changed")
+    record_1 = int.from_bytes(data[:8], "little") + 16  # byte offset of record 1
+    value = np.float32(F.bridge_episode(1)[1].actions[3, 0]).tobytes()
+    at = data.index(value, record_1)
+    shard.write_bytes(data[:at] + np.float32(1e6).tobytes() + data[at + 4:])
+    out = tmp_path / "clips"
+    with pytest.raises(rlds.RldsError) as error:
+        rlds.ingest(bridge_spec(), copy, out, **SHAPE)
+    message = str(error.value)
+    assert f"{shard}: record 1 (byte {record_1}) is corrupt" in message
+    assert "payload fails its CRC-32C check" in message
+    assert f"copy or download {shard.name} again" in message
+    assert _nothing_written(out)
+
+
+def test_an_undecodable_image_names_the_record_and_the_fix(sources, tmp_path):
+    # A record stored with a broken JPEG (its CRCs rewritten to match: it was written so).
+    copy, shard, data = _bridge_copy(sources, tmp_path, "bad_jpeg")
+    length = int.from_bytes(data[:8], "little")
+    record = bytearray(data[12:12 + length])
+    jpeg = record.index(b"\xff\xd8\xff")  # the first JPEG image (a frame of image_0)
+    record[jpeg:jpeg + 64] = b"\x00" * 64
+    framed = (data[:12] + bytes(record)
+              + np.uint32(rlds.masked_crc32c(bytes(record))).tobytes())
+    shard.write_bytes(framed + data[16 + length:])
+    out = tmp_path / "clips"
+    with pytest.raises(rlds.RldsError, match=rf"{shard.name}: record 0 cannot be decoded") as e:
+        rlds.ingest(bridge_spec(), copy, out, **SHAPE)
+    assert "pass their checksum" in str(e.value) and "copy or download" in str(e.value)
+    assert _nothing_written(out)
 
 
 def test_missing_source_and_spec_file(tmp_path):

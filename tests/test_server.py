@@ -242,17 +242,16 @@ def test_errors_of_the_step_become_error_replies(served, frames, monkeypatch, er
 def test_the_server_process_needs_no_flax(exported, policy, frames):
     """`python -m pewm_jax.export.server` where importing flax, optax, orbax, grain or
     TensorFlow fails: it serves /health and /step (the runtime's actions for its seed) and
-    stops cleanly on SIGTERM."""
+    stops cleanly on SIGTERM. Its --bundle is relative to the directory it starts in."""
     script = f"""
 import runpy, sys
 for name in ("flax", "optax", "orbax", "grain", "tensorflow", "tensorflow_datasets"):
     sys.modules[name] = None
-sys.argv = ["server", "--bundle", {str(exported)!r}, "--port", "0", "--seed", "{SEED}"]
+sys.argv = ["server", "--bundle", {exported.name!r}, "--port", "0", "--seed", "{SEED}"]
 runpy.run_module("pewm_jax.export.server", run_name="__main__")
 """
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True,
-                               cwd=pathlib.Path(__file__).parents[1])
+                               stderr=subprocess.STDOUT, text=True, cwd=exported.parent)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:  # the output, line by line, then None at its end
@@ -269,7 +268,9 @@ runpy.run_module("pewm_jax.export.server", run_name="__main__")
             output.append(line)
             url = next(iter(re.findall(r" at (http://\S+) ", line)), None)
         client = client_lib.PolicyClient(url)
-        assert client.health()["policy_step"] == policy.bundle.manifest["policy_step"]
+        health = client.health()
+        assert health["policy_step"] == policy.bundle.manifest["policy_step"]
+        assert health["bundle"] == str(exported)
         reply = client.step(frames[:1], COMMANDS[:1], step_index=7)
         direct = policy.step(frames[:1], COMMANDS[:1], step_index=7)
         np.testing.assert_allclose(reply.actions, direct.actions, atol=1e-6, rtol=0)

@@ -320,3 +320,17 @@ def test_export_hf_round_trip(checkpoints, models, tmp_path):
     for key, value in exported.state_dict().items():
         torch.testing.assert_close(value, ref[key], rtol=0, atol=0, msg=key)
     _assert_same_params(convert.load_paligemma(out), model)
+
+
+def test_export_hf_of_a_checkpoint_with_a_pooling_head_loads_with_no_missing_keys(
+        checkpoints, models, tmp_path):
+    # The "gqa" checkpoint's SigLIP has its pooling head (vision_use_head: true); PaliGemma
+    # never uses it and we do not export it, so the exported config must not announce it.
+    ckpt, model = checkpoints["gqa"], models["gqa"]
+    config = json.loads((ckpt.path / "config.json").read_text())
+    assert config["vision_config"].get("vision_use_head", True)
+    out = convert.export_hf(model, config, tmp_path / "export")
+    exported, info = transformers.PaliGemmaForConditionalGeneration.from_pretrained(
+        out, attn_implementation="eager", output_loading_info=True)
+    assert {k: sorted(v) for k, v in info.items() if v} == {}
+    assert not any(".head." in key for key in exported.state_dict())

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from pewm_jax import paths
 from pewm_jax.export import client, runtime
 
 MAX_BODY_BYTES = 64 << 20  # 64 MiB: about 5000 observations of 64 x 64 pixels
@@ -344,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max_batch", type=int, default=16, help="the most rows a request "
                         "may carry (default 16)")
     args = parser.parse_args(argv)
+    args.bundle = paths.resolve(args.bundle)  # against the directory the command was given in
     try:
         server = PolicyServer(runtime.load_bundle(args.bundle), args.host, args.port,
                               seed=args.seed, max_batch=args.max_batch, log_requests=True)

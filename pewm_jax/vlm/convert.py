@@ -197,9 +197,17 @@ def restore_paligemma(path: str | pathlib.Path, *, dtype: Any = jnp.float32,
 
 def export_hf(model: PaliGemma, config: dict[str, Any], out_dir: str | pathlib.Path
               ) -> pathlib.Path:
-    """Writes config.json + model.safetensors (transformers' layout) of `model` to `out_dir`."""
+    """Writes config.json + model.safetensors (transformers' layout) of `model` to `out_dir`.
+
+    `config` is the model's PaliGemmaConfig dict. Its vision tower is written without SigLIP's
+    pooling head (`vision_use_head: false`): PaliGemma never uses the head, so we neither keep
+    nor export it, and a config that announced one would make transformers initialise it
+    randomly and report its weights missing.
+    """
     from safetensors.numpy import save_file
 
+    config = {**config, "vision_config": {**config.get("vision_config", {}),
+                                          "vision_use_head": False}}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = _name_table(model.spec)
