@@ -1,6 +1,7 @@
 """Runs that stop and start: exact resume after SIGKILL, SIGTERM saves, restore on other meshes,
 half-written and corrupted checkpoints, refused configs, --init_from, NaN stops, metrics."""
 
+import json
 import pathlib
 import shutil
 import signal
@@ -69,32 +70,56 @@ def test_reference_run_writes_checkpoints_metrics_and_samples(reference_run):
     assert {"samples/grid", "samples/animation"} <= set(events.Tags()["images"])
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(reference_run, tabletop_dataset,
-                                                          tmp_path):
-    ref_dir, ref = reference_run
+LOGGED = ("loss", "learning_rate", "grad_norm")  # the logged scalars that timing cannot change
+
+
+def logs(log_dir: pathlib.Path) -> tuple[dict, dict]:
+    """(metrics.jsonl rows, TensorBoard points) of LOGGED, as a user reads them; a step in
+    metrics.jsonl twice fails."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    lines = [json.loads(line) for line in (log_dir / metrics.METRICS_FILE).read_text().splitlines()]
+    steps = [row["step"] for row in lines]
+    assert steps == sorted(set(steps)), f"steps logged out of order or twice: {steps}"
+    events = event_accumulator.EventAccumulator(str(log_dir))
+    events.Reload()
+    return ({row["step"]: {k: row[k] for k in LOGGED} for row in lines},
+            {k: [(e.step, e.value) for e in events.Scalars(k)] for k in LOGGED})
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tabletop_dataset, tmp_path):
+    # Logs every 3 steps, saves every K = 2: the save at step 2 falls between logs (its steps
+    # are in the step-3 mean), and the killed run logs step 3 after that save, which the
+    # resumed run logs again, once.
+    overrides = train_overrides(tabletop_dataset, "train.steps=6", "train.log_every=3")
+    ref_dir = tmp_path / "reference"
+    ref = loop.train(tiny_config(*overrides), ref_dir)
     workdir = tmp_path / "killed"
     out = subprocess.run(
         [sys.executable, str(TESTS / "train_process.py"), str(workdir), str(tmp_path / "r.json"),
-         "--kill_after_checkpoint", str(K), *TINY_DATA, *train_overrides(tabletop_dataset)],
+         "--kill_after_checkpoint", str(K), "--kill_at_step", "4", *TINY_DATA, *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
-    checkpoints = ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True)
-    assert checkpoints.steps() == [K]
-    killed_losses = metrics.read_metrics(workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name)
+    assert ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True).steps() == [K]
+    log_dir = workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name
+    assert 3 in metrics.read_metrics(log_dir)  # logged after the checkpoint, before the kill
 
-    config = tiny_config(*train_overrides(tabletop_dataset))
+    config = tiny_config(*overrides)
     result = loop.train(config, workdir, resume=True)
-    assert result.status == "completed" and sorted(result.losses) == list(range(K + 1, 2 * K + 1))
-    losses = {s: killed_losses[s]["loss"] for s in range(1, K + 1)} | result.losses
-    assert losses == ref.losses  # bit for bit: same mesh, same data order, same RNG
-    assert_trees_equal(saved_params(config, workdir, 2 * K), saved_params(config, ref_dir, 2 * K),
+    assert result.status == "completed" and sorted(result.losses) == list(range(K + 1, 7))
+    assert result.losses == {s: ref.losses[s] for s in range(K + 1, 7)}  # same data, RNG, mesh
+    assert_trees_equal(saved_params(config, workdir, 6), saved_params(config, ref_dir, 6),
                        rtol=0, atol=0)
+    assert logs(log_dir) == logs(ref.log_dir)  # step for step: no loss of steps, no duplicate
 
 
 def test_sigterm_saves_exits_0_and_resume_continues_at_that_step(tabletop_dataset, tmp_path):
     workdir = tmp_path / "preempted"
+    # A constant learning rate after warmup (final_lr_fraction 1): the schedule does not depend
+    # on train.steps, so the preempted run compares with a shorter uninterrupted one.
     overrides = [*TINY_DATA, *train_overrides(tabletop_dataset, "train.steps=500",
-                                              "train.checkpoint_every=500")]
+                                              "train.checkpoint_every=500", "train.log_every=3",
+                                              "train.final_lr_fraction=1.0")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "pewm_jax.cli", "train", "--config=configs/quickstart.py",
          f"--workdir={workdir}", *(f"--config.{o}" for o in overrides)],
@@ -112,8 +137,15 @@ def test_sigterm_saves_exits_0_and_resume_continues_at_that_step(tabletop_datase
     assert len(steps) == 1 and 1 <= steps[0] < 500
     saved = steps[0]
 
-    result = loop.train(tiny_config(*overrides, f"train.steps={saved + 2}"), workdir, resume=True)
-    assert result.status == "completed" and sorted(result.losses) == [saved + 1, saved + 2]
+    final = saved + 3
+    result = loop.train(tiny_config(*overrides, f"train.steps={final}"), workdir, resume=True)
+    assert result.status == "completed" and sorted(result.losses) == list(range(saved + 1,
+                                                                                 final + 1))
+    # The logs equal an uninterrupted run's, step for step, whether or not the preemption's
+    # save fell on a logged step.
+    ref = loop.train(tiny_config(*overrides, f"train.steps={final}"), tmp_path / "reference")
+    assert result.losses == {s: ref.losses[s] for s in result.losses}
+    assert logs(log) == logs(ref.log_dir)
 
 
 @pytest.mark.parametrize("devices", [4, 1])
@@ -147,9 +179,12 @@ def test_half_written_and_corrupted_checkpoints(reference_run, tabletop_dataset,
             path.write_bytes(b"\0garbage")
     with pytest.raises(ckpt_lib.CheckpointError,
                        match=rf"{model_dir / str(2 * K)} is committed but cannot be read.*"
-                             rf"--resume_step N, N one of \[{K}\]"):
+                             rf"--resume_step N, N one of \[{K}\]") as error:
         loop.train(config, workdir, resume=True)
     assert not (workdir / kinds.WORLD_MODEL.name / "0").exists()
+    # The fix comes first; TensorStore's kilobytes of detail are cut to their first line.
+    message = str(error.value)
+    assert message.index("--resume_step") < message.index("Cause:") and len(message) < 1000
 
     # --resume_step k continues from the good one; the bad one is moved aside, not deleted.
     result = loop.train(config, workdir, resume_step=K)
@@ -157,6 +192,78 @@ def test_half_written_and_corrupted_checkpoints(reference_run, tabletop_dataset,
     aside = list((workdir / loop.SUPERSEDED_DIR / kinds.WORLD_MODEL.name).glob(f"*/{2 * K}"))
     assert len(aside) == 1 and (aside[0] / "params").is_dir()
     assert ckpt_lib.RunCheckpoints(model_dir, read_only=True).steps() == [K, 2 * K]
+
+
+def _flip_a_bit_orbax_does_not_notice(params_dir: pathlib.Path) -> pathlib.Path:
+    """Flips one bit in a data file of a params item such that Orbax itself restores changed
+    values without an error (a silent corruption); returns that file."""
+    import orbax.checkpoint as ocp
+
+    reader = ocp.StandardCheckpointer()
+    clean = jax.device_get(reader.restore(params_dir))
+    for path in sorted(p for p in params_dir.rglob("*") if p.is_file() and p.parent.name == "d"):
+        data = bytearray(path.read_bytes())
+        for offset in range(len(data) // 2, len(data), max(1, len(data) // 50)):
+            data[offset] ^= 0x10
+            path.write_bytes(bytes(data))
+            try:
+                changed = jax.device_get(reader.restore(params_dir))
+            except Exception:  # noqa: BLE001  (a flip Orbax notices: not the case sought)
+                changed = clean
+            if any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(clean),
+                                                             jax.tree.leaves(changed))):
+                return path
+            data[offset] ^= 0x10
+            path.write_bytes(bytes(data))
+    raise AssertionError(f"no silent bit flip found in {params_dir}")
+
+
+def _edit_first_digit(path: pathlib.Path) -> None:
+    """Changes the first digit of a JSON file: still valid JSON, another value."""
+    text = path.read_text()
+    i = next(i for i, c in enumerate(text) if c.isdigit())
+    path.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
+
+
+def test_a_corrupted_checkpoint_is_refused_naming_an_intact_one(reference_run, tabletop_dataset,
+                                                                tmp_path):
+    ref_dir, ref = reference_run
+    config = tiny_config(*train_overrides(tabletop_dataset))
+    newest = str(2 * K)
+    # One flipped bit that Orbax alone restores silently (a changed weight).
+    workdir = copy_run(ref_dir, tmp_path / "flipped")
+    model_dir = workdir / kinds.WORLD_MODEL.name
+    _flip_a_bit_orbax_does_not_notice(model_dir / newest / "params")
+    with pytest.raises(ckpt_lib.CorruptCheckpointError) as error:
+        loop.train(config, workdir, resume=True)
+    message = str(error.value)
+    assert f"checkpoint {model_dir / newest} is corrupt: array params/" in message
+    assert f"resume from step {K}, which is intact (checked): --resume_step {K}" in message
+    # Nothing ran, so nothing rotated the good step out; following the fix resumes exactly.
+    assert ckpt_lib.RunCheckpoints(model_dir, read_only=True).steps() == [K, 2 * K]
+    result = loop.train(config, workdir, resume_step=K)
+    assert result.losses == {s: ref.losses[s] for s in range(K + 1, 2 * K + 1)}
+    # --init_from and evaluation restore parameters alone: verified the same way.
+    other = copy_run(ref_dir, tmp_path / "flipped_again")
+    _flip_a_bit_orbax_does_not_notice(other / kinds.WORLD_MODEL.name / newest / "params")
+    with pytest.raises(ckpt_lib.CorruptCheckpointError, match="array params/"):
+        saved_params(config, other, 2 * K)
+
+    # A JSON item, the data iterator's state or meta itself, changed but still valid JSON.
+    for item, file in (("config", "config/metadata"), ("meta", "meta/metadata"),
+                       ("data iterator", "data_iter/process_0-of-1.json")):
+        workdir = copy_run(ref_dir, tmp_path / item.replace(" ", "_"))
+        _edit_first_digit(workdir / kinds.WORLD_MODEL.name / newest / file)
+        with pytest.raises(ckpt_lib.CorruptCheckpointError, match=f"is corrupt: .*{item}"):
+            loop.train(config, workdir, resume=True)
+
+    # A checkpoint written before checksums were recorded restores, unverified.
+    workdir = copy_run(ref_dir, tmp_path / "legacy")
+    meta_file = workdir / kinds.WORLD_MODEL.name / newest / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({k: v for k, v in meta.items()
+                                     if k not in ("seal", "checksums", "metrics_window")}))
+    assert loop.train(config, workdir, resume=True).status == "completed"
 
 
 def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference_run,
@@ -171,8 +278,11 @@ def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference
     assert loop.train(same, workdir).status == "reused"
     changed = tiny_config(*train_overrides(tabletop_dataset, "train.learning_rate=0.5",
                                            "model.mlp_ratio=2.0", "train.log_every=7"))
+    events = sorted((workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name).iterdir())
     with pytest.raises(ckpt_lib.CheckpointError) as error:
         loop.train(changed, workdir, resume=True)
+    # a refused resume writes nothing, not even an empty TensorBoard events file
+    assert sorted((workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name).iterdir()) == events
     message = str(error.value)
     assert f"train.learning_rate: {same.train.learning_rate} -> 0.5" in message
     assert "model.mlp_ratio" in message
@@ -188,6 +298,16 @@ def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference
                         workdir, overwrite=True)
     assert result.losses.keys() == {1}
     assert ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True).steps() == [1]
+
+
+def test_a_missing_dataset_leaves_no_run_directory_behind(tmp_path):
+    from data_loaders.clip_dataset import DatasetError
+
+    config = tiny_config(*train_overrides(tmp_path / "no_data"))
+    with pytest.raises(DatasetError, match="no dataset at"):
+        loop.train(config, tmp_path / "run")
+    assert not (tmp_path / "run" / kinds.WORLD_MODEL.name).exists()
+    assert not (tmp_path / "run" / loop.TENSORBOARD_DIR).exists()
 
 
 def test_init_from_loads_params_only(reference_run, tabletop_dataset, tmp_path):
@@ -208,12 +328,25 @@ def test_init_from_loads_params_only(reference_run, tabletop_dataset, tmp_path):
 
 
 def test_a_nan_loss_stops_the_run_without_saving_that_state(tabletop_dataset, tmp_path):
+    # Warmup from 0: step 1 changes nothing, step 2's update explodes.
     config = tiny_config(*train_overrides(tabletop_dataset, "train.learning_rate=1e38",
                                           "train.grad_clip=None", "train.steps=6",
-                                          "train.checkpoint_every=1", "train.warmup_steps=0",
+                                          "train.checkpoint_every=1", "train.warmup_steps=2",
                                           "train.log_every=100"))
     with pytest.raises(loop.TrainingDivergedError, match=r"at step (\d+)") as error:
         loop.train(config, tmp_path)
-    bad = int(error.value.args[0].split("at step ")[1].split(";")[0])
+    message = str(error.value)
+    bad = int(message.split("at step ")[1].split(";")[0])
     steps = ckpt_lib.RunCheckpoints(tmp_path / kinds.WORLD_MODEL.name, read_only=True).steps()
     assert steps == list(range(1, bad)) and bad > 1
+    # The advice works as printed (the learning rate cannot change on --resume): the last good
+    # weights (the state before the one that gave the bad loss) in a new run directory, or
+    # this run afresh, each with a lower learning rate.
+    init_from = message.split("--init_from=")[1].split()[0]
+    assert int(pathlib.Path(init_from).name) <= bad - 2
+    assert "--config.train.learning_rate=<lower>" in message and "--overwrite" in message
+    lower = tiny_config(*train_overrides(tabletop_dataset, "train.learning_rate=1e-3",
+                                         "train.steps=1"))
+    for result in (loop.train(lower, tmp_path / "new", init_from=init_from),
+                   loop.train(lower, tmp_path, overwrite=True)):
+        assert result.status == "completed" and all(np.isfinite(list(result.losses.values())))

@@ -5,6 +5,7 @@ and tampering is refused."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -203,6 +204,12 @@ def test_export_command_writes_a_bundle_once(closed_loop_run, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     manifest = runtime.load_bundle(tmp_path / "bundle").manifest
     assert manifest["source"]["params"] == "params"
+    # Every file, the safetensors weights among them, readable as a plain write would be.
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(tmp_path / "bundle").as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in (tmp_path / "bundle").rglob("*") if p.is_file()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
     again = pewm(*args)
     assert again.returncode == 2 and "never overwritten" in again.stderr
     assert "Traceback" not in again.stderr

@@ -135,7 +135,12 @@ def test_prompt_starts_with_bos_and_tasks_of_other_lengths(planner):
     assert planner.tokenizer.id_to_token(int(planner.prompt_ids(TASKS[0])[0])) == "<bos>"
     images, _ = _batch(3)
     tasks = [TASKS[0], "pick up the red cube", TASKS[1]]  # two prompt lengths, one batch
-    assert all(isinstance(p, Plan) for p in planner.plan(images[:3], tasks))
+    lengths = {int(np.sum(planner.prompt_ids(t) != planner.tokenizer.token_to_id("<pad>")))
+               for t in tasks}
+    assert len(lengths) == 2
+    batched = planner.plan(images[:3], tasks)
+    # Every row plans as it does alone: padding and the other rows change nothing.
+    assert batched == [planner.plan(images[i], tasks[i]) for i in range(3)]
 
 
 def test_tiny_spec():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import http.client
 import pathlib
 import queue
@@ -16,8 +17,11 @@ import threading
 import time
 import urllib.parse
 
+import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pewm_jax.export import client as client_lib
 from pewm_jax.export import runtime, server as server_lib
@@ -155,7 +159,7 @@ def _raw(url: str, method: str, path: str, body: bytes | None = None,
             connection.putheader("Content-Length", str(len(body) if length is None else length))
         connection.endheaders(body)
         response = connection.getresponse()
-        return response.status, client_lib.unpack(response.read())["error"]
+        return response.status, client_lib.unpack(response.read()).get("error")
     finally:
         connection.close()
 
@@ -190,7 +194,23 @@ BAD_REQUESTS = {
     "string step index": ("POST", "/step", _with(step_index="3"), 400,
                           "step_index: expected an integer"),
     "non-finite point": ("POST", "/step", _with(commands=_command(start_xy=[np.nan, 1.0])),
-                         400, "commands[0].start_xy: expected [x, y], two finite numbers"),
+                         400, "commands[0].start_xy: expected [x, y], two numbers in [0, "),
+    "point outside the image": ("POST", "/step", _with(commands=_command(
+        goal_xy=[1e30, -1e30])), 400, "commands[0].goal_xy: expected [x, y], two numbers in"),
+    "huge empty array": ("POST", "/step", _with(observations={
+        client_lib.NDARRAY: True, "dtype": "uint8", "shape": [0, 2**62], "data": b""}),
+                         400, "observations: array shape must be a list of at most 32 sizes"),
+    "65 dimensions": ("POST", "/step", _with(observations={
+        client_lib.NDARRAY: True, "dtype": "uint8", "shape": [1] * 65, "data": b"\0"}),
+                      400, "observations: array shape must be a list of at most 32 sizes"),
+    "empty dims numpy refuses": ("POST", "/step", _with(observations={
+        client_lib.NDARRAY: True, "dtype": "uint8", "shape": [0] + [2**31 - 1] * 4,
+        "data": b""}), 400, "observations: numpy cannot make an array of shape"),
+    "nested 100 deep": ("POST", "/step", lambda f: msgpack.packb(
+        {"observations": functools.reduce(lambda x, _: [x], range(100), 0)}), 400,
+                        "observations[0][0][0]"),
+    "nested 100000 deep": ("POST", "/step", lambda f: b"\x81" + msgpack.packb("observations")
+                           + b"\x91" * 100_000 + b"\x00", 400, ""),
     "text not a string": ("POST", "/step", _with(commands=_command(text=7)), 400,
                           "commands[0].text: expected a string, got int 7"),
     "flag not a bool": ("POST", "/step", _with(return_clips=1), 400,
@@ -220,6 +240,63 @@ def test_a_bad_request_gets_an_error_reply_naming_it_and_the_server_goes_on(serv
     assert got[0] == status and message in got[1], got
     reply = client_lib.PolicyClient(served.url).step(frames[:1], COMMANDS[:1], step_index=0)
     assert np.isfinite(reply.actions).all()
+
+
+# Random messages over the wire protocol: values of every msgpack type, nested, and array maps
+# with any dtype name, shape and data, in the /step and /plan fields or anywhere else.
+_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(),
+                    st.text(max_size=12), st.binary(max_size=48))
+_ARRAYS = st.fixed_dictionaries({
+    client_lib.NDARRAY: st.sampled_from([True, 1, False]),
+    "dtype": st.one_of(st.sampled_from(["uint8", "float32", "int64", "bool", "float16",
+                                        "complex64", "object", "<U3", "V8", "i4,i4", "float128",
+                                        "(2,)i4", "M8", "nope", ""]), _LEAVES),
+    "shape": st.one_of(st.lists(st.one_of(st.integers(-2, 70), st.integers(2**30, 2**64 - 1),
+                                          st.just(0), st.floats(), st.text(max_size=2)),
+                                max_size=70), _LEAVES),
+    "data": st.one_of(st.binary(max_size=300), _LEAVES)})
+_VALUES = st.recursive(st.one_of(_LEAVES, _ARRAYS), lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+                       max_leaves=12)
+_FIELDS = st.sampled_from(["observations", "commands", "step_index", "use_sgg", "return_clips",
+                           "images", "tasks", "text", "start_xy", "goal_xy"])
+
+
+@st.composite
+def _fuzzed(draw, frames: np.ndarray) -> tuple[str, bytes]:
+    """(path, body): a /step or /plan body, mostly well-formed around one fuzzed part."""
+    path = draw(st.sampled_from(["/step", "/plan"]))
+    base = ({"observations": frames[:1], "commands": [dataclasses.asdict(COMMANDS[0])],
+             "step_index": 0} if path == "/step" else {"images": frames[:1], "tasks": ["go"]})
+    kind = draw(st.sampled_from(["field", "command", "extra", "whole", "bytes"]))
+    if kind == "bytes":
+        return path, draw(st.binary(max_size=200))
+    if kind == "whole":
+        return path, client_lib.pack(draw(_VALUES))
+    body = dict(base)
+    if kind == "field":
+        body[draw(st.sampled_from(sorted(body)))] = draw(_VALUES)
+    elif kind == "command" and path == "/step":
+        body["commands"] = [{**body["commands"][0], draw(_FIELDS): draw(_VALUES)}]
+    else:
+        body[draw(_FIELDS)] = draw(_VALUES)
+    return path, client_lib.pack(body)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_no_message_gets_a_server_fault_and_the_server_keeps_serving(served, frames, data):
+    path, body = data.draw(_fuzzed(frames))
+    status, message = _raw(served.url, "POST", path, body)
+    assert status in (200, 400), (status, message, body[:200])
+
+
+def test_after_the_fuzzing_the_server_still_answers(served, frames, policy):
+    reply = client_lib.PolicyClient(served.url).step(frames[:1], COMMANDS[:1], step_index=4)
+    np.testing.assert_allclose(reply.actions, policy.step(frames[:1], COMMANDS[:1],
+                                                          step_index=4).actions, atol=1e-6)
 
 
 @pytest.mark.parametrize("error,status", [(runtime.InputError, 400), (ValueError, 500),

@@ -19,7 +19,15 @@ def _table(spec: str, topology: str) -> dict:
     return sharding_table.sharding_table(spec, topology)
 
 
-@pytest.mark.parametrize("spec, topology", topologies.SHIPPED_PLANS)
+# The pod plans take ~15 s each (tracing a pod-size model): the default suite compares the
+# small configs and one pod plan (whose table the next test reads too); the slow stage the rest.
+DEFAULT_SUITE_PLANS = {("configs/pewm_base.py:h100x8", "h100x8")}
+
+
+@pytest.mark.parametrize("spec, topology", [
+    pytest.param(spec, topology, marks=() if spec in ("configs/quickstart.py", "configs/mid.py")
+                 or (spec, topology) in DEFAULT_SUITE_PLANS else pytest.mark.slow)
+    for spec, topology in topologies.SHIPPED_PLANS])
 def test_shardings_match_the_committed_golden_tables(spec, topology):
     path = sharding_table.golden_path(spec, topology)
     assert path.exists(), (f"no golden table {path}; write it with "

@@ -1,7 +1,8 @@
 """One training process for the tests that need a real process: killed mid-run, or one of
 several joined by jax.distributed (from the PEWM_* environment the local launcher sets).
 
-    python tests/train_process.py WORKDIR OUT_JSON [--kill_after_checkpoint K] key=value ...
+    python tests/train_process.py WORKDIR OUT_JSON [--kill_after_checkpoint K [--kill_at_step S]]
+                                  key=value ...
 
 The config is configs/quickstart.py with the key=value overrides.
 
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--kill_after_checkpoint", type=int, default=None,
                         help="SIGKILL this process once checkpoint K is committed")
+    parser.add_argument("--kill_at_step", type=int, default=None,
+                        help="... and step S (default K + 1) is dispatched, before S is logged")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
 
@@ -44,10 +47,11 @@ def main() -> None:
     hooks = []
     if args.kill_after_checkpoint is not None:
         k = args.kill_after_checkpoint
+        kill_at = k + 1 if args.kill_at_step is None else args.kill_at_step
         committed = pathlib.Path(args.workdir) / kinds.WORLD_MODEL.name / str(k)
 
         def kill_once_committed(step: int) -> None:
-            if step > k:
+            if step >= kill_at:
                 while not committed.exists():  # Orbax commits by renaming the temporary dir
                     time.sleep(0.05)
                 os.kill(os.getpid(), signal.SIGKILL)

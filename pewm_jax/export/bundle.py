@@ -276,6 +276,12 @@ def export_bundle(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
         }
         manifest["manifest_sha256"] = manifest_sha256(manifest)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        # safetensors writes its files 0600; give every file the mode Python's own writes got
+        # (0644 under the usual umask), so another account can serve a copied bundle.
+        mode = (staging / MANIFEST).stat().st_mode & 0o777
+        for path in staging.rglob("*"):
+            if path.is_file():
+                path.chmod(mode)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

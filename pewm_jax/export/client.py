@@ -16,7 +16,8 @@ travel as themselves. Endpoints:
                      shapes (image_size N, context_frames, horizon H, action_dim A, ...),
                      "planner": whether the bundle has a planner, "uptime_s": seconds}
     POST /step   {"observations": uint8 (B, N, N, 3), "commands": B maps {"text": str,
-                  "start_xy": [x, y], "goal_xy": [x, y]} (pixels of the observation),
+                  "start_xy": [x, y], "goal_xy": [x, y]} (pixels of the observation, in
+                  [0, N]),
                   "step_index": int (seeds the sampler's noise), "use_sgg": bool (default
                   true), "return_clips": bool (default false)}
                  -> {"actions": float32 (B, H, A), "clips": uint8 (B, H, N, N, 3) (only with
@@ -49,6 +50,9 @@ import numpy as np
 CONTENT_TYPE = "application/msgpack"
 NDARRAY = "__ndarray__"
 _KINDS = "biuf"  # the dtype kinds that travel: bool, signed and unsigned int, float
+MAX_DIMS = 32  # array dimensions a message may describe (numpy's own limit is 64)
+MAX_SIZE = 2**31 - 1  # largest size of one array dimension
+MAX_DEPTH = 32  # maps and lists nested in a message
 
 
 class WireError(ValueError):
@@ -73,31 +77,40 @@ def _array(obj: Mapping[str, Any], where: str) -> np.ndarray:
     dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
     try:
         dtype = np.dtype(dtype) if isinstance(dtype, str) else None
-    except TypeError:
+    except (TypeError, ValueError, SyntaxError):  # numpy parses some names as Python literals
         dtype = None
     if dtype is None or dtype.kind not in _KINDS:
         raise WireError(f"{where}: array dtype must name a bool, int or float numpy dtype "
                         f"(e.g. 'uint8'), got {obj.get('dtype')!r}")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise WireError(f"{where}: array shape must be a list of sizes, got {shape!r}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(type(d) is int and 0 <= d <= MAX_SIZE for d in shape)):
+        raise WireError(f"{where}: array shape must be a list of at most {MAX_DIMS} sizes, each "
+                        f"in [0, {MAX_SIZE}], got {shape!r:.80}")
     if not isinstance(data, bytes):
         raise WireError(f"{where}: array data must be msgpack bin, got {type(data).__name__}")
     expected = dtype.itemsize * math.prod(shape)
     if len(data) != expected:
         raise WireError(f"{where}: a {dtype.name} array of shape {shape} has {expected} bytes, "
                         f"but data has {len(data)}")
-    little = np.frombuffer(data, dtype.newbyteorder("<")).reshape(shape)
+    try:
+        little = np.frombuffer(data, dtype.newbyteorder("<")).reshape(shape)
+    except ValueError as e:  # sizes numpy cannot index together, e.g. (0, 2**40, 2**40)
+        raise WireError(f"{where}: numpy cannot make an array of shape {shape}: {e}") from None
     return little.astype(dtype.newbyteorder("="))  # native byte order, writable
 
 
-def _from_wire(obj: Any, where: str) -> Any:
+
+def _from_wire(obj: Any, where: str, depth: int = 0) -> Any:
     """`obj` with every array map replaced by its array; `where` names it in errors."""
+    if depth > MAX_DEPTH:
+        raise WireError(f"{where}: nested deeper than {MAX_DEPTH} maps and lists")
     if isinstance(obj, dict):
         if obj.get(NDARRAY) is True:
             return _array(obj, where)
-        return {k: _from_wire(v, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+        return {k: _from_wire(v, f"{where}.{k}" if where else str(k), depth + 1)
+                for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_from_wire(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [_from_wire(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(obj)]
     return obj
 
 

@@ -98,12 +98,13 @@ def _text(value: Any, name: str) -> str:
     return value
 
 
-def _point(value: Any, name: str) -> tuple[float, float]:
+def _point(value: Any, name: str, size: int) -> tuple[float, float]:
+    """`value` if it is [x, y], a point of the size x size observation (pixels, edges in)."""
     if not (isinstance(value, list) and len(value) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in value)):
-        raise RequestError(400, f"{name}: expected [x, y], two finite numbers (pixels of the "
-                                f"observation), got {_came(value)}")
+                    and 0 <= v <= size for v in value)):
+        raise RequestError(400, f"{name}: expected [x, y], two numbers in [0, {size}] (pixels "
+                                f"of the {size}x{size} observation), got {_came(value)}")
     return float(value[0]), float(value[1])
 
 
@@ -115,16 +116,17 @@ def _list(value: Any, name: str, count: int, what: str) -> list[Any]:
     return value
 
 
-def _commands(value: Any, count: int) -> list[client.Command]:
-    """The /step commands: `count` maps {text, start_xy, goal_xy}."""
+def _commands(value: Any, count: int, size: int) -> list[client.Command]:
+    """The /step commands: `count` maps {text, start_xy, goal_xy} (points in the size x size
+    observations)."""
     commands = []
     items = _list(value, "commands", count, "commands (one per row of observations)")
     for i, item in enumerate(items):
         where = f"commands[{i}]"
         fields = _fields(item, where, ("text", "start_xy", "goal_xy"), {})
         commands.append(client.Command(_text(fields["text"], f"{where}.text"),
-                                       _point(fields["start_xy"], f"{where}.start_xy"),
-                                       _point(fields["goal_xy"], f"{where}.goal_xy")))
+                                       _point(fields["start_xy"], f"{where}.start_xy", size),
+                                       _point(fields["goal_xy"], f"{where}.goal_xy", size)))
     return commands
 
 
@@ -210,7 +212,7 @@ class PolicyServer(http.server.ThreadingHTTPServer):
                          STEP_OPTIONS)
         observations = _images(fields["observations"], "observations", self.policy.image_size,
                                self.max_batch)
-        commands = _commands(fields["commands"], len(observations))
+        commands = _commands(fields["commands"], len(observations), observations.shape[1])
         step_index = _step_index(fields["step_index"])
         use_sgg = _flag(fields["use_sgg"], "use_sgg")
         return_clips = _flag(fields["return_clips"], "return_clips")

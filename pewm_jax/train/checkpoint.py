@@ -18,15 +18,26 @@ into a temporary directory and commits it by renaming, so a killed save leaves t
 checkpoints intact and a `<step>.orbax-checkpoint-tmp-*` directory that restore ignores and
 reports. A committed checkpoint that cannot be read raises `CheckpointError` naming it and the
 other steps to fall back to (`--resume_step`); nothing ever silently starts from scratch.
+
+Content is verified, not only structure: `meta` records a fingerprint of every array
+(`fingerprint.py`: layout-independent, so it holds on any mesh), the sha256 of each JSON item
+and of every process's data iterator state, and a seal of itself, all in the same atomic
+commit. Every restore checks what it read against them before anything uses it; a mismatch
+raises `CorruptCheckpointError` naming the step, what changed, and the newest other step that
+verifies. (Orbax offers no data checksums: its zarr3 layout has a CRC-32C for shard indices
+only, and a per-file manifest would have to be written after Orbax's commit, or read every file
+twice on each process of a pod.)
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import json
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -36,8 +47,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from pewm_jax.config import TRAIN_SECTIONS
+from pewm_jax.train import fingerprint
 from pewm_jax.train.state import StateLayout, TrainState
 
 MODEL_DIRS = ("world_model", "action_decoder", "planner")
@@ -73,6 +86,58 @@ class IteratorState(Protocol):
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the run that wants it."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed checkpoint whose content differs from the checksums recorded at its save."""
+
+
+def digest(value: Any) -> str:
+    """sha256 of a JSON value's canonical text (sorted keys): a JSON item's checksum."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _sealed(meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` with the digest of its own content, so a change to meta itself is found too."""
+    return {**meta, "seal": digest(meta)}
+
+
+def _all_processes(data: bytes) -> list[str]:
+    """sha256 of `data` (this process's data iterator state) on every process, in order."""
+    mine = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+    if jax.process_count() == 1:
+        return [mine.tobytes().hex()]
+    return [bytes(row).hex() for row in np.asarray(multihost_utils.process_allgather(mine))]
+
+
+class _StateBytes:
+    """An iterator's state as the bytes saved, captured at save time: the checkpoint holds
+    exactly that state (the iterator may move on while Orbax writes) and its checksum."""
+
+    def __init__(self, iterator: IteratorState):
+        state = iterator.get_state()
+        self.data = state if isinstance(state, bytes) else json.dumps(state).encode()
+
+    def get_state(self) -> bytes:
+        return self.data
+
+
+class _VerifiedIterator:
+    """What Grain's checkpoint handler restores into: checks the saved state's bytes against
+    their recorded sha256 (None: not recorded), then sets the iterator from them."""
+
+    def __init__(self, iterator: grain.DatasetIterator, expected: str | None,
+                 corrupt: Callable[[], Exception]):
+        self.iterator, self.expected, self.corrupt = iterator, expected, corrupt
+
+    def set_state(self, data: bytes) -> None:
+        if self.expected is not None and hashlib.sha256(data).hexdigest() != self.expected:
+            raise self.corrupt()
+        self.iterator.set_state(json.loads(data))
+
+    def start_prefetch(self) -> None:
+        self.iterator.start_prefetch()
 
 
 def flatten_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
@@ -174,21 +239,46 @@ class RunCheckpoints:
 
     def save(self, step: int, state: TrainState, data_iter: IteratorState, *,
              config: ml_collections.ConfigDict, dataset_stats: Mapping[str, Any],
-             tokenizer: Mapping[str, Any], mesh_shape: Mapping[str, int]) -> None:
-        """Starts writing checkpoint `step` (asynchronously; `wait` blocks until committed)."""
+             tokenizer: Mapping[str, Any], mesh_shape: Mapping[str, int],
+             metrics_window: Mapping[str, Sequence[float]] | None = None) -> None:
+        """Starts writing checkpoint `step` (asynchronously; `wait` blocks until committed).
+
+        `meta` records checksums of everything written: a fingerprint of every array
+        (`fingerprint.py`, from each host's own shards), the digest of each JSON item and of every
+        process's data iterator state, and its own digest; `restore` and `read_json` verify
+        them. They ride in the same atomic commit as what they describe. `metrics_window`:
+        the metrics of the steps since the last logged one, so a resumed run logs the same
+        averages as an uninterrupted one.
+        """
         rng = np.asarray(state.rng.addressable_data(0)).tolist()
-        meta = {"step": step, "rng": rng, "process_count": jax.process_count(),
-                "mesh": dict(mesh_shape), "versions": versions(),
-                "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        arrays = {name: getattr(state, name) for name in ARRAY_ITEMS}
+        items = {"config": config.to_dict(), "dataset_stats": dict(dataset_stats),
+                 "tokenizer": dict(tokenizer)}
+        data_iter = _StateBytes(data_iter)
+        checksums = {"arrays": fingerprint.fingerprints(arrays),
+                     "json": {name: digest(value) for name, value in items.items()},
+                     "data_iter": _all_processes(data_iter.data)}
+        meta = _sealed({"step": step, "rng": rng, "process_count": jax.process_count(),
+                        "mesh": dict(mesh_shape), "versions": versions(),
+                        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                        "metrics_window": {k: list(v) for k, v in (metrics_window or {}).items()},
+                        "checksums": checksums})
         self.manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            ema_params=ocp.args.StandardSave(state.ema_params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
+            **{name: ocp.args.StandardSave(value) for name, value in arrays.items()},
             meta=ocp.args.JsonSave(meta),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(config.to_dict()),
-            dataset_stats=ocp.args.JsonSave(dict(dataset_stats)),
-            tokenizer=ocp.args.JsonSave(dict(tokenizer))))
+            **{name: ocp.args.JsonSave(value) for name, value in items.items()}))
+
+    def save_params(self, step: int, params: Any, config: Mapping[str, Any]) -> None:
+        """Writes a checkpoint of parameters and their config alone (a converted model that
+        --init_from and `restore_module` read), with their checksums; waits for the commit."""
+        meta = _sealed({"step": step, "versions": versions(), "checksums": {
+            "arrays": fingerprint.fingerprints({"params": params}),
+            "json": {"config": digest(dict(config))}}})
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(dict(config)),
+            meta=ocp.args.JsonSave(meta)))
+        self.wait()
 
     def wait(self) -> None:
         """Blocks until every started save is committed (raises if one failed)."""
@@ -198,13 +288,29 @@ class RunCheckpoints:
         """Waits for pending saves and releases the manager's threads."""
         self.manager.close()
 
-    def read_json(self, step: int, item: str) -> Any:
-        """One JSON item (meta, config, dataset_stats, tokenizer) of checkpoint `step`."""
+    def read_json(self, step: int, item: str, *, check_others: bool = True) -> Any:
+        """One JSON item (meta, config, dataset_stats, tokenizer) of checkpoint `step`,
+        verified against the digest its save recorded; CorruptCheckpointError if it differs,
+        naming (with `check_others`) the newest other step whose item is intact."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(
+            value = self.manager.restore(step, args=ocp.args.Composite(
                 **{item: ocp.args.JsonRestore()}))[item]
         except Exception as e:
             raise self._unreadable(step, item, e) from e
+        if item == "meta":
+            recorded, content = value.get("seal"), {k: v for k, v in value.items() if k != "seal"}
+        else:
+            recorded, content = self._checksums(step).get("json", {}).get(item), value
+        if recorded is not None and digest(content) != recorded:
+            raise self._corrupt(step, f"its {item} item (under {self.step_path(step) / item})",
+                                (lambda s: self.read_json(s, item, check_others=False))
+                                if check_others else None)
+        return value
+
+    def _checksums(self, step: int) -> dict[str, Any]:
+        """What checkpoint `step`'s save recorded (empty for checkpoints written before
+        checksums were recorded, which are restored unverified)."""
+        return self.read_json(step, "meta").get("checksums", {})
 
     def check_config(self, step: int, config: ml_collections.ConfigDict,
                      unrelated: Sequence[str] = ()) -> None:
@@ -228,28 +334,60 @@ class RunCheckpoints:
         pipeline, opened at the step, continues the same global order.
         """
         meta = self.read_json(step, "meta")
-        target = layout.abstract
-        self._check_structure(step, {"params": target.params, "ema_params": target.ema_params,
-                                     "opt_state": target.opt_state})
-        args = {name: ocp.args.StandardRestore(getattr(target, name)) for name in ARRAY_ITEMS}
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:
-            raise self._unreadable(step, ", ".join(args), e) from e
+        targets = {name: getattr(layout.abstract, name) for name in ARRAY_ITEMS}
+        restored = self._restore_arrays(step, targets, meta=meta)
         if data_iter is not None and data_iter_restorable(meta):
-            self._restore_data_iter(step, data_iter)
+            self._restore_data_iter(step, data_iter, meta)
         rng = jax.device_put(np.asarray(meta["rng"], np.uint32), layout.shardings.rng)
         count = jax.device_put(np.asarray(step, np.int32), layout.shardings.step)
         state = TrainState(count, restored["params"], restored["ema_params"],
                            restored["opt_state"], rng)
         return state, meta
 
-    def _restore_data_iter(self, step: int, data_iter: grain.DatasetIterator) -> None:
-        """Sets `data_iter` to this process's saved state; a pipeline that would not continue
-        the saved data order (other data, seed or batch size) is named as such."""
+    def _restore_arrays(self, step: int, targets: Mapping[str, Any], *,
+                        meta: Mapping[str, Any] | None = None,
+                        check_others: bool = True) -> dict[str, Any]:
+        """The array items `targets` names (abstract trees carrying the target shardings) of
+        checkpoint `step`, verified against their fingerprints before anything uses them;
+        CorruptCheckpointError naming (with `check_others`) the newest other step that is
+        intact. `meta`: the step's meta, when the caller has read it already."""
+        self._check_structure(step, targets)
+        args = {name: ocp.args.StandardRestore(target) for name, target in targets.items()}
+        try:
+            restored = dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
+        except Exception as e:
+            raise self._unreadable(step, ", ".join(args), e) from e
+        meta = self.read_json(step, "meta") if meta is None else meta
+        recorded = meta.get("checksums", {}).get("arrays")
+        if recorded is None:
+            _warn_unverified(self.step_path(step))
+            return restored
+        got = fingerprint.fingerprints(restored)
+        bad = sorted(path for path, value in got.items() if recorded.get(path) != value)
+        if bad:
+            del restored
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            item = bad[0].split("/")[0]
+            raise self._corrupt(step, f"array {shown} (data under {self.step_path(step) / item})",
+                                (lambda s: self._restore_arrays(s, targets, check_others=False))
+                                if check_others else None)
+        return restored
+
+    def _restore_data_iter(self, step: int, data_iter: grain.DatasetIterator,
+                           meta: Mapping[str, Any]) -> None:
+        """Sets `data_iter` to this process's saved state, verified against its recorded
+        sha256; a pipeline that would not continue the saved data order (other data, seed or
+        batch size) is named as such."""
+        recorded = meta.get("checksums", {}).get("data_iter")
+        expected = recorded[jax.process_index()] if recorded else None
+        verified = _VerifiedIterator(data_iter, expected, lambda: self._corrupt(
+            step, f"process {jax.process_index()}'s data iterator state (under "
+            f"{self.step_path(step) / 'data_iter'})"))
         try:
             self.manager.restore(step, args=ocp.args.Composite(
-                data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+                data_iter=grain.checkpoint.CheckpointRestore(verified)))
+        except CheckpointError:
+            raise
         except (FileNotFoundError, OSError) as e:
             raise self._unreadable(step, "data_iter", e) from e
         except ValueError as e:
@@ -260,13 +398,8 @@ class RunCheckpoints:
 
     def restore_params(self, step: int, abstract_params: Any, *, item: str = "params") -> Any:
         """Only the parameters (`params` or `ema_params`) of checkpoint `step`, on the target
-        shardings `abstract_params` carries (for --init_from)."""
-        self._check_structure(step, {item: abstract_params})
-        try:
-            return self.manager.restore(step, args=ocp.args.Composite(
-                **{item: ocp.args.StandardRestore(abstract_params)}))[item]
-        except Exception as e:
-            raise self._unreadable(step, item, e) from e
+        shardings `abstract_params` carries (for --init_from), verified like `restore`'s."""
+        return self._restore_arrays(step, {item: abstract_params})[item]
 
     def restore_module(self, step: int, abstract_module: nnx.Module, *,
                        item: str = "params") -> nnx.Module:
@@ -299,12 +432,60 @@ class RunCheckpoints:
                 "checkpoint.")
 
     def _unreadable(self, step: int, what: str, cause: Exception) -> CheckpointError:
+        """The error for a committed checkpoint that cannot be read: the fix first, then the
+        first line of the cause (TensorStore's are kilobytes long)."""
         others = [s for s in self.steps() if s != step]
         fallback = (f"Fix: resume from another checkpoint with --resume_step N, N one of {others}"
                     if others else "No other committed checkpoint exists in this directory")
+        detail = (str(cause).strip().splitlines() or [""])[0]
+        detail = detail if len(detail) <= 300 else detail[:300] + " ..."
         return CheckpointError(
-            f"checkpoint {self.step_path(step)} is committed but cannot be read ({what}): "
-            f"{type(cause).__name__}: {cause}. {fallback}; the unreadable one is left in place.")
+            f"checkpoint {self.step_path(step)} is committed but cannot be read ({what}). "
+            f"{fallback}; the unreadable one is left in place. Cause: "
+            f"{type(cause).__name__}: {detail}")
+
+    def _corrupt(self, step: int, what: str,
+                 check: Callable[[int], Any] | None = None) -> CorruptCheckpointError:
+        """The error for content that differs from its recorded checksums. With `check` (reads
+        and verifies the same items of another step, raising CheckpointError if they are bad),
+        the other steps are checked, newest first, and the first intact one is named."""
+        def intact(other: int) -> bool:
+            try:
+                check(other)
+            except CheckpointError:
+                return False
+            return True
+
+        others = sorted((s for s in self.steps() if s != step), reverse=True)
+        good = next((s for s in others if intact(s)), None) if check else None
+        if good is not None:
+            fix = (f"Fix: resume from step {good}, which is intact (checked): --resume_step "
+                   f"{good} (newer steps are then moved aside to <workdir>/superseded, not "
+                   "deleted)")
+        elif others and check:
+            fix = (f"No other step is intact ({others} checked): start afresh in another "
+                   "--workdir, or with --overwrite")
+        elif others:
+            fix = f"Fix: resume from an older step with --resume_step N, N one of {others}"
+        else:
+            fix = ("No other committed checkpoint exists: start afresh in another --workdir, or "
+                   "with --overwrite")
+        return CorruptCheckpointError(
+            f"checkpoint {self.step_path(step)} is corrupt: {what} differs from the checksum "
+            f"recorded when it was saved (its files changed on disk after the commit). {fix}. "
+            "The corrupt checkpoint is left in place.")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_unverified(path: epath.Path) -> None:
+    """Says once per checkpoint that it has no recorded checksums (written by an older version
+    of pewm-jax), so it is restored without verification."""
+    if str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        logging.warning("checkpoint %s records no checksums (written before pewm-jax recorded "
+                        "them): restored without verification", path)
 
 
 def find_checkpoint(path: str | epath.PathLike, model: str = "world_model"

@@ -102,17 +102,6 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-class _IteratorSnapshot:
-    """An iterator state captured at save time, so the checkpoint holds exactly that state even
-    if the iterator moves on while Orbax writes."""
-
-    def __init__(self, iterator: pipeline.ClipBatchIterator):
-        self._state = json.dumps(iterator.get_state()).encode()
-
-    def get_state(self) -> bytes:
-        return self._state
-
-
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -159,6 +148,21 @@ def peak_flops(config: ml_collections.ConfigDict, kind: ModelKind = WORLD_MODEL
     if device.platform == "cpu":  # fake CPU devices share the host: the peak is per host
         return measured, jax.process_count()
     return measured, jax.device_count()
+
+
+def _divergence_fix(checkpoints: ckpt_lib.RunCheckpoints, kind: ModelKind, bad: int) -> str:
+    """Advice that works after a NaN/Inf at step `bad`: the learning rate cannot change on
+    --resume, so start a new run from the last good weights, or this one afresh. The state
+    after step bad - 1 gave the bad value, so the last good one is at most step bad - 2."""
+    check = f"Fix: check the data and keep {kind.section}.grad_clip on, then"
+    lower = f"--config.{kind.section}.learning_rate=<lower>"
+    restart = f"start this run afresh: --overwrite {lower}"
+    good = [s for s in checkpoints.steps() if s <= bad - 2]
+    if not good:
+        return f"{check} {restart} (no checkpoint before step {bad - 1} exists)."
+    return (f"{check} continue from the last good weights in a new run directory: --init_from="
+            f"{checkpoints.step_path(good[-1])} --workdir=<new dir> {lower} (the learning rate "
+            f"cannot change on --resume); or {restart}.")
 
 
 def _start_step(checkpoints: ckpt_lib.RunCheckpoints, config: ml_collections.ConfigDict,
@@ -241,6 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
     if overwrite:
         _remove_run(workdir, kind)
     t = kind.train(config)
+    created = not checkpoint_dir.exists()  # removed again if the run stops before any save
     checkpoints = ckpt_lib.RunCheckpoints(checkpoint_dir, max_to_keep=t.keep_checkpoints,
                                           keep_period=t.keep_period,
                                           async_save=t.async_checkpoints)
@@ -260,15 +265,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
     finally:
         preemption.close()
         checkpoints.close()
+        if created and jax.process_index() == 0 and checkpoint_dir.exists() and not any(
+                checkpoint_dir.iterdir()):
+            checkpoint_dir.rmdir()  # e.g. a missing dataset: leave no empty run behind
 
 
 def _initial_state(config: ml_collections.ConfigDict, workdir: epath.Path,
                    checkpoints: ckpt_lib.RunCheckpoints, layout: state_lib.StateLayout,
                    iterator: pipeline.ClipBatchIterator, start: int | None,
                    tokenizer: tuple[str, dict], *, resume_step: int | None,
-                   init_from: str | None) -> state_lib.TrainState:
-    """The state to train from: restored from checkpoint `start`, or fresh (with --init_from's
-    parameters). A checkpoint that does not fit or cannot be read raises; never a fresh start."""
+                   init_from: str | None) -> tuple[state_lib.TrainState, dict]:
+    """The state to train from and the checkpoint's meta ({} when fresh): restored from
+    checkpoint `start`, or fresh (with --init_from's parameters). A checkpoint that does not
+    fit, cannot be read or fails its checksums raises; never a fresh start."""
     if start is None:
         state = state_lib.create_train_state(config, layout)
         if init_from:
@@ -280,7 +289,7 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: epath.Path,
             state = state.replace(params=params,
                                   ema_params=state_lib.copy_tree(params, layout.shardings.ema_params))
             log(f"[train] parameters from {source.step_path(source_step)}; fresh optimizer")
-        return state
+        return state, {}
     checkpoints.check_config(start, config, layout.kind.unrelated)
     tokenizer_path, tokenizer_json = tokenizer
     if checkpoints.read_json(start, "tokenizer") != tokenizer_json:
@@ -296,7 +305,7 @@ def _initial_state(config: ml_collections.ConfigDict, workdir: epath.Path,
     if resume_step is not None:
         _move_newer_aside(checkpoints, start, workdir, layout.kind)
     log(f"[train] resumed from {checkpoints.step_path(start)} (step {start})")
-    return state
+    return state, meta
 
 
 def _train_from(config: ml_collections.ConfigDict, kind: ModelKind, workdir: epath.Path,
@@ -313,34 +322,36 @@ def _train_from(config: ml_collections.ConfigDict, kind: ModelKind, workdir: epa
     iterator = kind.iterator(config, vocab_size, "train", start or 0)
     first = start or 0
     is_main = jax.process_index() == 0
-    writer = metrics_lib.MetricWriter(log_dir, enabled=is_main)
-    bar = None
+    writer = bar = None
     losses: dict[int, float] = {}
     pending: list[tuple[int, dict[str, jax.Array]]] = []
+    # The metrics of every step since the last logged one: logged as their mean, and saved in
+    # each checkpoint so a resumed run logs the same means as an uninterrupted one.
+    window: dict[str, list[float]] = {}
 
-    def drain() -> dict[str, float]:
-        """Fetches the pending steps' metrics; stops at the first non-finite loss or gradient
-        (a non-finite gradient makes that step's update, and the state saved after it, bad)."""
-        means: dict[str, list[float]] = {}
+    def drain() -> None:
+        """Fetches the pending steps' metrics into `window`; stops at the first non-finite loss
+        or gradient (a non-finite gradient makes that step's update, and the state saved after
+        it, bad)."""
         for s, m in pending:
             values = {k: float(metrics_lib.host_value(v)) for k, v in m.items()}
             bad = [k for k in ("loss", "grad_norm") if not math.isfinite(values[k])]
             if bad:
                 raise TrainingDivergedError(
                     f"the {bad[0]} is {values[bad[0]]} at step {s}; the run stopped there and "
-                    f"wrote no checkpoint of that state (committed steps: "
-                    f"{checkpoints.steps()}). Fix: lower train.learning_rate, keep "
-                    "train.grad_clip on, check the data, then --resume (or --resume_step N).")
+                    f"wrote no checkpoint of that state. {_divergence_fix(checkpoints, kind, s)}")
             losses[s] = values["loss"]
             for k, v in values.items():
-                means.setdefault(k, []).append(v)
+                window.setdefault(k, []).append(v)
         pending.clear()
-        return {k: float(np.mean(v)) for k, v in means.items()}
 
     try:
-        state = _initial_state(config, workdir, checkpoints, layout, iterator, start,
-                               (tokenizer_path, tokenizer_json), resume_step=resume_step,
-                               init_from=init_from)
+        state, meta = _initial_state(config, workdir, checkpoints, layout, iterator, start,
+                                     (tokenizer_path, tokenizer_json), resume_step=resume_step,
+                                     init_from=init_from)
+        window.update(meta.get("metrics_window", {}))
+        # From step 0 too: a run killed before its first checkpoint left rows to drop.
+        writer = metrics_lib.MetricWriter(log_dir, enabled=is_main, resumed_at=first)
         step_fn = state_lib.TrainStep(config, layout)
         previews = kind.previews(config, layout)
         flops_per_step = kind.flops_per_step(config, vocab_size)
@@ -369,26 +380,28 @@ def _train_from(config: ml_collections.ConfigDict, kind: ModelKind, workdir: epa
             log_now = step % t.log_every == 0 or step == t.steps
             save_now = step % t.checkpoint_every == 0 or step == t.steps or preempted
             if log_now or save_now:
-                values = drain()
+                drain()
+            if log_now:
+                values = {k: float(np.mean(v)) for k, v in window.items()}
+                window.clear()
                 now = time.perf_counter()
-                if log_now and step > mark_step:
+                if step > mark_step:
                     rate = (step - mark_step) / (now - mark_time)
                     values |= {"steps_per_sec": rate,
                                "examples_per_sec": rate * t.global_batch_size,
                                "mfu": metrics_lib.mfu(flops_per_step, 1 / rate, peak,
                                                       peak_devices)}
                     mark_time, mark_step = now, step
-                if log_now:
-                    writer.scalars(step, values)
-                    bar.update(step, loss=values["loss"],
-                               **{"steps/s": values.get("steps_per_sec", 0.0)})
+                writer.scalars(step, values)
+                bar.update(step, loss=values["loss"],
+                           **{"steps/s": values.get("steps_per_sec", 0.0)})
             if previews is not None and (step % t.sample_every == 0 or step == t.steps):
                 previews(step, state, writer)
             if save_now:
                 began = time.perf_counter()
-                checkpoints.save(step, state, _IteratorSnapshot(iterator), config=config,
+                checkpoints.save(step, state, iterator, config=config,
                                  dataset_stats=dataset_stats, tokenizer=tokenizer_json,
-                                 mesh_shape=mesh.shape)
+                                 mesh_shape=mesh.shape, metrics_window=window)
                 blocked += time.perf_counter() - began
             if preempted:
                 status = "preempted"
@@ -403,7 +416,8 @@ def _train_from(config: ml_collections.ConfigDict, kind: ModelKind, workdir: epa
     finally:
         if bar is not None:
             bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         iterator.close()
     run_seconds = loop_end - run_start if run_start else 0.0
     log(f"[train] {status} at step {step}: checkpoints in {checkpoint_dir}, TensorBoard logs in "

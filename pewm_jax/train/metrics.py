@@ -37,9 +37,16 @@ CLIP_GAP = 8  # white pixels between clips
 class MetricWriter:
     """Writes scalars, images, videos and text to TensorBoard event files under `logdir`, and
     scalars also to `<logdir>/metrics.jsonl`; with `enabled=False` (non-zero JAX processes) it
-    does nothing and creates nothing."""
+    does nothing and creates nothing.
 
-    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+    `resumed_at`: the step a run continues from (its checkpoint's, or 0). What an interrupted
+    run logged after it is dropped, so the logs read as one uninterrupted run: rows of later steps
+    leave metrics.jsonl, and a TensorBoard SessionLog.START at the next step makes TensorBoard
+    discard the older event files' points from that step on (its restart convention).
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True,
+                 resumed_at: int | None = None):
         self.enabled = enabled
         if not enabled:
             return
@@ -49,10 +56,14 @@ class MetricWriter:
         self.logdir = epath.Path(logdir) if remote else pathlib.Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._events = EventFileWriter(str(self.logdir), flush_secs=30)
+        if resumed_at is not None:
+            self._events.add_event(event_pb2.Event(
+                wall_time=time.time(), step=resumed_at + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
         self._jsonl = None
         if not remote:
             jsonl = self.logdir / METRICS_FILE
-            _drop_partial_line(jsonl)
+            _keep_rows_until(jsonl, resumed_at)
             self._jsonl = jsonl.open("a", encoding="utf-8")
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -140,20 +151,28 @@ def _image_value(tag: str, frames: list[np.ndarray], fmt: str,
     return summary_pb2.Summary.Value(tag=tag, image=image)
 
 
-def _drop_partial_line(path: pathlib.Path) -> None:
-    """Cuts an unterminated last line (a killed writer's) so that appended lines stay whole."""
+def _keep_rows_until(path: pathlib.Path, last_step: int | None) -> None:
+    """Cuts an unterminated last line (a killed writer's) so that appended lines stay whole,
+    and with `last_step` the rows of later steps (written after the checkpoint a run resumes
+    from). The file is replaced in one rename, never left half-written."""
     if not path.exists():
         return
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    lines = data[:data.rfind(b"\n") + 1].splitlines(keepends=True)
+    if last_step is not None:
+        lines = [line for line in lines
+                 if not line.strip() or json.loads(line)["step"] <= last_step]
+    kept = b"".join(lines)
+    if kept != data:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(kept)
+        os.replace(partial, path)
 
 
 def read_metrics(logdir: str | os.PathLike) -> dict[int, dict[str, float]]:
-    """The scalars of `<logdir>/metrics.jsonl` by step. A step logged again (a resumed run
-    re-logs steps after its last checkpoint) takes the later value per key; an unparsable
-    unterminated last line (a killed writer's) is ignored."""
+    """The scalars of `<logdir>/metrics.jsonl` by step; an unparsable unterminated last line
+    (a killed writer's) is ignored. (A resumed run drops what it logs again, `MetricWriter`'s
+    `resumed_at`; should a step still appear twice, its later value per key counts.)"""
     text = (pathlib.Path(logdir) / METRICS_FILE).read_text(encoding="utf-8")
     lines = text.split("\n")
     metrics: dict[int, dict[str, float]] = {}

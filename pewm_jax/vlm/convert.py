@@ -29,12 +29,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from pewm_jax.models.hf_checkpoint import (CONVERSIONS, CheckpointMismatchError,
                                            SafetensorsIndex)
-from pewm_jax.train.checkpoint import find_checkpoint
+from pewm_jax.train.checkpoint import RunCheckpoints, find_checkpoint
 from pewm_jax.vlm.paligemma import PaliGemma, PaliGemmaSpec, read_paligemma_config
 
 __all__ = ["CheckpointMismatchError", "read_hf_config", "load_paligemma", "save_params", "convert_checkpoint",
@@ -158,21 +157,16 @@ def load_paligemma(path: str | pathlib.Path, *, dtype: Any = jnp.float32,
     return nnx.merge(graphdef, state)
 
 
-def _manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
-        item_handlers={"params": ocp.StandardCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()})
-
-
 def save_params(model: PaliGemma, config: dict[str, Any], out_dir: str | pathlib.Path,
                 step: int = 0) -> pathlib.Path:
-    """Writes the params of `model` and its HF `config` dict as Orbax checkpoint `step`."""
+    """Writes the params of `model` and its HF `config` dict as Orbax checkpoint `step`, with
+    their checksums (the trainer's `RunCheckpoints.save_params`)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with _manager(out_dir) as manager:
-        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                   config=ocp.args.JsonSave(config)))
-        manager.wait_until_finished()
+    checkpoints = RunCheckpoints(pathlib.Path(out_dir).absolute())
+    try:
+        checkpoints.save_params(step, params, config)
+    finally:
+        checkpoints.close()
     return pathlib.Path(out_dir)
 
 
