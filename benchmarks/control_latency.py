@@ -5,8 +5,8 @@
 With `--workdir`, the run's trained models; without, quickstart-size models with random weights
 (latency does not depend on the weights). One control step for B environments is: plan (the
 planner VLM, constrained greedy decoding) + generate (the world model samples one primitive clip
-with the config's sampler steps) + decode (the action decoder reads its actions) + act (the
-clip's H actions x frame_stride environment steps). Prints, from `--steps` timed steps after one
+with the config's sampler steps) + decode (the action decoder reads its per-step actions) + act (the
+clip's H x frame_stride per-step actions, played as they are). Prints, from `--steps` timed steps after one
 warm-up:
   * the median seconds of each part and of a primitive step (plan + generate + decode), and
     that step against the issue's aim of 0.5 s (ratio < 1 meets it);
@@ -98,11 +98,9 @@ def main() -> None:
                                      tuple(np.multiply(p.steps[0].goal_xy, scale))) for p in plans]
         out = policy.step(images, commands, step_index=step)
         start = time.perf_counter()
-        for env, chunk in zip(envs, out.actions):
-            for label in chunk:
-                action = np.array([label[0] / stride, label[1] / stride, label[2]], np.float32)
-                for _ in range(stride):
-                    env.step(action)
+        for env, chunk in zip(envs, out.actions):  # (H, s, A) per-step actions, as they are
+            for action in chunk.reshape(-1, chunk.shape[-1]):
+                env.step(action)
         act_s = time.perf_counter() - start
         if step:  # the first step compiles
             for name, s in zip(parts, (plan_s, out.generate_s, out.decode_s, act_s)):

@@ -17,7 +17,7 @@ import ml_collections
 
 from pewm_jax.config import ConfigError, default_config
 
-SIZES = {"64": 8, "128": 16}  # frame size -> patch size of the world model and action decoder
+SIZES = {"64": 8, "128": 16}  # frame size -> patch size of the world model
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = default_config()
     config.data.generator = "metaworld"
     config.world.image_size = int(size)
-    config.model.patch_size = config.action_decoder.patch_size = SIZES[size]
+    config.model.patch_size = SIZES[size]
 
     # Expert segments last 5-60 steps: 8 frames every 4 steps cover most of one.
     config.data.horizon = 8

@@ -6,8 +6,10 @@ planner's fine-tuning batches follow `PlanBatchSpec` the same way.
 
 Frames stay uint8 until the jitted step (4x less host-to-device traffic than float32). Points
 are float32 pixels of the stored frame, (x, y), origin top-left (DESIGN.md "Coordinates").
-Actions are normalised with the dataset statistics except gripper dimensions, and padded to
-`action_dim` with `action_mask` marking the real dimensions.
+Actions are per environment step (DESIGN.md "Clip"): `s` steps per frame interval, normalised
+with the dataset statistics except gripper dimensions, which hold the command (1.0 the high
+one, 0.0 the low one; `gripper_mask`), padded to `action_dim` with `action_mask` marking the real
+dimensions; `action_valid` marks the segment's own steps (False: padding no-ops).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class BatchSpec:
 
     context_frames: int  # C: clean observation frames at the primitive's start
     horizon: int  # H: future frames to generate
+    frame_stride: int  # s: environment steps (actions) between consecutive frames
     image_size: int  # N: frames are N x N RGB
     max_text_tokens: int  # L: primitive words, tokenised and padded
     action_dim: int  # A: largest action size over the datasets in the mixture
@@ -52,13 +55,13 @@ class BatchSpec:
     def from_config(cls, config, action_dim: int) -> "BatchSpec":
         """The spec a config's pipeline produces (`action_dim` comes from the datasets)."""
         return cls(context_frames=config.data.context_frames, horizon=config.data.horizon,
-                   image_size=config.world.image_size,
+                   frame_stride=config.data.frame_stride, image_size=config.world.image_size,
                    max_text_tokens=config.data.max_text_tokens, action_dim=action_dim)
 
     def shapes(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Key -> (shape, dtype) for a batch of `batch_size` clips."""
-        b, c, h, n, l, a = (batch_size, self.context_frames, self.horizon, self.image_size,
-                            self.max_text_tokens, self.action_dim)
+        b, c, h, s, n, l, a = (batch_size, self.context_frames, self.horizon, self.frame_stride,
+                               self.image_size, self.max_text_tokens, self.action_dim)
         return {
             "context": ((b, c, n, n, 3), np.dtype(np.uint8)),  # frames at the primitive's start
             "frames": ((b, h, n, n, 3), np.dtype(np.uint8)),  # the H future frames
@@ -67,8 +70,11 @@ class BatchSpec:
             "start_xy": ((b, 2), np.dtype(np.float32)),  # pixels, (x, y)
             "goal_xy": ((b, 2), np.dtype(np.float32)),  # pixels, (x, y)
             "sgg_valid": ((b,), np.dtype(bool)),  # False: points unknown, no guidance
-            "actions": ((b, h, a), np.dtype(np.float32)),  # action from frame j-1 to frame j
+            # The s actions from frame j-1 to frame j (frame -1: the last context frame).
+            "actions": ((b, h, s, a), np.dtype(np.float32)),
+            "action_valid": ((b, h, s), np.dtype(bool)),  # False on padding (no-op) steps
             "action_mask": ((b, a), np.dtype(bool)),  # True on the dataset's real dimensions
+            "gripper_mask": ((b, a), np.dtype(bool)),  # True on gripper (command) dimensions
             "dataset_id": ((b,), np.dtype(np.int32)),  # index into the mixture's datasets
         }
 
@@ -84,8 +90,14 @@ class BatchSpec:
         if not np.all(np.asarray(batch["action_mask"]).any(axis=1)):
             raise BatchSpecError("batch['action_mask'] has a clip with no real action dimension")
         if np.any(np.asarray(batch["actions"])[np.broadcast_to(
-                ~np.asarray(batch["action_mask"])[:, None, :], batch["actions"].shape)] != 0):
+                ~np.asarray(batch["action_mask"])[:, None, None, :], batch["actions"].shape)] != 0):
             raise BatchSpecError("batch['actions'] must be 0 in padded dimensions (action_mask False)")
+        if np.any(np.asarray(batch["gripper_mask"]) & ~np.asarray(batch["action_mask"])):
+            raise BatchSpecError("batch['gripper_mask'] marks a dimension action_mask does not")
+        commands = np.asarray(batch["actions"])[np.broadcast_to(
+            np.asarray(batch["gripper_mask"])[:, None, None, :], batch["actions"].shape)]
+        if np.any((commands != 0) & (commands != 1)):
+            raise BatchSpecError("batch['actions'] gripper dimensions must be 0 or 1 (the command)")
 
 
 @dataclasses.dataclass(frozen=True)

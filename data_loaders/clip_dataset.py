@@ -4,7 +4,7 @@
       pewm_dataset.json          what the data is: name, frame size, clip shape, action layout
       dataset_statistics.json    ActionStats of the train clips (action normalisation)
       tokenizer.json             the tokenizer built from the train split's words
-      clips/pewm_clips/1.0.0/    TFDS, array_record: one record per primitive clip, by split
+      clips/pewm_clips/2.0.0/    TFDS, array_record: one record per primitive clip, by split
       episodes/...               (generated data) the source episodes in RLDS layout
 
 A directory is written under a temporary name and renamed into place only when everything in
@@ -31,14 +31,14 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_loaders import tokenizer as tokenizer_lib
-from data_loaders.clips import ActionStats, Clip
+from data_loaders.clips import CLIP_FORMAT, ActionStats, Clip
 
 META_FILE = "pewm_dataset.json"
 STATS_FILE = "dataset_statistics.json"
 TOKENIZER_FILE = "tokenizer.json"
 CLIPS_DIR = "clips"
 BUILDER_NAME = "pewm_clips"
-BUILDER_VERSION = "1.0.0"
+BUILDER_VERSION = "2.0.0"  # 2.0.0: per-step actions (clips.CLIP_FORMAT 2)
 
 
 class DatasetError(ValueError):
@@ -61,10 +61,23 @@ class DatasetMeta:
     # Ingested data: split -> what was read ({"episodes": n, "without_instruction": n,
     # "too_short": n, "clips_without_text": n}), filled in while the clips are written.
     episodes: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    clip_format: int = CLIP_FORMAT  # the clip contract the clips follow (clips.CLIP_FORMAT)
 
     @classmethod
     def load(cls, dataset_dir: str | os.PathLike) -> "DatasetMeta":
-        return cls(**json.loads((require_dataset(dataset_dir) / META_FILE).read_text()))
+        """The meta of a dataset directory; DatasetError for one written under an older clip
+        contract (it cannot be read as per-step actions: rebuild it)."""
+        path = require_dataset(dataset_dir)
+        fields = json.loads((path / META_FILE).read_text())
+        if fields.get("clip_format", 1) != CLIP_FORMAT:
+            raise DatasetError(
+                f"{path} was written under clip format {fields.get('clip_format', 1)} (one summed "
+                f"action per frame interval); this version reads format {CLIP_FORMAT}: the "
+                "actions of every environment step, (H, frame_stride, A). Fix: rebuild it into a "
+                "new directory (or with --overwrite): `pewm data --config=<its config> "
+                "--workdir=<run dir> --overwrite` for generated data, `pewm ingest --spec=<spec> "
+                "--source=<source> --out=<dir> --overwrite` for RLDS data.")
+        return cls(**fields)
 
 
 class _ClipBuilder(tfds.core.GeneratorBasedBuilder):
@@ -86,13 +99,15 @@ class _ClipBuilder(tfds.core.GeneratorBasedBuilder):
             # Raw bytes: ~70x faster to decode than the default per-element encoding.
             "context": t(shape=(m.context_frames, n, n, 3), dtype=np.uint8, encoding=raw),
             "frames": t(shape=(m.horizon, n, n, 3), dtype=np.uint8, encoding=raw),
-            "actions": t(shape=(m.horizon, m.action_dim), dtype=np.float32),
+            "actions": t(shape=(m.horizon, m.frame_stride, m.action_dim), dtype=np.float32),
+            "action_valid": t(shape=(m.horizon, m.frame_stride), dtype=np.bool_),
             "text": tfds.features.Text(),
             "start_xy": t(shape=(2,), dtype=np.float32),
             "goal_xy": t(shape=(2,), dtype=np.float32),
             "sgg_valid": t(shape=(), dtype=np.bool_),
             "episode_id": t(shape=(), dtype=np.int64),
             "segment_index": t(shape=(), dtype=np.int32),
+            "part": t(shape=(), dtype=np.int32),
         }))
 
     def _split_generators(self, dl_manager):
@@ -100,11 +115,12 @@ class _ClipBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, clips: Iterable[Clip]):
         for clip in clips:
-            yield f"{clip.episode_id}_{clip.segment_index}", {
+            yield f"{clip.episode_id}_{clip.segment_index}_{clip.part}", {
                 "context": clip.context, "frames": clip.frames, "actions": clip.actions,
-                "text": clip.text, "start_xy": clip.start_xy, "goal_xy": clip.goal_xy,
-                "sgg_valid": clip.sgg_valid, "episode_id": clip.episode_id,
-                "segment_index": clip.segment_index}
+                "action_valid": clip.action_valid, "text": clip.text, "start_xy": clip.start_xy,
+                "goal_xy": clip.goal_xy, "sgg_valid": clip.sgg_valid,
+                "episode_id": clip.episode_id, "segment_index": clip.segment_index,
+                "part": clip.part}
 
 
 @contextlib.contextmanager
@@ -148,7 +164,7 @@ def write_clips(stage: pathlib.Path, meta: DatasetMeta, split_clips: Mapping[str
         for clip in clips:
             counts[split] += 1
             if split == "train":
-                train_actions.append(clip.actions)
+                train_actions.append(clip.actions[clip.action_valid])  # (steps, A)
                 train_texts.append(clip.text)
             yield clip
 

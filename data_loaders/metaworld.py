@@ -5,11 +5,13 @@
 (`pewm_jax.metaworld.experts`) on seeded task variations, keeps the successful episodes, and
 writes the same layout as the built-in world (see `clip_dataset`, `tabletop`):
 
-    episodes/pewm_metaworld/1.0.0/   RLDS episodes, one per (task, seed, camera): steps of
-        observation/{image, state (hand xyz, gripper opening)}, action (xyz delta, effort),
+    episodes/pewm_metaworld/2.0.0/   RLDS episodes, one per (task, seed, camera): steps of
+        observation/{image, state (hand xyz, gripper opening), gripper_xy (the tool centre's
+        pixels in that camera)}, action (xyz delta, effort),
         language_instruction (the task), reward, discount, is_first/is_last/is_terminal, and
         per-step primitive annotations (id, words, start/goal pixels in that camera)
-    clips/ ...                      one clip per primitive segment, cut by `tabletop.episode_clips`
+    clips/ ...                      the clips of every primitive segment, cut by
+                                    `tabletop.episode_clips`
     dataset_statistics.json, tokenizer.json, pewm_dataset.json
 
 Splits train / validation / test take `metaworld.{train,val,test}_seeds` seeds per task from
@@ -39,7 +41,7 @@ import tqdm
 
 from data_loaders.clip_dataset import DatasetError, DatasetMeta, staged_directory, write_clips
 from data_loaders.clips import Clip
-from data_loaders.tabletop import episode_clips, rlds_steps, step_features
+from data_loaders.tabletop import EPISODES_VERSION, episode_clips, rlds_steps, step_features
 from pewm_jax.metaworld.experts import all_wordings, run_expert, task_words
 from pewm_jax.vlm.plan import plan_prompt
 
@@ -71,7 +73,7 @@ class _EpisodeBuilder(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the Meta-World episodes in RLDS layout (module docstring)."""
 
     name = "pewm_metaworld"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(EPISODES_VERSION)
 
     def __init__(self, *, config: ml_collections.ConfigDict, demos, **kwargs):
         self._cfg, self._demos = config, demos  # demos: split -> list of cached demo files
@@ -105,7 +107,7 @@ class _EpisodeBuilder(tfds.core.GeneratorBasedBuilder):
                             zip(demo["seg_start"], demo["seg_end"], demo["seg_text"])]
                 key = episode_id(tasks, cameras, str(demo["task"]), int(demo["seed"]), camera)
                 yield key, {
-                    "steps": rlds_steps(demo[f"frames/{camera}"], demo["states"],
+                    "steps": rlds_steps(demo[f"frames/{camera}"], demo["states"], xy,
                                         demo["actions"], str(demo["instruction"]), True,
                                         segments),
                     "episode_metadata": {"episode_id": key, "task": str(demo["task"]),

@@ -101,11 +101,13 @@ class ClipMixture:
             self.sizes.append(meta.splits[split])
         self.action_dim = max(meta.action_dim for meta in self.metas)
 
-    def check_shapes(self, horizon: int, context_frames: int) -> None:
-        """Raises DatasetError unless every dataset's clips have the configured frame counts."""
+    def check_shapes(self, horizon: int, context_frames: int, frame_stride: int) -> None:
+        """Raises DatasetError unless every dataset's clips have the configured frame counts
+        and steps per frame interval."""
         for path, meta in zip(self.dirs, self.metas):
             for key, have, want in (("horizon", meta.horizon, horizon),
-                                    ("context_frames", meta.context_frames, context_frames)):
+                                    ("context_frames", meta.context_frames, context_frames),
+                                    ("frame_stride", meta.frame_stride, frame_stride)):
                 if have != want:
                     raise DatasetError(
                         f"{path} holds clips with {key} = {have}, but config.data.{key} = {want}. "
@@ -228,13 +230,14 @@ class ClipTransform:
         text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
         tokens, text_mask = tokenizer_lib.encode_batch(self._tokenizer, [text],
                                                        self.max_text_tokens)
-        actions, action_mask = transforms.pad_actions(example["actions"], self.stats[k],
-                                                      self.action_dim)
+        actions, action_mask, gripper_mask = transforms.pad_actions(
+            example["actions"], self.stats[k], self.action_dim)
         return {
             "context": video[:len(context)], "frames": video[len(context):],
             "text_tokens": tokens[0], "text_mask": text_mask[0],
             "start_xy": start_xy, "goal_xy": goal_xy, "sgg_valid": np.asarray(valid),
-            "actions": actions, "action_mask": action_mask,
+            "actions": actions, "action_valid": np.asarray(example["action_valid"], bool),
+            "action_mask": action_mask, "gripper_mask": gripper_mask,
             "dataset_id": np.asarray(k, np.int32), SKIPPED_KEY: np.asarray(skipped, np.int32),
             ELEMENT_KEY: np.asarray(p, np.int64)}
 
@@ -334,7 +337,7 @@ class ClipPipeline(OrderedPipeline):
                          process_index, process_count, num_workers)
         data = config.data
         self.mixture = ClipMixture(mixture_entries(config), split)
-        self.mixture.check_shapes(data.horizon, data.context_frames)
+        self.mixture.check_shapes(data.horizon, data.context_frames, data.frame_stride)
         self.datasets = self.mixture.fingerprint()
         self.spec = BatchSpec.from_config(config, self.mixture.action_dim)
         self.order = GlobalOrder(self.mixture.sizes, self.mixture.weights, self.seed)

@@ -75,7 +75,7 @@ from tqdm import tqdm
 from data_loaders import segmenter as segmenter_lib
 from data_loaders import transforms
 from data_loaders.clip_dataset import DatasetError, DatasetMeta, write_dataset
-from data_loaders.clips import Clip, cut_clip
+from data_loaders.clips import Clip, clip_bounds, cut_clips
 from pewm_jax import config as config_lib
 
 SPLIT_MAP = {"train": "train", "val": "validation", "validation": "validation",
@@ -519,11 +519,16 @@ def episode_clips(ep: Episode, *, episode_id: int, spec: ml_collections.ConfigDi
         else:
             start_xy, goal_xy, valid = np.zeros(2, np.float32), np.zeros(2, np.float32), False
         text = ep.instructions[start] or spec.fallback_instruction
-        clips.append(cut_clip(ep.frames, ep.actions, start, end, horizon=horizon,
-                              stride=frame_stride, context_frames=context_frames,
-                              gripper_dims=spec.gripper_dims, text=text, start_xy=start_xy,
-                              goal_xy=goal_xy, sgg_valid=valid, episode_id=episode_id,
-                              segment_index=index))
+        # A long segment's later clips start from the projected gripper where it is known.
+        track = ep.projected_xy if valid and ep.projected_xy is not None else None
+        if track is not None and not all(_inside(track[a], image_size) for a, _ in
+                                         clip_bounds(start, end, horizon, frame_stride)):
+            track = None
+        clips += cut_clips(ep.frames, ep.actions, start, end, horizon=horizon,
+                           stride=frame_stride, context_frames=context_frames,
+                           gripper_dims=spec.gripper_dims, text=text, start_xy=start_xy,
+                           goal_xy=goal_xy, sgg_valid=valid, episode_id=episode_id,
+                           segment_index=index, track_xy=track)
     return clips
 
 

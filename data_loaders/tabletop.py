@@ -3,11 +3,12 @@
 `generate_dataset(config, out_dir)` (the `pewm data` job) runs the task experts in parallel
 worker processes and writes one dataset directory (see `clip_dataset`):
 
-    episodes/pewm_tabletop/1.0.0/   RLDS episodes (TFDS, array_record): steps of
-        observation/{image, state}, action, language_instruction (the task), reward, discount,
-        is_first/is_last/is_terminal, and per-step primitive annotations: primitive_id,
-        primitive_text, primitive_start_xy, primitive_goal_xy (pixels)
-    clips/ ...                      one clip per primitive segment, cut from the stored episodes
+    episodes/pewm_tabletop/2.0.0/   RLDS episodes (TFDS, array_record): steps of
+        observation/{image, state, gripper_xy (pixels)}, action, language_instruction (the
+        task), reward, discount, is_first/is_last/is_terminal, and per-step primitive
+        annotations: primitive_id, primitive_text, primitive_start_xy, primitive_goal_xy (pixels)
+    clips/ ...                      the clips of every primitive segment (clips.cut_clips), cut
+                                    from the stored episodes
     dataset_statistics.json, tokenizer.json, pewm_dataset.json
 
 Splits: train, validation and test draw seen task compositions from disjoint seed ranges;
@@ -27,10 +28,11 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from etils import epath
 
-from data_loaders.clip_dataset import (DatasetError, DatasetMeta, require_dataset,
-                                       staged_directory, write_clips)
-from data_loaders.clips import Clip, cut_clip
+from data_loaders.clip_dataset import (DatasetError, DatasetMeta, staged_directory,
+                                       write_clips)
+from data_loaders.clips import Clip, cut_clips
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim.episodes import Episode
 from pewm_jax.sim.primitives import all_primitives
@@ -47,8 +49,10 @@ SPLITS = {
     "holdout_composition": ("holdout_composition", "num_holdout_episodes"),
 }
 _SEEDS_PER_SPLIT = 10_000_000  # episode seeds of different splits never collide
-# Episode builders (version 1.0.0) of `pewm data`: the built-in world's, Meta-World's.
+# Episode builders of `pewm data`: the built-in world's, Meta-World's, at EPISODES_VERSION
+# (2.0.0 added observation/gripper_xy, the track a long segment's later clips start from).
 GENERATED_EPISODES = ("pewm_tabletop", "pewm_metaworld")
+EPISODES_VERSION = "2.0.0"
 
 
 def episode_seed(config: ml_collections.ConfigDict, split: str, index: int) -> int:
@@ -62,7 +66,8 @@ def step_features(image_size: int, *, state_dim: int, action_dim: int) -> tfds.f
     return tfds.features.Dataset({
         "observation": {"image": t(shape=(n, n, 3), dtype=np.uint8,
                                    encoding=tfds.features.Encoding.BYTES),
-                        "state": t(shape=(state_dim,), dtype=np.float32)},
+                        "state": t(shape=(state_dim,), dtype=np.float32),
+                        "gripper_xy": t(shape=(2,), dtype=np.float32)},
         "action": t(shape=(action_dim,), dtype=np.float32),
         "language_instruction": tfds.features.Text(),
         "reward": t(shape=(), dtype=np.float32),
@@ -77,12 +82,12 @@ def step_features(image_size: int, *, state_dim: int, action_dim: int) -> tfds.f
     })
 
 
-def rlds_steps(frames: np.ndarray, states: np.ndarray, actions: np.ndarray, instruction: str,
-               success: bool, segments: Sequence[tuple[int, str, np.ndarray, np.ndarray]]
-               ) -> list[dict]:
-    """T + 1 RLDS steps from frames (T+1, ...), states (T+1, S), actions (T, A) and segments
-    (first frame, words, start xy, goal xy) in order; the last step holds the final
-    observation (zero action) and belongs to the last segment."""
+def rlds_steps(frames: np.ndarray, states: np.ndarray, gripper_xy: np.ndarray,
+               actions: np.ndarray, instruction: str, success: bool,
+               segments: Sequence[tuple[int, str, np.ndarray, np.ndarray]]) -> list[dict]:
+    """T + 1 RLDS steps from frames (T+1, ...), states (T+1, S), the gripper's pixels
+    (T+1, 2), actions (T, A) and segments (first frame, words, start xy, goal xy) in order; the
+    last step holds the final observation (zero action) and belongs to the last segment."""
     num_steps = len(frames)
     seg_of_step = np.zeros(num_steps, np.int32)
     for k, (start, *_) in enumerate(segments):
@@ -93,7 +98,8 @@ def rlds_steps(frames: np.ndarray, states: np.ndarray, actions: np.ndarray, inst
         _, text, start_xy, goal_xy = segments[seg_of_step[t]]
         last = t == num_steps - 1
         steps.append({
-            "observation": {"image": frames[t], "state": states[t]},
+            "observation": {"image": frames[t], "state": states[t],
+                            "gripper_xy": np.asarray(gripper_xy[t], np.float32)},
             "action": actions[t], "language_instruction": instruction,
             "reward": np.float32(last and success), "discount": np.float32(1.0),
             "is_first": t == 0, "is_last": last, "is_terminal": last and success,
@@ -106,7 +112,7 @@ class _EpisodeBuilder(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the tabletop episodes in RLDS layout (module docstring)."""
 
     name = "pewm_tabletop"
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version(EPISODES_VERSION)
 
     def __init__(self, *, config: ml_collections.ConfigDict, pool, **kwargs):
         self._cfg = config
@@ -170,7 +176,9 @@ def _worker_pool(config: ml_collections.ConfigDict):
 def _rlds_episode(ep: Episode) -> dict:
     """An Episode as an RLDS episode (`rlds_steps`)."""
     segments = [(seg.start_frame, seg.text, seg.start_xy, seg.goal_xy) for seg in ep.segments]
-    return {"steps": rlds_steps(ep.frames, ep.states, ep.actions, ep.task, ep.success, segments),
+    track = ep.states[:, :2] * float(ep.frames.shape[1])  # the gripper, in pixels
+    return {"steps": rlds_steps(ep.frames, ep.states, track, ep.actions, ep.task, ep.success,
+                                segments),
             "episode_metadata": {"seed": ep.seed, "template": ep.template,
                                  "task_split": ep.split, "success": ep.success}}
 
@@ -179,8 +187,9 @@ def episode_source(dataset_dir: str | pathlib.Path, split: str) -> Sequence[dict
     """Random-access source over one split's stored RLDS episodes (decoded numpy dicts) of a
     generated dataset (the built-in world's or Meta-World's: the same per-step annotations);
     DatasetError when the directory holds no generated episodes or not that split."""
-    root = require_dataset(dataset_dir)
-    found = [root / EPISODES_DIR / name / "1.0.0" for name in GENERATED_EPISODES]
+    root = epath.Path(dataset_dir)
+    DatasetMeta.load(root)  # DatasetError for a missing dataset or an older format
+    found = [root / EPISODES_DIR / name / EPISODES_VERSION for name in GENERATED_EPISODES]
     version = next((v for v in found if v.exists()), None)
     if version is None:
         raise DatasetError(
@@ -220,25 +229,26 @@ def segment_starts(record: dict) -> np.ndarray:
 def episode_clips(record: dict, data: ml_collections.ConfigDict, *,
                   gripper_dims: Sequence[int] = tuple(GRIPPER_DIMS),
                   episode_id: int | None = None) -> list[Clip]:
-    """The primitive clips of one stored RLDS episode (per-step primitive annotations);
-    `episode_id` defaults to the episode's seed."""
+    """The clips of every primitive of one stored RLDS episode (per-step primitive
+    annotations); `episode_id` defaults to the episode's seed."""
     steps = record["steps"]
     steps = [steps[t] for t in range(len(steps))]
     frames = np.stack([s["observation"]["image"] for s in steps])
+    track = np.stack([s["observation"]["gripper_xy"] for s in steps])
     actions = np.stack([s["action"] for s in steps[:-1]])
     starts = segment_starts(record)
     ends = np.append(starts[1:], len(steps) - 1)
     clips = []
     for start, end in zip(starts, ends):
         first = steps[start]
-        clips.append(cut_clip(
+        clips += cut_clips(
             frames, actions, int(start), int(end), horizon=data.horizon, stride=data.frame_stride,
             context_frames=data.context_frames, gripper_dims=gripper_dims,
             text=decode_text(first["primitive_text"]), start_xy=first["primitive_start_xy"],
             goal_xy=first["primitive_goal_xy"], sgg_valid=True,
             episode_id=int(record["episode_metadata"]["seed"] if episode_id is None
                            else episode_id),
-            segment_index=int(steps[start]["primitive_id"])))
+            segment_index=int(steps[start]["primitive_id"]), track_xy=track)
     return clips
 
 

@@ -130,11 +130,13 @@ def color_jitter(frames: np.ndarray, rng: np.random.Generator, strength: float,
 
 
 def pad_actions(actions: np.ndarray, stats: ActionStats, action_dim: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(H, A_k) raw -> (H, action_dim) normalised and zero-padded, and the (action_dim,) mask."""
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, s, A_k) raw -> (H, s, action_dim) as models learn them (`ActionStats.to_model`),
+    zero-padded, with the (action_dim,) masks of the real and of the gripper dimensions."""
     dims = actions.shape[-1]
     out = np.zeros(actions.shape[:-1] + (action_dim,), np.float32)
-    out[..., :dims] = stats.normalize(actions)
-    mask = np.zeros(action_dim, bool)
+    out[..., :dims] = stats.to_model(actions)
+    mask, gripper = np.zeros(action_dim, bool), np.zeros(action_dim, bool)
     mask[:dims] = True
-    return out, mask
+    gripper[:dims] = ~stats.normalize_mask
+    return out, mask, gripper

@@ -1,10 +1,11 @@
 """The whole-task baseline's input pipeline: one clip per stored episode, covering the whole task.
 
 The non-primitive baseline generates the whole task as one clip, from the first frame and the
-task's words, at the primitive clips' frame stride (`config.whole_task.horizon` frames: a task
-shorter than horizon x stride is padded by holding its last state, a longer one resampled,
-exactly as `clips.cut_clip` treats a segment). It has no start/goal points (`sgg_valid`
-False). Everything else is the world model's pipeline: the same transforms, augmentation,
+task's words, at the primitive clips' frame stride and with per-step actions
+(`config.whole_task.horizon` frames: a task shorter than horizon x stride is padded by holding
+its last state, exactly as `clips.cut_clips` treats a segment; a longer one keeps its first
+horizon x stride steps, the clip the baseline imagines from the first frame). It has no
+start/goal points (`sgg_valid` False). Everything else is the world model's pipeline: the same transforms, augmentation,
 tokenizer, action statistics, batch spec (with the whole-task horizon) and data order.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from data_loaders import clip_dataset, tabletop
 from data_loaders.batch_spec import BatchSpec
-from data_loaders.clips import cut_clip
+from data_loaders.clips import cut_clips
 from data_loaders.pipeline import (ClipBatchIterator, ClipMixture, GlobalOrder, OrderedPipeline,
                                    ClipTransform, mixture_entries)
 
@@ -51,13 +52,14 @@ class _EpisodeReader:
         steps = [steps[t] for t in range(len(steps))]
         frames = np.stack([s["observation"]["image"] for s in steps])  # (T + 1, N, N, 3)
         actions = np.stack([s["action"] for s in steps[:-1]])  # (T, A)
-        clip = cut_clip(frames, actions, 0, len(steps) - 1, horizon=self.horizon,
-                        stride=self.stride, context_frames=self.context_frames,
-                        gripper_dims=tabletop.GRIPPER_DIMS,
-                        text=tabletop.decode_text(steps[0]["language_instruction"]),
-                        start_xy=np.zeros(2), goal_xy=np.zeros(2), sgg_valid=False,
-                        episode_id=int(record["episode_metadata"]["seed"]), segment_index=0)
+        clip = cut_clips(frames, actions, 0, len(steps) - 1, horizon=self.horizon,
+                         stride=self.stride, context_frames=self.context_frames,
+                         gripper_dims=tabletop.GRIPPER_DIMS,
+                         text=tabletop.decode_text(steps[0]["language_instruction"]),
+                         start_xy=np.zeros(2), goal_xy=np.zeros(2), sgg_valid=False,
+                         episode_id=int(record["episode_metadata"]["seed"]), segment_index=0)[0]
         return {"context": clip.context, "frames": clip.frames, "actions": clip.actions,
+                "action_valid": clip.action_valid,
                 "text": clip.text, "start_xy": clip.start_xy, "goal_xy": clip.goal_xy,
                 "sgg_valid": np.asarray(False)}, 0
 

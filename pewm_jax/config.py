@@ -38,8 +38,8 @@ RUN_STAGES = ("preview", "data", "train", "whole_task", "actions", "planner", "e
 DTYPES = ("float32", "bfloat16")
 # Closed-loop evaluation conditions (pewm_jax.evaluate.closed_loop.CONDITIONS) and task splits
 # of the built-in world (pewm_jax.sim.tasks.SPLITS; 'train' = seen compositions, new scenes).
-EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "vlm_scripted", "oracle",
-                   "whole_task")
+EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "true_video", "replay",
+                   "vlm_scripted", "oracle", "whole_task")
 EVAL_SPLITS = ("train", "holdout_primitive", "holdout_composition")
 REMAT_POLICIES = ("none", "full", "dots")
 DATA_GENERATORS = ("tabletop", "metaworld")
@@ -49,7 +49,8 @@ METAWORLD_TASKS = ("door-open", "door-close", "basketball", "shelf-place", "butt
                    "hammer", "assembly")
 METAWORLD_CAMERAS = ("corner", "corner2", "corner3")
 # Meta-World closed-loop conditions (pewm_jax.metaworld.evaluate.CONDITIONS).
-METAWORLD_CONDITIONS = ("pewm", "open_loop", "no_sgg", "oracle_primitives", "expert")
+METAWORLD_CONDITIONS = ("pewm", "open_loop", "no_sgg", "oracle_primitives", "true_video",
+                        "replay", "expert")
 SAMPLERS = ("euler", "heun")
 DIFFUSION_TARGETS = ("frames", "residual")
 DIFFUSION_PREDICTIONS = ("velocity", "clean")
@@ -105,10 +106,10 @@ _POSITIVE = (
     "planner.kv_heads",
     "planner.max_tokens",
     "planner.prompt_tokens",
-    "action_decoder.patch_size",
+    "action_decoder.channels",
+    "action_decoder.keypoints",
     "action_decoder.width",
     "action_decoder.depth",
-    "action_decoder.num_heads",
     "planner.max_steps",
     "planner.max_words",
     "run.preview_episodes",
@@ -119,6 +120,7 @@ _POSITIVE = (
     "metaworld.train_seeds",
 )
 _NON_NEGATIVE = (
+    "eval.execute_frames",
     "data.generation_workers",
     "data.color_jitter",
     "data.prefetch",
@@ -326,14 +328,14 @@ def default_config() -> ml_collections.ConfigDict:
     # Splits `pewm planner` evaluates after training (exact match, point error in pixels).
     c.planner.eval_splits = ("test", "holdout_composition", "holdout_primitive")
 
-    # The action decoder (pewm_jax/models/action_decoder.py): inverse dynamics from two
-    # consecutive clip frames to the action between them; `pewm actions` trains it into
-    # <workdir>/action_decoder and scores it on held-out clips.
+    # The action decoder (pewm_jax/models/action_decoder.py): inverse dynamics from a clip's
+    # frames to the frame_stride per-step actions of each frame interval; `pewm actions`
+    # trains it into <workdir>/action_decoder and scores it on held-out clips.
     c.action_decoder = ml_collections.ConfigDict()
-    c.action_decoder.patch_size = 8  # patch side in pixels of a frame pair (divides world.image_size)
-    c.action_decoder.width = 128
-    c.action_decoder.depth = 2  # transformer blocks
-    c.action_decoder.num_heads = 4  # attention heads (divide width)
+    c.action_decoder.channels = 32  # convolution channels of the frame encoder
+    c.action_decoder.keypoints = 16  # soft-argmax keypoints read from each frame
+    c.action_decoder.width = 256  # MLP width
+    c.action_decoder.depth = 2  # MLP hidden layers
     c.action_decoder.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
     c.action_decoder.param_dtype = "float32"  # stored parameter dtype
     c.action_decoder.train = train_defaults()  # its optimisation, checkpoints and logging
@@ -377,8 +379,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Task splits of the world to evaluate: seen compositions (new scenes) and the hold-outs.
     c.eval.splits = ("train", "holdout_composition")
     # Conditions, each beside the others on the same seeds (pewm_jax/evaluate/closed_loop.py):
-    # the full system, open loop, no SGG, the world's own plans, scripted primitives, oracle.
+    # the full system, open loop, no SGG, the world's own plans, true future frames decoded,
+    # the expert's actions replayed, scripted primitives, the oracle, the whole-task baseline.
     c.eval.conditions = EVAL_CONDITIONS
+    # Frames of each clip played before observing and imagining again (receding horizon within
+    # a primitive), 1 .. data.horizon; 0 plays whole clips.
+    c.eval.execute_frames = 0
     c.eval.parallel_envs = 16  # environments run in lockstep (the models' batch size)
     c.eval.max_replans = 2  # primitives an episode may run beyond its task's length
     c.eval.goal_reach_px = 4.0  # a clip reaches its goal: gripper this close in its last frame
@@ -745,18 +751,14 @@ def _check_planner(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_action_decoder(config: ml_collections.ConfigDict) -> None:
-    a = config.action_decoder
-    if config.world.image_size % a.patch_size:
-        raise _error("action_decoder.patch_size", a.patch_size,
-                     f"does not divide config.world.image_size = {config.world.image_size}",
-                     "use a divisor of the image size")
-    if a.width % a.num_heads or (a.width // a.num_heads) % 2:
-        raise _error("action_decoder.width", a.width,
-                     f"is not an even multiple of action_decoder.num_heads = {a.num_heads}",
-                     "make width / num_heads an even integer")
-    if a.width % 4:
-        raise _error("action_decoder.width", a.width, "is not a multiple of 4 (its 2-D "
-                     "position encodings)", "use a multiple of 4")
+    """The decoder's frame size and how much of its clips the controller plays."""
+    if config.world.image_size % 2:
+        raise _error("world.image_size", config.world.image_size, "is odd; the action decoder's "
+                     "encoder halves it", "use an even image size")
+    if config.eval.execute_frames > config.data.horizon:
+        raise _error("eval.execute_frames", config.eval.execute_frames,
+                     f"exceeds the clips' data.horizon = {config.data.horizon}",
+                     f"use 1 to {config.data.horizon}, or 0 to play whole clips")
 
 
 def _mesh_dims(config: ml_collections.ConfigDict) -> dict[str, int]:

@@ -75,7 +75,8 @@ TINY_PLANNER = ["planner.image_size=32", "planner.patch_size=8", "planner.width=
                 f"planner.train.checkpoint_every={K}"]
 
 # A decoder small enough to train a few steps in seconds on 8 fake CPU devices.
-TINY_DECODER = ["action_decoder.width=32", "action_decoder.depth=1", "action_decoder.num_heads=2",
+TINY_DECODER = ["action_decoder.channels=8", "action_decoder.keypoints=4",
+                "action_decoder.width=32", "action_decoder.depth=1",
                 "action_decoder.train.log_every=1", "action_decoder.train.sample_clips=4",
                 f"action_decoder.train.sample_every={2 * K}",
                 "action_decoder.train.peak_flops_per_device=1e11",

@@ -55,8 +55,8 @@ def test_main_job_then_every_other_job_with_paths_relative_to_the_current_direct
     env = {**os.environ, "HOME": str(home)}
     tiny = [*(f"--config.{o}" for o in [
         *TINY_DATA, *TINY_TRAIN, "train.steps=2", "train.checkpoint_every=1", *TINY_PLANNER,
-        "planner.train.steps=2", "action_decoder.width=32", "action_decoder.depth=1",
-        "action_decoder.num_heads=2", "action_decoder.train.steps=2",
+        "planner.train.steps=2", "action_decoder.channels=8", "action_decoder.keypoints=4",
+        "action_decoder.width=32", "action_decoder.depth=1", "action_decoder.train.steps=2",
         "action_decoder.train.global_batch_size=8", "eval.episodes_per_template=1",
         "eval.splits=('train',)", "eval.parallel_envs=4", "eval.conditions=('pewm','oracle')",
         "eval.video_clips=4", "eval.rollout_videos=1"])]
@@ -89,7 +89,7 @@ def test_main_job_then_every_other_job_with_paths_relative_to_the_current_direct
     assert (run / "action_decoder" / "2" / "ema_params").is_dir()
     scores = json.loads((run / "actions_eval.json").read_text())
     assert [s["split"] for s in scores] == ["test", "holdout_composition"]
-    assert all(s["mse"] >= 0 and s["mean_action_mse"] > 0 and s["transitions"] > 0
+    assert all(s["mse"] >= 0 and s["mean_action_mse"] > 0 and s["steps"] > 0
                for s in scores)
     assert "mean-action mse" in out.stdout
     # eval: the closed loop from all three checkpoints, headline numbers printed

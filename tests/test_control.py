@@ -1,6 +1,7 @@
 """The closed loop: the harness solves tasks with oracle plans and scripted primitives, the
-controller's planning choices pick the right primitive, the policy step is batched and
-repeatable, and a random-weight model fails and is reported as failing."""
+expert's actions replayed in clip form equal the oracle, the controller's planning choices pick
+the right primitive, the policy step is batched and repeatable, and a random-weight model fails
+and is reported as failing."""
 
 import dataclasses
 
@@ -12,8 +13,9 @@ from world_model_fixtures import randomize, small_config
 from data_loaders.clips import ActionStats
 from data_loaders.tokenizer import build_tokenizer
 from pewm_jax.config import EVAL_CONDITIONS
-from pewm_jax.control.controller import ControlSettings, Controller, EpisodeSpec
+from pewm_jax.control.controller import ControlSettings, Controller
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
+from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
 from pewm_jax.evaluate import closed_loop
 from pewm_jax.models import WorldModel
 from pewm_jax.models.action_decoder import ActionDecoder, ActionDecoderSpec
@@ -23,7 +25,10 @@ from pewm_jax.sim.render import locate_gripper, render
 from pewm_jax.sim.world import sample_scene
 from pewm_jax.vlm.plan import Plan, PlanStep
 
-WORLD = dict(image_size=64, max_delta=0.08, primitive_max_steps=32, frame_stride=4)
+def _controller(settings: ControlSettings, image_size: int = 64, **kw) -> Controller:
+    """A controller of the built-in world (quickstart clips: H = 8, s = 4)."""
+    return Controller(settings, lambda: TabletopControlEnv(image_size), horizon=8,
+                      frame_stride=4, **kw)
 
 
 def _specs(per_template: int = 2, splits=("train", "holdout_composition")):
@@ -37,13 +42,34 @@ def test_oracle_plans_with_scripted_primitives_solve_the_tasks():
     of seen and held-out tasks, in closed and open loop, whatever the parallel width."""
     specs = _specs()
     for loop, parallel in (("closed", 7), ("open", 16)):
-        controller = Controller(ControlSettings("world", "scripted", loop), **WORLD)
+        controller = _controller(ControlSettings("world", "scripted", loop))
         results = controller.run(specs, parallel=parallel)
         assert len(results) == len(specs) and [r.spec for r in results] == specs
         assert np.mean([r.success for r in results]) >= 0.95
         assert all(r.chain_length == r.task_length for r in results if r.success)
         scores = closed_loop.split_scores(results)
         assert scores["success_ci95"][0] > 0.85 and scores["per_primitive"]["pick"]["runs"] > 0
+
+
+@pytest.mark.parametrize("execute_frames", [None, 3])
+def test_the_experts_actions_replayed_in_clip_form_equal_the_oracle(execute_frames):
+    """The clip contract and the executor, fed with truth: the expert's per-step actions for
+    each planned primitive, cut into (H, s, A) clips and played as decoded ones are (whole
+    clips, or 3 frames at a time with the expert continued), solve every task the oracle
+    solves, on the same seeds. (A summed label per frame interval failed most picks.)"""
+    specs = _specs()
+    oracle = _controller(ControlSettings("world", "scripted")).run(specs, parallel=8)
+    replay = _controller(ControlSettings("world", "replay", execute_frames=execute_frames)).run(
+        specs, parallel=8)
+    assert [r.success for r in replay] == [r.success for r in oracle] and all(
+        r.success for r in oracle)
+    rounds = 1 if execute_frames is None else 3  # ceil(8 / 3) clips per primitive
+    assert all(p.rounds == rounds for r in replay for p in r.primitives[:-1])  # the last: until
+    # the task succeeded
+    table = closed_loop.chain_table({"conditions": {
+        "oracle": {"splits": {"train": closed_loop.split_scores(oracle)}},
+        "replay": {"splits": {"train": closed_loop.split_scores(replay)}}}})
+    assert "oracle" in table and "replay" in table and "100%" in table and "pick" in table
 
 
 def test_evaluation_seeds_are_fixed_distinct_and_outside_the_dataset_ranges():
@@ -64,6 +90,8 @@ def test_conditions_are_the_configs_and_name_the_models_they_need():
     assert closed_loop.needs(closed_loop.CONDITIONS["oracle"]) == ()
     assert set(closed_loop.needs(closed_loop.CONDITIONS["pewm"])) == {
         "planner", "world_model", "action_decoder"}
+    assert closed_loop.needs(closed_loop.CONDITIONS["replay"]) == ()
+    assert closed_loop.needs(closed_loop.CONDITIONS["true_video"]) == ("action_decoder",)
 
 
 def test_locate_gripper_finds_the_palm_in_rendered_frames():
@@ -87,7 +115,7 @@ class _ScriptedPlanner:
         self.envs_by_task, self.plans_remaining = envs_by_task, plans_remaining
         self.calls = 0
 
-    def plan(self, images, tasks):
+    def plan_batch(self, images, tasks):
         self.calls += 1
         plans = []
         for task in tasks:
@@ -118,8 +146,7 @@ def test_vlm_planning_runs_the_primitive_at_its_position_or_the_first_left(plans
     monkeypatch.setattr(TabletopEnv, "reset", reset)
     for loop in ("closed", "open"):
         planner = _ScriptedPlanner(by_task, plans_remaining)
-        controller = Controller(ControlSettings("vlm", "scripted", loop), planner=planner,
-                                **WORLD)
+        controller = _controller(ControlSettings("vlm", "scripted", loop), planner=planner)
         results = controller.run(specs, parallel=4)
         assert all(r.success for r in results), [(r.task, r.end) for r in results]
         assert [len(r.primitives) for r in results] == [r.task_length for r in results]
@@ -130,10 +157,15 @@ def test_vlm_planning_runs_the_primitive_at_its_position_or_the_first_left(plans
 def test_settings_and_missing_models_get_clear_errors():
     with pytest.raises(ValueError, match="executor must be one of"):
         ControlSettings(executor="dreamed")
-    with pytest.raises(ValueError, match="needs a PrimitivePolicy"):
-        Controller(ControlSettings("world", "decoded"), **WORLD)
+    for executor in ("decoded", "true_video"):
+        with pytest.raises(ValueError, match=f"'{executor}' executor needs a PrimitivePolicy"):
+            _controller(ControlSettings("world", executor))
     with pytest.raises(ValueError, match="needs a Planner"):
-        Controller(ControlSettings("vlm", "scripted"), **WORLD)
+        _controller(ControlSettings("vlm", "scripted"))
+    with pytest.raises(ValueError, match="execute_frames = 9 exceeds the clip's 8 frames"):
+        _controller(ControlSettings("world", "replay", execute_frames=9))
+    with pytest.raises(ValueError, match="execute_frames must be >= 1"):
+        ControlSettings(execute_frames=0)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +178,8 @@ def random_policy():
         encoder = make_text_encoder(config, rngs, tokenizer.get_vocab_size())
     model = WorldModel.from_config(config, rngs, encoder)
     randomize(model, 1, scale=0.02)
-    decoder = ActionDecoder(ActionDecoderSpec(16, 8, 32, 1, 2, 3), rngs=nnx.Rngs(1))
+    decoder = ActionDecoder(ActionDecoderSpec(16, config.data.frame_stride, 8, 4, 32, 1, 3),
+                            rngs=nnx.Rngs(1))
     randomize(decoder, 2)
     stats = ActionStats.compute(np.random.default_rng(0).normal(0, 0.05, (100, 3)), [2])
     return PrimitivePolicy(model, config, tokenizer, decoder, stats, batch_size=3), config
@@ -160,7 +193,10 @@ def test_policy_step_is_repeatable_and_rows_do_not_depend_on_padding(random_poli
                 PrimitiveCommand("move to the red cube", (1.0, 1.0), (15.0, 15.0))]
     full = policy.step(obs, commands, step_index=5)
     assert full.clips.shape == (3, config.data.horizon, 16, 16, 3)
-    assert full.clips.dtype == np.uint8 and full.actions.shape == (3, config.data.horizon, 3)
+    assert full.clips.dtype == np.uint8 and full.actions.shape == (
+        3, config.data.horizon, config.data.frame_stride, 3)
+    grips = {np.float32(policy.stats.low[2]), np.float32(policy.stats.high[2])}
+    assert set(np.unique(full.actions[..., 2])) <= grips  # gripper: one of its two commands
     again = policy.step(obs[:2], commands[:2], step_index=5)
     np.testing.assert_array_equal(again.clips, full.clips[:2])
     np.testing.assert_allclose(again.actions, full.actions[:2], atol=1e-6)
@@ -174,15 +210,15 @@ def test_random_weight_models_fail_and_the_verdict_says_so(random_policy):
     """Decoded actions from random models do not solve tasks; the report says it fails, beside
     the oracle on the same seeds."""
     policy, config = random_policy
-    world = dict(WORLD, image_size=16)
     specs = [EpisodeSpec(2 ** 40 + i, "train", t) for i, t in
              enumerate(("bin_one", "touch_two", "push_two"))]
-    results = Controller(ControlSettings("world", "decoded"), policy=policy, **world).run(
+    results = _controller(ControlSettings("world", "decoded"), 16, policy=policy).run(
         specs, parallel=3, record=1)
-    oracle = Controller(ControlSettings("world", "scripted"), **world).run(specs, parallel=3)
+    oracle = _controller(ControlSettings("world", "scripted"), 16).run(specs, parallel=3)
     assert not any(r.success for r in results) and all(r.success for r in oracle)
     assert results[0].frames and results[0].frames[0].shape == (16, 32, 3)
-    assert all(r.env_steps <= 32 * r.task_length for r in results)
+    h, stride = config.data.horizon, config.data.frame_stride
+    assert all(r.env_steps <= max(32, h * stride) * r.task_length for r in results)
     verdict = closed_loop.verdict("world_plan", {"train": closed_loop.split_scores(results)},
                                   {"train": closed_loop.split_scores(oracle)})
     assert verdict.startswith("world_plan fails") and "oracle solves 3 of 3" in verdict

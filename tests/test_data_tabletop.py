@@ -3,11 +3,13 @@
 import json
 import pathlib
 
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import tiny_config
 from data_loaders import clip_dataset, clips, tabletop, tokenizer
+from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim import primitives as P
 from pewm_jax.sim import tasks as T
 from pewm_jax.sim.world import OBJECT_NAMES
@@ -15,7 +17,8 @@ from pewm_jax.sim.world import OBJECT_NAMES
 
 def _records(path: pathlib.Path, split: str) -> list[dict]:
     src = clip_dataset.clip_source(path, split)
-    return sorted((src[i] for i in range(len(src))), key=lambda r: (r["episode_id"], r["segment_index"]))
+    return sorted((src[i] for i in range(len(src))),
+                  key=lambda r: (r["episode_id"], r["segment_index"], r["part"]))
 
 
 def _pair_of(text: str) -> tuple[str, str]:
@@ -65,49 +68,90 @@ def test_clips_follow_the_clip_contract(tabletop_dataset):
     config = tiny_config()
     meta = clip_dataset.DatasetMeta.load(tabletop_dataset)
     assert (meta.horizon, meta.frame_stride, meta.image_size) == (8, 4, 64)
+    assert meta.clip_format == clips.CLIP_FORMAT
     for r in _records(tabletop_dataset, "train"):
         assert r["frames"].shape == (config.data.horizon, 64, 64, 3) and r["sgg_valid"]
         assert r["context"].shape == (1, 64, 64, 3)
-        assert np.all(np.abs(r["actions"][:, :2]) <= 4 * 0.08 + 1e-6)  # s steps of <= max_delta
-        assert set(np.unique(r["actions"][:, 2])) <= {-1.0, 1.0}  # last grip command
+        assert r["actions"].shape == (8, 4, 3) and r["action_valid"].shape == (8, 4)
+        assert np.all(np.abs(r["actions"][..., :2]) <= 0.08 + 1e-6)  # one step: <= max_delta
+        assert set(np.unique(r["actions"][..., 2])) <= {-1.0, 1.0}  # gripper commands
+        valid = r["action_valid"].reshape(-1)
+        assert valid[0] and not np.any(np.diff(valid.astype(int)) > 0)  # steps, then padding
+        padding = r["actions"].reshape(-1, 3)[~valid]
+        assert not padding[:, :2].any()  # no-ops: no motion, the last command held
+        assert np.all(padding[:, 2] == r["actions"].reshape(-1, 3)[valid][-1, 2])
 
 
-def test_frame_indices_pad_short_and_resample_long_segments():
+@pytest.mark.parametrize("horizon, stride", [(8, 4), (2, 2)])
+def test_playing_a_clips_actions_reproduces_its_frames(horizon, stride):
+    """The clip contract's defining property, on clips cut as `pewm data` cuts them: from the
+    world state at a clip's context frame, its per-step actions, played as they are, render
+    its frames exactly, including a gripper command that falls inside a frame interval and
+    the later clips of a segment longer than H * s (H * s = 4 < most segments)."""
+    env = TabletopEnv(64)
+    data = ml_collections.ConfigDict({"horizon": horizon, "frame_stride": stride,
+                                      "context_frames": 1})
+    inside = later_parts = 0
+    for seed in range(4):
+        ep = expert_episode(env, seed)
+        for clip in tabletop.episode_clips(tabletop._rlds_episode(ep), data):
+            first = ep.segments[clip.segment_index].start_frame + clip.part * horizon * stride
+            env.reset(seed=seed, options={"split": "train"})
+            for action in ep.actions[:first]:  # the world state at the clip's context frame
+                env.step(action)
+            assert np.array_equal(env.render(), clip.context[-1])
+            np.testing.assert_allclose(clip.start_xy, env.state.gripper * 64, atol=1e-4)
+            for j in range(horizon):
+                for i in range(stride):
+                    env.step(clip.actions[j, i])
+                assert np.array_equal(env.render(), clip.frames[j]), (seed, clip.text, j)
+            grip = clip.actions[..., 2].reshape(-1)
+            inside += any(c % stride for c in np.flatnonzero(np.diff(grip)) + 1)
+            later_parts += clip.part > 0
+    assert inside, "no gripper command fell inside a frame interval"
+    assert later_parts or horizon * stride >= 32
+
+
+def test_clip_bounds_split_long_segments_and_pad_short_ones():
+    assert clips.clip_bounds(3, 13, horizon=4, stride=3) == [(3, 13)]
+    assert clips.clip_bounds(0, 40, horizon=4, stride=3) == [(0, 12), (12, 24), (24, 36),
+                                                              (36, 40)]
     np.testing.assert_array_equal(clips.frame_indices(3, 13, horizon=4, stride=3), [6, 9, 12, 13])
     np.testing.assert_array_equal(clips.frame_indices(0, 5, horizon=4, stride=3), [3, 5, 5, 5])
-    np.testing.assert_array_equal(clips.frame_indices(0, 40, horizon=4, stride=3), [10, 20, 30, 40])
     with pytest.raises(ValueError, match="at least one step"):
-        clips.frame_indices(4, 4, horizon=4, stride=3)
-
-
-def test_clip_actions_sum_displacement_and_keep_last_grip():
+        clips.clip_bounds(4, 4, horizon=4, stride=3)
     actions = np.array([[1, 0, -1], [2, 0, 1], [3, 1, 1], [4, 1, -1], [5, 2, -1]], np.float32)
-    idx = clips.frame_indices(0, 5, horizon=4, stride=2)  # [2, 4, 5, 5]
-    labels = clips.clip_actions(actions, 0, idx, gripper_dims=[2])
-    np.testing.assert_array_equal(labels, [[3, 0, 1], [7, 2, -1], [5, 2, -1], [0, 0, -1]])
-
-
-def test_step_actions_replay_a_label_over_its_stride():
-    """Executing a label's per-step actions for `stride` steps sums back to the label's
-    displacement and repeats its gripper command (what the controller and bundle runtime do)."""
-    stats = clips.ActionStats.compute(np.random.default_rng(0).normal(size=(20, 3)), [2])
-    labels = np.array([[3, 0, 1], [7, 2, -1]], np.float32)
-    steps = stats.step_actions(labels, 4)
-    np.testing.assert_allclose(steps[:, :2] * 4, labels[:, :2])
-    np.testing.assert_array_equal(steps[:, 2], labels[:, 2])
-    assert steps.dtype == np.float32
+    steps, valid = clips.step_actions(actions, 1, 4, horizon=3, stride=2, gripper_dims=[2])
+    np.testing.assert_array_equal(steps.reshape(-1, 3), [[2, 0, 1], [3, 1, 1], [4, 1, -1],
+                                                         [0, 0, -1], [0, 0, -1], [0, 0, -1]])
+    assert valid.reshape(-1).tolist() == [True, True, True, False, False, False]
 
 
 def test_action_statistics_leave_gripper_unnormalised(tabletop_dataset):
     stats = clip_dataset.load_statistics(tabletop_dataset)
-    acts = np.concatenate([r["actions"] for r in _records(tabletop_dataset, "train")])
+    records = _records(tabletop_dataset, "train")
+    acts = np.concatenate([r["actions"][r["action_valid"]] for r in records])  # own steps
     np.testing.assert_allclose(stats.mean, acts.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(stats.std, acts.std(0), rtol=1e-5)
     assert stats.normalize_mask.tolist() == [True, True, False]
-    normed = stats.normalize(acts)
-    np.testing.assert_allclose(normed[:, :2].mean(0), 0, atol=1e-5)
-    np.testing.assert_array_equal(normed[:, 2], acts[:, 2])
-    np.testing.assert_allclose(stats.denormalize(normed), acts, atol=1e-5)
+    assert (stats.low[2], stats.high[2]) == (-1.0, 1.0)
+    model = stats.to_model(acts)
+    np.testing.assert_allclose(model[:, :2].mean(0), 0, atol=1e-5)
+    np.testing.assert_array_equal(model[:, 2], acts[:, 2] > 0)  # the command, as 1 / 0
+    logits = np.where(model[:, 2:] > 0.5, 3.0, -3.0)
+    np.testing.assert_allclose(stats.from_model(np.concatenate([model[:, :2], logits], 1)),
+                               acts, atol=1e-5)
+
+
+def test_a_dataset_of_the_old_clip_format_is_refused_with_the_fix(tabletop_dataset, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    meta = json.loads((tabletop_dataset / clip_dataset.META_FILE).read_text())
+    del meta["clip_format"]  # written before per-step actions
+    (old / clip_dataset.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(clip_dataset.DatasetError, match="clip format 1.*Fix: rebuild") as e:
+        clip_dataset.DatasetMeta.load(old)
+    assert "pewm data" in str(e.value) and "pewm ingest" in str(e.value)
 
 
 def test_tokenizer_has_train_words_locations_and_specials(tabletop_dataset):

@@ -113,8 +113,9 @@ def test_bundle_closed_loop_takes_the_controllers_actions(exported, closed_loop_
     """Plan -> primitive step -> actions -> replan from the bundle alone plays the same
     commands and the same actions (within 1e-5) as the in-framework Controller (VLM planner,
     decoded executor, closed loop) for the same episodes and seeds."""
-    from pewm_jax.control.controller import ControlSettings, Controller, EpisodeSpec
+    from pewm_jax.control.controller import ControlSettings, Controller
     from pewm_jax.control.policy import PrimitivePolicy
+    from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
     from pewm_jax.evaluate.actions import load_action_decoder
     from pewm_jax.evaluate.video_quality import load_world_model
     from pewm_jax.sim import TabletopEnv
@@ -135,10 +136,11 @@ def test_bundle_closed_loop_takes_the_controllers_actions(exported, closed_loop_
         policy = PrimitivePolicy(world_model, config, tokenizer, decoder, stats[0], batch_size=1,
                                  seed=4)
         controller = Controller(
-            ControlSettings("vlm", "decoded", "closed", max_replans=0), image_size=w.image_size,
-            max_delta=w.max_delta, primitive_max_steps=w.primitive_max_steps,
-            frame_stride=int(config.data.frame_stride), policy=policy, planner=planner,
-            num_objects=(w.num_objects_min, w.num_objects_max))
+            ControlSettings("vlm", "decoded", "closed", max_replans=0),
+            lambda: TabletopControlEnv(w.image_size, (w.num_objects_min, w.num_objects_max),
+                                       w.max_delta, w.primitive_max_steps),
+            horizon=int(config.data.horizon), frame_stride=int(config.data.frame_stride),
+            policy=policy, planner=planner)
         taken.clear()
         [result] = controller.run([EpisodeSpec(seed)], parallel=1)
         reference = list(taken)

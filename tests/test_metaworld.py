@@ -194,7 +194,9 @@ def test_dataset_has_the_built_in_worlds_layout(tmp_path):
     for i in range(len(clips)):
         clip = clips[i]
         assert clip["frames"].shape == (config.data.horizon, 32, 32, 3)
-        assert clip["actions"].shape == (config.data.horizon, 4)
+        h, s = config.data.horizon, config.data.frame_stride
+        assert clip["actions"].shape == (h, s, 4) and clip["action_valid"].shape == (h, s)
+        assert clip["action_valid"][0, 0]  # a clip starts with its segment's own steps
         for xy in (clip["start_xy"], clip["goal_xy"]):
             assert np.all((xy >= 0) & (xy <= 32))
         texts.add(clip["text"].decode() if isinstance(clip["text"], bytes) else clip["text"])
@@ -239,28 +241,40 @@ def test_demo_collection_resumes_from_its_cache(tmp_path, monkeypatch):
     assert lost.exists()
 
 
-# Closed-loop evaluation (pewm_jax.metaworld.evaluate).
-from data_loaders.clips import ActionStats  # noqa: E402
-from pewm_jax.control.policy import PolicyOutput  # noqa: E402
+# Closed-loop evaluation (pewm_jax.metaworld.evaluate, pewm_jax.metaworld.control_env).
+import dataclasses  # noqa: E402
+
+from data_loaders.clips import frame_indices  # noqa: E402
+from pewm_jax.control.controller import Controller  # noqa: E402
+from pewm_jax.control.policy import PolicyOutput, PrimitiveCommand  # noqa: E402
+from pewm_jax.evaluate.closed_loop import needs  # noqa: E402
 from pewm_jax.metaworld import evaluate as mw_eval  # noqa: E402
+from pewm_jax.metaworld.control_env import (EpisodeSpec, MetaWorldControlEnv,  # noqa: E402
+                                            oracle_plan)
 from pewm_jax.vlm.plan import Plan, PlanParseError, PlanStep  # noqa: E402
 from pewm_jax.vlm.planner import Planner  # noqa: E402
 
 
 class _StillPolicy:
-    """A policy double whose clips never move: every action is zero (the gripper stays)."""
+    """A policy double whose clips never move: every per-step action is zero. It records the
+    commands it imagines for and the true clips it decodes."""
 
-    batch_size, image_size = 4, 32
-    stats = ActionStats.compute(np.zeros((4, 4)), [3])
+    batch_size, image_size, horizon, context_frames = 4, 32, 2, 1
 
-    def __init__(self):
-        self.commands = []
+    def __init__(self, frame_stride: int):
+        self.frame_stride = frame_stride
+        self.commands, self.decoded = [], []
 
     def step(self, observations, commands, *, step_index, use_sgg):
         self.commands.append((list(commands), use_sgg))
         b = len(commands)
-        return PolicyOutput(np.zeros((b, 2, 32, 32, 3), np.uint8), np.zeros((b, 2, 4), np.float32),
+        return PolicyOutput(np.zeros((b, self.horizon, 32, 32, 3), np.uint8),
+                            np.zeros((b, self.horizon, self.frame_stride, 4), np.float32),
                             0.0, 0.0)
+
+    def decode(self, context, frames, start_xy, goal_xy, sgg_valid):
+        self.decoded.append((context, frames))  # (B, C, N, N, 3), (B, H, N, N, 3)
+        return np.zeros((len(frames), self.horizon, self.frame_stride, 4), np.float32)
 
 
 class _FixedPlanner:
@@ -281,31 +295,47 @@ class _FixedPlanner:
         return Plan((step, step))
 
 
+def _controller(condition: str, *, frame_stride: int, max_replans: int, policy=None,
+                planner=None, horizon: int = 2) -> Controller:
+    """The evaluation's controller for `condition` on 32-pixel Meta-World episodes."""
+    settings = dataclasses.replace(mw_eval.CONDITIONS[condition], max_replans=max_replans)
+    return Controller(settings, lambda: MetaWorldControlEnv(32), horizon=horizon,
+                      frame_stride=frame_stride, policy=policy, planner=planner)
+
+
 def test_protocol_is_tasks_by_cameras_by_seeds():
     mw = config_lib.default_config().metaworld
     specs = mw_eval.protocol_specs(mw)
     assert len(specs) == 11 * 3 * 25
     assert {s.seed for s in specs} == set(range(25)) and len(set(specs)) == len(specs)
+    assert tuple(mw_eval.CONDITIONS) == config_lib.METAWORLD_CONDITIONS
+
+
+def test_conditions_restore_only_the_models_they_use():
+    need = {name: set(needs(settings)) for name, settings in mw_eval.CONDITIONS.items()}
+    system = {"planner", "world_model", "action_decoder"}
+    assert need == {"pewm": system, "open_loop": system, "no_sgg": system,
+                    "oracle_primitives": {"world_model", "action_decoder"},
+                    "true_video": {"action_decoder"}, "replay": set(), "expert": set()}
 
 
 @pytest.mark.parametrize("loop", ["pewm", "open_loop"])
 def test_failed_attempts_replan_up_to_the_budget(loop):
-    policy, planner = _StillPolicy(), _FixedPlanner()
-    controller = mw_eval.MetaWorldController(loop, image_size=32, frame_stride=2, max_replans=2,
-                                             policy=policy, planner=planner)
-    specs = [mw_eval.EpisodeSpec("button-press-topdown", "corner", s) for s in (0, 1)]
+    policy, planner = _StillPolicy(frame_stride=2), _FixedPlanner()
+    controller = _controller(loop, frame_stride=2, max_replans=2, policy=policy, planner=planner)
+    specs = [EpisodeSpec("button-press-topdown", "corner", s) for s in (0, 1)]
     results = controller.run(specs, parallel=2)
     for r in results:
         assert not r.success and r.end == "replans" and r.replans == 2
-        assert len(r.primitives) == 3 * 2  # 3 attempts of the 2-primitive plan
-        assert r.env_steps == 6 * 2 * 2  # 2 labels x frame_stride per primitive
+        assert len(r.primitives) == 3 * 2  # 3 plans of 2 primitives
+        assert r.env_steps == 6 * 2 * 2  # H = 2 frames x frame_stride steps per primitive
     # Points are scaled from the planner's 64-pixel image to the env's 32.
     first = policy.commands[0][0][0]
     assert first.start_xy == (5.0, 10.0) and first.goal_xy == (15.0, 20.0)
-    # Closed loop plans before every primitive; open loop once per attempt.
+    # Closed loop plans before every primitive; open loop once per plan.
     assert planner.calls == (6 if loop == "pewm" else 3)
     scores = mw_eval.condition_scores(results, 2)
-    assert scores["replans"] == {"0": 0, "1": 0, "2": 2}
+    assert scores["replans"] == {"0": 0, "1": 0, "2": 2} and scores["ends"] == {"replans": 2}
     assert scores["mean_success"] == 0.0 and scores["overall"]["success_ci95"][1] < 1.0
 
 
@@ -319,20 +349,21 @@ class _RemainingPlanner(_FixedPlanner):
                      PlanStep("press the handle down", (3.0, 4.0), (5.0, 6.0))))
 
 
-def _handle_press_closed_loop(planner, image_size: int):
+def _handle_press_closed_loop(planner):
     """One closed-loop handle-press episode (one replan allowed) with `planner` and a policy
     double that keeps still: the result and the policy (it records its commands)."""
-    policy = _StillPolicy()
-    controller = mw_eval.MetaWorldController("pewm", image_size=image_size, frame_stride=1,
-                                             max_replans=1, policy=policy, planner=planner)
-    return controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)[0], policy
+    policy = _StillPolicy(frame_stride=1)
+    controller = _controller("pewm", frame_stride=1, max_replans=1, policy=policy,
+                             planner=planner)
+    return controller.run([EpisodeSpec("handle-press", "corner", 0)], parallel=1)[0], policy
 
 
 def test_closed_loop_runs_the_first_primitive_a_mid_task_planner_lists():
-    result, _ = _handle_press_closed_loop(_RemainingPlanner(), image_size=64)
-    # Two attempts of the first plan's length (2), each primitive the fresh plan's first.
-    assert result.primitives == ["move the gripper above the handle"] * 4
+    result, _ = _handle_press_closed_loop(_RemainingPlanner())
+    # Two plans of the first plan's length (2), each primitive the fresh plan's first.
+    assert [p.text for p in result.primitives] == ["move the gripper above the handle"] * 4
     assert result.end == "replans" and result.replans == 1
+    assert all(p.success is None and p.goal_reached is None for p in result.primitives)
 
 
 class _CutOffPlanner(_FixedPlanner):
@@ -343,53 +374,135 @@ class _CutOffPlanner(_FixedPlanner):
 
 
 def test_unparsable_plans_are_counted_and_never_acted_on():
-    result, policy = _handle_press_closed_loop(_CutOffPlanner(), image_size=32)
+    result, policy = _handle_press_closed_loop(_CutOffPlanner())
     assert result.end == "replans" and result.planner_errors == 2 and result.primitives == []
     assert policy.commands == [] and result.env_steps == 0
     assert mw_eval.condition_scores([result], 1)["planner_errors"] == 2
 
 
 def test_no_sgg_drops_the_heatmaps_and_the_expert_solves_the_tasks():
-    policy = _StillPolicy()
-    controller = mw_eval.MetaWorldController("no_sgg", image_size=32, frame_stride=1,
-                                             max_replans=0, policy=policy,
-                                             planner=_FixedPlanner())
-    controller.run([mw_eval.EpisodeSpec("handle-press", "corner", 0)], parallel=1)
+    policy = _StillPolicy(frame_stride=1)
+    controller = _controller("no_sgg", frame_stride=1, max_replans=0, policy=policy,
+                             planner=_FixedPlanner())
+    controller.run([EpisodeSpec("handle-press", "corner", 0)], parallel=1)
     assert policy.commands and not any(sgg for _, sgg in policy.commands)
-    expert = mw_eval.MetaWorldController("expert", image_size=32, frame_stride=1,
-                                         max_replans=0)
-    specs = [mw_eval.EpisodeSpec(t, "corner", s) for t in ("door-open", "handle-press")
-             for s in (0, 1)]
+    expert = _controller("expert", frame_stride=1, max_replans=0)
+    specs = [EpisodeSpec(t, "corner", s) for t in ("door-open", "handle-press") for s in (0, 1)]
     results = expert.run(specs, parallel=2)
     assert all(r.success and r.env_steps < 500 for r in results)
+    assert all([p.kind for p in r.primitives] == ["task"] for r in results)
     scores = mw_eval.condition_scores(results, 0)
     assert scores["mean_success"] == 1.0 and set(scores["per_task"]) == {"door-open",
                                                                           "handle-press"}
 
 
 def test_oracle_primitives_follow_the_experts_segments():
-    policy = _StillPolicy()
-    controller = mw_eval.MetaWorldController("oracle_primitives", image_size=32, frame_stride=1,
-                                             max_replans=0, policy=policy)
-    spec = mw_eval.EpisodeSpec("door-open", "corner3", 0)
+    policy = _StillPolicy(frame_stride=1)
+    controller = _controller("oracle_primitives", frame_stride=1, max_replans=0, policy=policy)
+    spec = EpisodeSpec("door-open", "corner3", 0)
     result = controller.run([spec], parallel=1)[0]
-    plan = mw_eval.oracle_plan(spec, 32, 4)
-    assert result.primitives == [c.text for c in plan]
+    plan = oracle_plan(spec, 32, 4)
+    assert [p.text for p in result.primitives] == [c.text for c in plan]
     assert [c.text for c in plan] == list(experts.TASKS["door-open"].branches)
+    assert result.task_length == len(plan) and result.end == "replans"
     sent = [cmds[0] for cmds, _ in policy.commands]
     assert sent == plan
 
 
-def test_bad_conditions_name_what_is_missing():
-    with pytest.raises(ValueError, match="unknown condition"):
-        mw_eval.MetaWorldController("oracle", image_size=32, frame_stride=1, max_replans=0)
-    with pytest.raises(ValueError, match="needs the planner"):
-        mw_eval.MetaWorldController("pewm", image_size=32, frame_stride=1, max_replans=0,
-                                    policy=_StillPolicy())
-    with pytest.raises(ValueError, match="world model and action decoder"):
-        mw_eval.MetaWorldController("oracle_primitives", image_size=32, frame_stride=1,
-                                    max_replans=0)
+def test_true_video_decodes_the_experts_true_future_frames():
+    """The true-video executor hands the decoder the frames the expert's future shows at the
+    clip's frame indices, after the current observation."""
+    policy = _StillPolicy(frame_stride=3)
+    controller = _controller("true_video", frame_stride=3, max_replans=0, policy=policy)
+    spec = EpisodeSpec("button-press-topdown", "corner", 1)
+    controller.run([spec], parallel=1)
+    env = MetaWorldControlEnv(32)
+    try:
+        env.reset(spec)
+        roll = env.rollout(env.expert(PrimitiveCommand("", (0, 0), (0, 0))), 2 * 3, render=True)
+    finally:
+        env.close()
+    context, frames = policy.decoded[0]
+    np.testing.assert_array_equal(context[0, 0], roll.frames[0])
+    np.testing.assert_array_equal(frames[0], roll.frames[frame_indices(0, 6, 2, 3)])
+    assert not np.array_equal(frames[0, -1], roll.frames[0])  # the expert moved
 
+
+@pytest.mark.parametrize("task", ["door-open", "assembly"])
+def test_rollouts_simulate_a_copy_that_the_live_env_reproduces_exactly(task):
+    """`rollout` leaves the live episode as it was, and playing its actions there gives its
+    frames exactly (mid-episode, after actions no expert took); it stops when the task
+    succeeds."""
+    env = MetaWorldControlEnv(32)
+    try:
+        env.reset(EpisodeSpec(task, "corner2", 0))
+        expert = env.expert(PrimitiveCommand("any words", (0, 0), (0, 0)))
+        assert np.array_equal(env.hold_action(), [0, 0, 0, -1])  # open before any action
+        rng = np.random.default_rng(0)
+        for t in range(30):
+            env.step(rng.uniform(-1, 1, 4).astype(np.float32) if t < 3 else
+                     env.expert_action(expert))
+        live = (env.image.copy(), env.env.raw_observation.copy(), env.env.tcp)
+        roll = env.rollout(expert, 40, render=True)
+        assert roll.frames.shape == (41, 32, 32, 3) and roll.actions.shape == (40, 4)
+        assert roll.actions.dtype == np.float32 and len(roll.experts) == 41
+        for before, now in zip(live, (env.image, env.env.raw_observation, env.env.tcp)):
+            np.testing.assert_array_equal(before, now)
+        unrendered = env.rollout(expert, 40, render=False)
+        assert unrendered.frames.shape == (1, 32, 32, 3)
+        np.testing.assert_array_equal(unrendered.actions, roll.actions)
+        for action, frame in zip(roll.actions, roll.frames[1:]):
+            assert env.step(action) is None
+            np.testing.assert_array_equal(env.image, frame)
+        assert env.hold_action()[3] == roll.actions[-1, 3]
+        rest = env.rollout(expert, 500, render=False)
+        ends = [env.step(action) for action in rest.actions]
+        assert len(rest.actions) < 500 - 70 and ends == [None] * (len(ends) - 1) + ["success"]
+    finally:
+        env.close()
+
+
+def test_replay_of_the_experts_actions_matches_the_expert():
+    """The replay executor (the expert's per-step actions simulated on a copy, cut into clips of
+    H = 8 frames x 4 steps and played) succeeds exactly where the expert does, in as many
+    steps; the headline's chain table lists both links."""
+    specs = [EpisodeSpec(t, "corner", s) for t in ("door-open", "handle-press") for s in (0, 1)]
+    results = {name: _controller(name, frame_stride=4, max_replans=5, horizon=8).run(
+        specs, parallel=2) for name in ("expert", "replay")}
+    expert, replay = results["expert"], results["replay"]
+    assert [r.success for r in replay] == [r.success for r in expert] == [True] * 4
+    assert [r.env_steps for r in replay] == [r.env_steps for r in expert]
+    assert all(p.rounds == 1 and p.env_steps <= 32 for r in replay for p in r.primitives)
+    report = {"protocol": {"tasks": ["door-open", "handle-press"]},
+              "published_mean_success": mw_eval.PUBLISHED,
+              "conditions": {n: mw_eval.condition_scores(r, 5) for n, r in results.items()}}
+    table = mw_eval.headline(report).split("evaluation chain expert -> replay")[1].splitlines()
+    assert [line.split()[0] for line in table[1:]] == ["task", "door-open", "handle-press", "mean"]
+    assert table[-1].split()[1:] == ["100%", "(51%-100%)", "100%", "(51%-100%)"]
+
+
+def test_evaluation_without_models_runs_the_expert_links_and_skips_the_rest(tmp_path):
+    """`evaluate_run` on a run directory without checkpoints: the expert and replay links run
+    (they need no model) and agree, every other condition is skipped naming its training
+    command, and the report is written."""
+    import json
+
+    config = config_lib.default_config()
+    config.world.image_size = 32
+    config.metaworld.eval_tasks, config.metaworld.eval_cameras = ("handle-press",), ("corner",)
+    config.metaworld.eval_seeds, config.eval.parallel_envs = 1, 1
+    config_lib.validate(config)
+    report = mw_eval.evaluate_run(config, tmp_path)
+    assert report == json.loads((tmp_path / "eval" / "metaworld_report.json").read_text())
+    conditions = report["conditions"]
+    assert list(conditions) == list(config_lib.METAWORLD_CONDITIONS)
+    for name in ("expert", "replay"):
+        assert conditions[name]["mean_success"] == 1.0, (name, conditions[name])
+    assert conditions["replay"]["env_steps"] == conditions["expert"]["env_steps"]
+    assert "pewm actions" in conditions["true_video"]["skipped"]
+    assert "pewm train" in conditions["oracle_primitives"]["skipped"]
+    assert all("skipped" in conditions[n] for n in ("pewm", "open_loop", "no_sgg"))
+    assert "evaluation chain expert -> replay (" in mw_eval.headline(report)
 
 @pytest.mark.slow
 def test_demos_to_dataset_to_training_to_an_evaluated_episode(tmp_path):
@@ -406,7 +519,7 @@ def test_demos_to_dataset_to_training_to_an_evaluated_episode(tmp_path):
                  "metaworld.eval_tasks": "('handle-press',)",
                  "metaworld.train_seeds": 2, "metaworld.val_seeds": 1, "metaworld.test_seeds": 1,
                  "metaworld.eval_seeds": 1, "metaworld.max_replans": 1, "world.image_size": 32,
-                 "model.patch_size": 8, "action_decoder.patch_size": 8,
+                 "model.patch_size": 8, "action_decoder.channels": 8,
                  "planner.image_size": 32, "eval.parallel_envs": 1, **steps}
     out = subprocess.run(
         [sys.executable, "-m", "pewm_jax.cli", "run", f"--config={root / 'configs/metaworld.py'}",

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from data_loaders import clip_dataset, pipeline
 from data_loaders.clip_dataset import DatasetError, DatasetMeta
-from data_loaders.clips import cut_clip
+from data_loaders.clips import cut_clips
 from pewm_jax.config import default_config
 from pewm_jax.parallel.global_batch import make_global_batch
 from pewm_jax.sgg import render_heatmaps
@@ -41,11 +41,11 @@ def _write_tabletop_dataset(out_dir: pathlib.Path, image_size: int, seeds: range
             for i, seg in enumerate(ep.segments):
                 # Every segment fits the horizon, so a clip's last frame is the segment's last.
                 assert seg.end_frame - seg.start_frame <= HORIZON * STRIDE
-                yield cut_clip(ep.frames, actions, seg.start_frame, seg.end_frame,
-                               horizon=HORIZON, stride=STRIDE, context_frames=1,
-                               gripper_dims=[action_dim - 1], text=seg.text,
-                               start_xy=seg.start_xy, goal_xy=seg.goal_xy, sgg_valid=True,
-                               episode_id=ep.seed, segment_index=i)
+                yield from cut_clips(ep.frames, actions, seg.start_frame, seg.end_frame,
+                                     horizon=HORIZON, stride=STRIDE, context_frames=1,
+                                     gripper_dims=[action_dim - 1], text=seg.text,
+                                     start_xy=seg.start_xy, goal_xy=seg.goal_xy, sgg_valid=True,
+                                     episode_id=ep.seed, segment_index=i)
 
     meta = DatasetMeta(name=f"tabletop{image_size}", image_size=image_size, horizon=HORIZON,
                        frame_stride=STRIDE, context_frames=1, action_dim=action_dim,
@@ -152,14 +152,17 @@ def test_actions_are_normalised_per_dataset_and_padded(datasets):
     for p in range(24):
         k, j = pipe.order[p]
         raw, got = sources[k][j], pipe.element(p)
-        dims = raw["actions"].shape[1]
-        np.testing.assert_allclose(got["actions"][:, :dims], stats[k].normalize(raw["actions"]),
-                                   rtol=1e-6)
-        np.testing.assert_array_equal(got["actions"][:, dims - 1], raw["actions"][:, -1])  # grip
-        assert not got["actions"][:, dims:].any()
+        dims = raw["actions"].shape[-1]
+        np.testing.assert_allclose(got["actions"][..., :dims - 1],
+                                   stats[k].normalize(raw["actions"])[..., :-1], rtol=1e-6)
+        # The gripper dimension holds the command: 1 closed, 0 open.
+        np.testing.assert_array_equal(got["actions"][..., dims - 1], raw["actions"][..., -1] > 0)
+        assert not got["actions"][..., dims:].any()
+        assert got["gripper_mask"].tolist() == [i == dims - 1 for i in range(4)]
+        np.testing.assert_array_equal(got["action_valid"], raw["action_valid"])
         other = stats[1 - k]  # (dx, dy) mean the same in both datasets; their statistics differ
-        with_other = (raw["actions"][:, :2] - other.mean[:2]) / other.std[:2]
-        assert not np.allclose(got["actions"][:, :2], with_other, atol=1e-3)
+        with_other = (raw["actions"][..., :2] - other.mean[:2]) / other.std[:2]
+        assert not np.allclose(got["actions"][..., :2], with_other, atol=1e-3)
         scale = IMAGE / (64 if k == 0 else 96)
         np.testing.assert_allclose(got["start_xy"], raw["start_xy"] * scale, rtol=1e-6)
         if k == 0:  # same size, no augmentation: the frames pass through untouched

@@ -60,7 +60,7 @@ def fractal_out(sources, tmp_path_factory):
 def records(out, split) -> list[dict]:
     src = clip_dataset.clip_source(out, split)
     return sorted((src[i] for i in range(len(src))),
-                  key=lambda r: (int(r["episode_id"]), int(r["segment_index"])))
+                  key=lambda r: (int(r["episode_id"]), int(r["segment_index"]), int(r["part"])))
 
 
 def boundaries_from_changes(changes, num_steps):
@@ -68,12 +68,30 @@ def boundaries_from_changes(changes, num_steps):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def expected_indices(start, end):
-    """The clip contract by hand: padded (hold the last frame) or resampled to H frames."""
-    j = np.arange(1, H + 1)
-    if end - start <= H * STRIDE:
-        return np.minimum(start + j * STRIDE, end)
-    return start + np.round(j * (end - start) / H).astype(int)
+def expected_indices(start, segment_end):
+    """The clip contract by hand: a clip starting at `start` covers at most H * STRIDE steps of
+    its segment, frames past the segment's end holding it."""
+    return np.minimum(start + np.arange(1, H + 1) * STRIDE, min(start + H * STRIDE, segment_end))
+
+
+def segments_of(rs) -> dict[int, list[tuple[int, int]]]:
+    """Episode -> the (start, end) frames of its segments, the consecutive clips of a long
+    segment joined (each checked to start where the one before ended)."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for r in rs:
+        episode, start, end, _ = clip_segment(r)
+        if int(r["part"]):
+            first, last = out[episode][-1]
+            assert start == last and start - first == int(r["part"]) * H * STRIDE
+            out[episode][-1] = (first, end)
+        else:
+            out.setdefault(episode, []).append((start, end))
+    return out
+
+
+def parts(bounds) -> int:
+    """Clips of segments (start, end): one per H * STRIDE steps begun."""
+    return sum(-(-(end - start) // (H * STRIDE)) for start, end in bounds)
 
 
 def clip_segment(record) -> tuple[int, int, int, list[int]]:
@@ -90,17 +108,18 @@ def clip_segment(record) -> tuple[int, int, int, list[int]]:
 def test_bridge_windows_follow_gripper_changes(sources, bridge_out):
     out, meta = bridge_out
     fx = sources["bridge"]
-    assert meta.splits == {"train": 8, "validation": 2}
     for split, source_split in (("train", "train"), ("validation", "val")):
-        got = {}
-        for r in records(out, split):
-            episode, start, end, steps = clip_segment(r)
-            assert int(r["episode_id"]) == episode  # source order: train 0..2, then val 3
-            np.testing.assert_array_equal(steps, expected_indices(start, end))
-            got.setdefault(episode, []).append((start, end))
+        rs = records(out, split)
+        got = segments_of(rs)
         want = {e: boundaries_from_changes(F.BRIDGE_CHANGES[e], F.NUM_STEPS - 1)
                 for e in fx.splits[source_split]}
         assert got == want
+        assert meta.splits[split] == len(rs) == sum(parts(b) for b in want.values())
+        for r in rs:
+            episode, start, _, steps = clip_segment(r)
+            assert int(r["episode_id"]) == episode  # source order: train 0..2, then val 3
+            segment_end = got[episode][int(r["segment_index"])][1]
+            np.testing.assert_array_equal(steps, expected_indices(start, segment_end))
 
 
 def test_bridge_instructions_and_fallback(bridge_out):
@@ -143,12 +162,17 @@ def test_bridge_points_annotation_then_projection(sources, bridge_out):
     fx = sources["bridge"]
     scale = SIZE / 64  # 64x64 source, square: no crop, only a resize
     for split in ("train", "validation"):
-        for r in records(out, split):
-            episode, start, end, _ = clip_segment(r)
+        rs = records(out, split)
+        segments = segments_of(rs)
+        for r in rs:
+            episode, start, _, _ = clip_segment(r)
+            end = segments[episode][int(r["segment_index"])][1]  # the segment's goal frame
             ep = fx.episodes[episode]
             assert bool(r["sgg_valid"])
             if episode == F.BRIDGE_NO_ANNOTATION:  # no annotation: the calibration projects
                 want = [hand_projection(ep.ee[start]), hand_projection(ep.ee[end])]
+            elif int(r["part"]):  # a later clip starts where the projected gripper is
+                want = [hand_projection(ep.ee[start]), ep.points[end] * scale]
             else:
                 want = [ep.points[start] * scale, ep.points[end] * scale]
             np.testing.assert_allclose(r["start_xy"], want[0], atol=1e-4)
@@ -166,7 +190,8 @@ def test_output_loads_with_clip_source(bridge_out):
         r = src[0]
         assert r["context"].shape == (CTX, SIZE, SIZE, 3) and r["context"].dtype == np.uint8
         assert r["frames"].shape == (H, SIZE, SIZE, 3)
-        assert r["actions"].shape == (H, 7) and r["actions"].dtype == np.float32
+        assert r["actions"].shape == (H, STRIDE, 7) and r["actions"].dtype == np.float32
+        assert r["action_valid"].shape == (H, STRIDE)
         assert r["start_xy"].dtype == np.float32
 
 
@@ -210,8 +235,10 @@ def test_array_record_source_and_calibration_from_keys(sources, bridge_out, tmp_
         assert [clip_segment(r)[:3] for r in a] == [clip_segment(r)[:3] for r in b]
         np.testing.assert_allclose(np.stack([r["actions"] for r in a]),
                                    np.stack([r["actions"] for r in b]))
+        segments = segments_of(a)
         for r in a:  # no annotation in this spec: every point is projected
-            episode, start, end, _ = clip_segment(r)
+            episode, start, _, _ = clip_segment(r)
+            end = segments[episode][int(r["segment_index"])][1]  # the segment's goal frame
             ee = fx.episodes[episode].ee
             assert bool(r["sgg_valid"])
             np.testing.assert_allclose(r["start_xy"], hand_projection(ee[start]), atol=1e-4)
@@ -221,16 +248,16 @@ def test_array_record_source_and_calibration_from_keys(sources, bridge_out, tmp_
 # ------------------------------------------------------------------------------ fractal
 
 
-def hand_labels(actions, start, idx):
-    """Clip labels by hand: summed motion between frames, the last (absolute) gripper command."""
+def hand_actions(actions, start, end):
+    """A clip's per-step actions by hand: steps start..end-1 with the (absolute) gripper
+    command, then no-ops (no motion, the last command held) up to H * STRIDE steps."""
     absolute = actions.copy()
     t = np.arange(len(actions))
     absolute[:, 6] = 1.0 - ((t >= F.FRACTAL_CLOSE - 1) & (t < F.FRACTAL_OPEN - 1))
-    bounds = [start, *idx]
-    rows = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows.append(np.concatenate([absolute[a:b, :6].sum(0), absolute[b - 1, 6:]]))
-    return np.asarray(rows, np.float32)
+    out = np.zeros((H * STRIDE, 7), np.float32)
+    out[:end - start] = absolute[start:end]
+    out[end - start:, 6] = absolute[end - 1, 6]
+    return out.reshape(H, STRIDE, 7)
 
 
 def test_fractal_actions_segments_and_statistics(sources, fractal_out):
@@ -241,15 +268,16 @@ def test_fractal_actions_segments_and_statistics(sources, fractal_out):
                    (F.FRACTAL_OPEN, F.FRACTAL_STEPS - 1)]  # gripper changes + pause middle
     train_labels = []
     for split in ("train", "validation"):
-        by_episode = {}
-        for r in records(out, split):
-            episode, start, end, steps = clip_segment(r)
-            by_episode.setdefault(episode, []).append((start, end))
+        rs = records(out, split)
+        by_episode = segments_of(rs)
+        for r in rs:
+            episode, start, end, _ = clip_segment(r)
             # world_vector, rotation_delta, gripper_closedness_action, in that order.
-            want = hand_labels(fx.episodes[episode].actions, start, steps)
+            want = hand_actions(fx.episodes[episode].actions, start,
+                                min(start + H * STRIDE, end))
             np.testing.assert_allclose(r["actions"], want, atol=1e-5)
             if split == "train":
-                train_labels.append(want)
+                train_labels.append(want[r["action_valid"]])
         assert all(b == want_bounds for b in by_episode.values())
     stats = clip_dataset.load_statistics(out)
     labels = np.concatenate(train_labels).astype(np.float64)
@@ -404,7 +432,7 @@ def test_fixed_windows_when_no_signals_are_sgg_invalid():
     clips = rlds.episode_clips(ep, episode_id=3, spec=spec, horizon=4, frame_stride=2,
                                context_frames=1, image_size=4)
     assert [c.segment_index for c in clips] == [0, 1, 2]
-    assert [c.actions[:, 0].sum() for c in clips] == [8, 8, 4]  # windows (0,8) (8,16) (16,20)
+    assert [c.actions[..., 0].sum() for c in clips] == [8, 8, 4]  # windows (0,8) (8,16) (16,20)
     assert not any(c.sgg_valid for c in clips)
 
 

@@ -95,7 +95,8 @@ def test_step_equals_the_runtime(served, policy, frames, batch, use_sgg, return_
     direct = policy.step(frames[:batch], COMMANDS[:batch], step_index=5, use_sgg=use_sgg)
     shapes = policy.bundle.manifest["policy_step"]
     assert reply.actions.dtype == np.float32
-    assert reply.actions.shape == (batch, shapes["horizon"], shapes["action_dim"])
+    assert reply.actions.shape == (batch, shapes["horizon"], shapes["frame_stride"],
+                                   shapes["action_dim"])
     np.testing.assert_allclose(reply.actions, direct.actions, atol=1e-6, rtol=0)
     if return_clips:
         np.testing.assert_array_equal(reply.clips, direct.clips)

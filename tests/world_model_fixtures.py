@@ -80,8 +80,10 @@ def moving_square_clips(num: int, image: int, horizon: int, seed: int = 0,
     return {"context": frames[:, :1], "frames": frames[:, 1:], "text_tokens": tokens,
             "text_mask": mask, "start_xy": start, "goal_xy": goal,
             "sgg_valid": np.ones((num,), bool),
-            "actions": np.zeros((num, horizon, 4), np.float32),
-            "action_mask": np.ones((num, 4), bool), "dataset_id": np.zeros((num,), np.int32)}
+            "actions": np.zeros((num, horizon, 2, 4), np.float32),
+            "action_valid": np.ones((num, horizon, 2), bool),
+            "action_mask": np.ones((num, 4), bool), "gripper_mask": np.zeros((num, 4), bool),
+            "dataset_id": np.zeros((num,), np.int32)}
 
 
 def train(model: WorldModel, config, batch_fn, steps: int, learning_rate: float,

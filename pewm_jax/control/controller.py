@@ -1,46 +1,62 @@
 """The closed-loop controller: plan -> imagine a primitive clip -> decode actions -> act -> replan.
 
-Many environments run in lockstep, one primitive per round, so every model call is one batch:
+One controller for every world: it drives environments through `ControlEnv`, which the
+built-in world (`pewm_jax.control.tabletop.TabletopControlEnv`) and Meta-World
+(`pewm_jax.metaworld.control_env.MetaWorldControlEnv`) each implement. Many environments run
+in lockstep, one round at a time, so every model call is one batch:
 
     observations ─► planner ─► next primitive per env (words + start/goal points)
-                 ─► executor ─► environment steps ─► new observations ─► (closed loop) replan
+                 ─► executor ─► per-step actions ─► environment steps ─► new observations
 
-Choices (`ControlSettings`), each isolating one part of the system:
+Choices (`ControlSettings`), each feeding one link of the chain with truth (DESIGN.md
+"Evaluation chain"):
 - planner   'vlm': the fine-tuned PaliGemma planner; 'world': the world's own task
-            decomposition (the task's primitives, planned from the true state: no planner error);
-            'task': the task's words as one command without points, run once (the input of the
-            non-primitive whole-task baseline, whose one clip covers the whole task).
-- executor  'decoded': the world model imagines the primitive's clip and the action decoder reads
-            its actions, each executed as `frame_stride` environment steps (DESIGN.md "Clip");
-            'scripted': the world's scripted expert for the named primitive (no world-model error).
+            decomposition (no planner error); 'task': the task's words as one command without
+            points (the whole-task baseline's input, and Meta-World's scripted expert).
+- executor  'scripted': the world's scripted expert runs the named primitive to its end;
+            'replay': the expert's own per-step actions for the primitive (simulated on a copy
+            of the world), cut into the clip form and played as the decoded ones are: isolates
+            the clip contract and the executor;
+            'true_video': the expert's true future frames from the current state (same copy,
+            rendered at the model's frame size) through the action decoder: isolates the
+            decoder;
+            'decoded': the world model imagines the clip and the action decoder reads it.
 - loop      'closed': replan from every new observation; 'open': plan once, from the first one.
 - sgg       False drops the start/goal heatmaps when sampling (the text-only ablation).
+- execute_frames  k <= H: play the first k frames' actions (k * frame_stride steps) of a clip,
+            then observe and imagine again, with the same words and goal (receding horizon
+            within a primitive); None plays all H.
 
-Which primitive runs next: the world planner keeps a pointer into the task that moves on when
-the primitive's own check holds (a failed primitive is retried). A VLM planner trained on
-mid-task examples (`Planner.plans_remaining`) lists the primitives left, so the controller runs
-its first one; otherwise it plans the whole task from every frame and the controller runs the
-step at its position (primitives executed so far). An episode ends when the task succeeds, the
-environment's step budget runs out, the plan has no step left, or `len(task) + max_replans`
-primitives have run.
+Rounds and attempts: a round plans (as the loop asks), makes one clip per environment and
+plays it. An attempt is one primitive's rounds: it ends when it has played a whole clip's
+worth of frames (H: one round, or H / k rounds of receding horizon), or for the scripted
+executor after one round; then the primitive's own check says whether it succeeded. Which primitive comes next: the world planner keeps a pointer into the task that moves
+on when the primitive's check holds (a failed primitive is retried) or, in a world without
+per-primitive checks (Meta-World), after every attempt; a VLM planner trained on mid-task
+examples (`Planner.plans_remaining`) lists the primitives left, so the controller runs its
+first one, else the step at the attempt's position. When a plan runs out without success the
+controller plans afresh, up to `max_replans` times; a world with checks instead retries failed
+primitives, up to `len(task) + max_replans` attempts. An episode ends on success, when the
+environment's step budget runs out, or when its attempts or plans are used up.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
+from data_loaders.clips import frame_indices, step_actions
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
-from pewm_jax.sim import TabletopEnv
-from pewm_jax.sim.primitives import Expert, Infeasible, Primitive, primitive_from_text
-from pewm_jax.sim.render import gripper_at
 from pewm_jax.vlm.planner import Planner
 
 PLANNERS = ("vlm", "world", "task")
-EXECUTORS = ("decoded", "scripted")
+EXECUTORS = ("decoded", "true_video", "replay", "scripted")
 LOOPS = ("closed", "open")
 
 
@@ -52,7 +68,8 @@ class ControlSettings:
     executor: str = "decoded"
     loop: str = "closed"
     sgg: bool = True
-    max_replans: int = 2  # primitives it may run beyond the task's length (retries)
+    max_replans: int = 2
+    execute_frames: int | None = None  # k <= H frames played per clip; None: all H
 
     def __post_init__(self):
         for name, known in (("planner", PLANNERS), ("executor", EXECUTORS), ("loop", LOOPS)):
@@ -61,44 +78,139 @@ class ControlSettings:
                                  f"{getattr(self, name)!r}")
         if self.max_replans < 0:
             raise ValueError(f"max_replans must be >= 0, got {self.max_replans}")
+        if self.execute_frames is not None and self.execute_frames < 1:
+            raise ValueError(f"execute_frames must be >= 1 (or None for all), got "
+                             f"{self.execute_frames}")
+
+    @property
+    def uses_decoder(self) -> bool:
+        return self.executor in ("decoded", "true_video")
 
 
 @dataclasses.dataclass(frozen=True)
-class EpisodeSpec:
-    """Which episode to run: the world seed, task split and (optional) template."""
+class Rollout:
+    """The scripted expert's future from the current state, simulated on a copy of the world."""
 
-    seed: int
-    split: str = "train"
-    template: str | None = None
+    frames: np.ndarray  # (n + 1, N, N, 3) uint8: the current observation, then after each step
+    actions: np.ndarray  # (n, A) float32
+    experts: list[Any]  # (n + 1) the expert as it stands after each step (to continue it)
+
+
+class ControlEnv(abc.ABC):
+    """One world the controller drives: an episode's observation, stepping and task, and the
+    truth each link of the chain can be fed with (the world's decomposition, the scripted
+    expert of a named primitive, its future simulated on a copy)."""
+
+    image: np.ndarray  # (N, N, 3) uint8: the current observation
+    scripted_steps: int  # environment steps a scripted primitive may take
+    has_checks: bool  # the world checks each primitive's success (the built-in world does)
+    action_dim: int
+    gripper_dims: Sequence[int]  # action dimensions that are gripper commands
+
+    @abc.abstractmethod
+    def reset(self, spec: Any) -> None:
+        """Starts the episode of `spec` (the world's own episode description)."""
+
+    @abc.abstractmethod
+    def step(self, action: np.ndarray) -> str | None:
+        """Applies one action and updates `image`; 'success' or 'out_of_steps' when the
+        episode ends with it, else None."""
+
+    @property
+    @abc.abstractmethod
+    def task_text(self) -> str:
+        """The task's words (what the planner is asked)."""
+
+    @abc.abstractmethod
+    def world_command(self, index: int, fresh: bool) -> PrimitiveCommand | None:
+        """Primitive `index` of the world's decomposition of the task, with its points planned
+        from the current state (`fresh`) or as planned at reset; None past its end."""
+
+    @abc.abstractmethod
+    def expert(self, command: PrimitiveCommand) -> Any | None:
+        """The scripted expert of the primitive the words name, from the current state; None
+        when they name none or it cannot run from here."""
+
+    @abc.abstractmethod
+    def expert_action(self, expert: Any) -> np.ndarray | None:
+        """The expert's next action in the live world (advancing it); None once it is done."""
+
+    @abc.abstractmethod
+    def hold_action(self) -> np.ndarray:
+        """The no-op: no motion, the gripper command that keeps its current state."""
+
+    @abc.abstractmethod
+    def rollout(self, expert: Any, steps: int, render: bool) -> Rollout:
+        """The expert's next `steps` steps (fewer if it finishes) on a copy of the world, the
+        live one untouched; frames rendered at the observation's size when `render`."""
+
+    @abc.abstractmethod
+    def succeeded(self, expert: Any) -> bool | None:
+        """Whether the expert's primitive has achieved what its words say (its own check), or
+        None in a world without per-primitive checks."""
+
+    @property
+    @abc.abstractmethod
+    def task_length(self) -> int:
+        """Primitives in the world's decomposition of the task."""
+
+    @abc.abstractmethod
+    def gripper_xy(self) -> tuple[float, float]:
+        """The gripper's (x, y) pixels in the observation (the world's truth: where a world
+        planner's continuing clip starts)."""
+
+    @abc.abstractmethod
+    def goal_reached(self, frame: np.ndarray, goal_xy: tuple[float, float],
+                     radius_px: float) -> bool | None:
+        """Whether an (imagined) frame shows the gripper within radius_px of the goal; None
+        where the world cannot read it from a frame."""
+
+    @abc.abstractmethod
+    def primitive_kind(self, text: str) -> str | None:
+        """The kind of the world's primitive that the words name (per-primitive scores), or
+        None."""
+
+    @abc.abstractmethod
+    def summary(self) -> dict[str, Any]:
+        """What the episode's result reports of the world: template, task, split and
+        chain_length (primitives of the decomposition reached in order)."""
+
+    def close(self) -> None:
+        """Releases what the environment holds (renderers)."""
 
 
 @dataclasses.dataclass
 class PrimitiveRecord:
-    """One primitive the controller ran."""
+    """One primitive attempt the controller ran."""
 
     text: str
     kind: str | None  # the world primitive its words name ('task' for the whole task as one
-    # command; None: they name no primitive)
-    start_xy: tuple[float, float]  # commanded points, pixels of the observation
+    # command; None: they name no primitive of the world)
+    start_xy: tuple[float, float]  # commanded points at the attempt's start, pixels
     goal_xy: tuple[float, float]
-    success: bool  # the named primitive's own check after it ran (False when infeasible)
+    success: bool | None  # the named primitive's own check when the attempt ended (None: the
+    # world has no per-primitive check)
     env_steps: int
-    goal_reached: bool | None  # decoded: the imagined clip's last frame shows the gripper
-    # within goal_reach_px of the goal point; None for the scripted executor
+    rounds: int  # clips made for it
+    goal_reached: bool | None  # the first clip's last frame shows the gripper within
+    # goal_reach_px of the goal point; None where no clip was imagined
 
 
 @dataclasses.dataclass
 class EpisodeResult:
     """One controlled episode."""
 
-    spec: EpisodeSpec
+    spec: Any
     template: str
     task: str
-    task_length: int  # primitives in the task
+    split: str
+    task_length: int  # primitives in the world's decomposition of the task
+    chain_length: int  # leading primitives of it whose goals were reached, in order
     success: bool
-    chain_length: int  # leading primitives of the task whose goals were reached, in order
-    end: str  # 'success', 'out_of_steps', 'plan_done', 'budget'
+    end: str  # 'success', 'out_of_steps', 'plan_done', 'budget', 'replans'
     env_steps: int
+    replans: int  # fresh plans after the first ran out
+    planner_errors: int  # plans that did not parse (each ends its plan; none is guessed)
     primitives: list[PrimitiveRecord]
     frames: list[np.ndarray]  # recorded episodes: (N, 2N, 3) uint8 [observation | imagined]
 
@@ -130,227 +242,318 @@ class Latency:
         return out
 
 
+@dataclasses.dataclass
+class _Attempt:
+    """The primitive a slot is running: its command, expert (or None) and progress."""
+
+    command: PrimitiveCommand
+    kind: str | None
+    expert: Any | None
+    rounds: int = 0
+    frames_played: int = 0
+    env_steps: int = 0
+    goal_reached: bool | None = None
+
+
 class _Slot:
     """The controller's bookkeeping for one environment's current episode."""
 
-    def __init__(self, env: TabletopEnv, spec: EpisodeSpec, record: bool):
+    def __init__(self, env: ControlEnv, spec: Any, record: bool):
         self.env, self.spec, self.record = env, spec, record
-        options = {"split": spec.split} | ({"template": spec.template} if spec.template else {})
-        obs, self.info = env.reset(seed=spec.seed, options=options)
-        self.image = obs["image"]
+        env.reset(spec)
         self.frames: list[np.ndarray] = [np.concatenate(
-            [self.image, np.zeros_like(self.image)], 1)] if record else []
-        self.executed = 0  # primitives run so far
-        self.pointer = 0  # world planner: the task's next primitive
-        self.plan: list[PrimitiveCommand] | None = None  # open loop: the plan made first
+            [env.image, np.zeros_like(env.image)], 1)] if record else []
+        self.attempts = 0  # attempts finished
+        self.position = 0  # the plan's primitive to run next
+        self.plan: list[PrimitiveCommand] | None = None
+        self.plan_length = 0  # primitives in the plan made when the position was last 0
+        self.replans = 0
+        self.planner_errors = 0
+        self.attempt: _Attempt | None = None
         self.primitives: list[PrimitiveRecord] = []
         self.env_steps = 0
         self.end: str | None = None
 
     def result(self) -> EpisodeResult:
-        reached = self.info["primitives_reached"]
-        chain = next((k for k, r in enumerate(reached) if not r), len(reached))
-        task = self.env.task
-        return EpisodeResult(self.spec, task.template, task.text, len(task.primitives),
-                             self.end == "success", chain, self.end, self.env_steps,
+        world = self.env.summary()
+        return EpisodeResult(self.spec, world["template"], world["task"], world["split"],
+                             self.env.task_length, world["chain_length"], self.end == "success",
+                             self.end, self.env_steps, self.replans, self.planner_errors,
                              self.primitives, self.frames)
 
 
 class Controller:
     """Runs episodes with a planner and an executor (module docstring)."""
 
-    def __init__(self, settings: ControlSettings, *, image_size: int, max_delta: float,
-                 primitive_max_steps: int, frame_stride: int,
-                 policy: PrimitivePolicy | None = None, planner: Planner | None = None,
-                 num_objects: tuple[int, int] = (3, 5), goal_reach_px: float = 4.0):
-        """`policy` is needed by the decoded executor, `planner` by the VLM planner; the
-        environments are built from the world settings given here (those the models saw)."""
-        if settings.executor == "decoded" and policy is None:
-            raise ValueError("the decoded executor needs a PrimitivePolicy (world model and "
-                             "action decoder)")
+    def __init__(self, settings: ControlSettings, make_env: Callable[[], ControlEnv], *,
+                 horizon: int, frame_stride: int, policy: PrimitivePolicy | None = None,
+                 planner: Planner | None = None, goal_reach_px: float = 4.0):
+        """`make_env` builds one environment (at the frame size the models saw); `horizon`
+        and `frame_stride` are the clips' (H, s) (a policy's own horizon wins: the whole-task
+        model's clips are longer); `policy` is needed by the decoded and true-video executors,
+        `planner` by the VLM planner."""
+        if settings.uses_decoder and policy is None:
+            raise ValueError(f"the {settings.executor!r} executor needs a PrimitivePolicy (world "
+                             "model and action decoder)")
         if settings.planner == "vlm" and planner is None:
             raise ValueError("the 'vlm' planner needs a Planner; use planner='world' for the "
                              "world's own task decomposition")
-        if policy is not None and policy.image_size != image_size:
-            raise ValueError(f"the policy's models see {policy.image_size}-pixel frames but the "
-                             f"environment renders {image_size}")
+        horizon = policy.horizon if policy is not None else horizon
+        k = settings.execute_frames
+        if k is not None and k > horizon:
+            raise ValueError(f"execute_frames = {k} exceeds the clip's {horizon} frames")
         self.settings, self.policy, self.planner = settings, policy, planner
-        self.image_size, self.frame_stride = image_size, frame_stride
+        self.make_env = make_env
+        self.horizon, self.frame_stride = horizon, frame_stride
+        self.execute_frames = horizon if k is None else k
         self.goal_reach_px = goal_reach_px
-        self._env_args = (image_size, num_objects, max_delta, primitive_max_steps)
         self.latency = Latency()
         self._round = 0
 
-    def run(self, specs: Sequence[EpisodeSpec], *, parallel: int,
-            record: int = 0) -> list[EpisodeResult]:
+    def run(self, specs: Sequence[Any], *, parallel: int, record: int = 0) -> list[EpisodeResult]:
         """Runs every episode of `specs`, `parallel` environments at a time (at most the
         policy's batch size); the first `record` episodes keep their frames for videos."""
         if self.policy is not None and parallel > self.policy.batch_size:
             raise ValueError(f"parallel={parallel} exceeds the policy's batch size "
                              f"{self.policy.batch_size}")
-        envs = [TabletopEnv(*self._env_args) for _ in range(min(parallel, len(specs)))]
+        envs = [self.make_env() for _ in range(min(parallel, len(specs)))]
         self._batch = len(envs)
         results = []
-        for first in range(0, len(specs), parallel):
-            chunk = specs[first:first + parallel]
-            slots = [_Slot(env, spec, first + i < record)
-                     for i, (env, spec) in enumerate(zip(envs, chunk))]
-            while active := [s for s in slots if s.end is None]:
-                self._round_of(active)
-            results += [s.result() for s in slots]
+        try:
+            for first in range(0, len(specs), parallel):
+                chunk = specs[first:first + parallel]
+                slots = [_Slot(env, spec, first + i < record)
+                         for i, (env, spec) in enumerate(zip(envs, chunk))]
+                while active := [s for s in slots if s.end is None]:
+                    self._round_of(active)
+                results += [s.result() for s in slots]
+        finally:  # renderers hold GL contexts: always released
+            for env in envs:
+                env.close()
         return results
 
+    # ------------------------------------------------------------------------------ planning
+
     def _round_of(self, slots: list[_Slot]) -> None:
-        """Plans and runs one primitive in each of `slots` (all still running)."""
-        commands = self._commands(slots)
-        running = [(s, c) for s, c in zip(slots, commands) if c is not None]
-        if not running:
-            return
-        if self.settings.executor == "decoded":
-            self._run_decoded(running)
-        else:
-            self._run_scripted(running)
-        self._round += 1
-        for slot, _ in running:
-            slot.executed += 1
-            if slot.end is None and slot.executed >= (len(slot.env.task.primitives)
-                                                      + self.settings.max_replans):
-                slot.end = "budget"
+        """Gives every slot without one a primitive to run, then plays one round of each."""
+        self._start_attempts([s for s in slots if s.attempt is None])
+        running = [s for s in slots if s.end is None and s.attempt is not None]
+        if running:
+            self._play(running)
+            self._round += 1
 
-    def _commands(self, slots: list[_Slot]) -> list[PrimitiveCommand | None]:
-        """The next command of each slot; None (with the slot ended) when its plan is done."""
-        if self.settings.planner == "world":
-            return [self._world_command(s) for s in slots]
-        if self.settings.planner == "task":
-            return [self._task_command(s) for s in slots]
-        closed = self.settings.loop == "closed"
-        need = [s for s in slots if closed or s.plan is None]
-        if need:
-            # Padded to the parallel batch, so the planner's decoder compiles once.
-            rows = need + [need[0]] * (self._batch - len(need))
-            start = time.perf_counter()
-            plans = self.planner.plan(np.stack([s.image for s in rows]),
-                                      [s.env.task.text for s in rows])
-            self.latency.planner.append((time.perf_counter() - start, len(need)))
-            scale = self.image_size / self.planner.image_size
-            for slot, plan in zip(need, plans):
-                slot.plan = [PrimitiveCommand.from_plan_step(step, scale) for step in plan.steps]
-        out = []
+    def _start_attempts(self, slots: list[_Slot]) -> None:
+        """Plans (as the loop asks) and starts the next primitive of each of `slots`."""
         for slot in slots:
-            index = 0 if closed and self.planner.plans_remaining else slot.executed
-            if index >= len(slot.plan):
-                slot.end = "plan_done"
-                out.append(None)
-            else:
-                out.append(slot.plan[index])
-        return out
+            self._check_budget(slot)
+        slots = [s for s in slots if s.end is None]
+        if self.settings.planner == "vlm":
+            closed = self.settings.loop == "closed"
+            self._plan_vlm([s for s in slots if s.plan is None or closed])
+        for slot in slots:
+            command = self._next_command(slot)
+            if command is not None:
+                slot.attempt = _Attempt(command, slot.env.primitive_kind(command.text),
+                                        slot.env.expert(command))
 
-    def _task_command(self, slot: _Slot) -> PrimitiveCommand | None:
-        """The whole task's words, once (no start/goal points)."""
-        if slot.executed:
-            slot.end = "plan_done"
-            return None
-        return PrimitiveCommand(slot.env.task.text, (0.0, 0.0), (0.0, 0.0))
-
-    def _world_command(self, slot: _Slot) -> PrimitiveCommand | None:
-        """The world's decomposition: the task's next primitive, planned from the true state
-        (closed loop) or as the expert planned it before the episode (open loop)."""
-        task = slot.env.task
-        if self.settings.loop == "open":
-            if slot.executed >= len(task.primitives):
+    def _check_budget(self, slot: _Slot) -> None:
+        """Ends the slot when it may start no further primitive (module docstring); restarts
+        a plan that ran out when replans are left."""
+        env, replans = slot.env, self.settings.max_replans
+        if self.settings.planner == "task":
+            if slot.attempts:
                 slot.end = "plan_done"
-                return None
-            primitive, plan = task.primitives[slot.executed], slot.env.setup.plans[slot.executed]
+            return
+        if env.has_checks:  # failed primitives are retried
+            if slot.attempts >= env.task_length + replans:
+                slot.end = "budget"
+            return
+        if self.settings.planner == "world":
+            length = env.task_length
+        elif slot.plan is None:
+            return
         else:
-            if slot.pointer >= len(task.primitives):
-                slot.end = "plan_done"
-                return None
-            primitive = task.primitives[slot.pointer]
-            try:
-                plan = primitive.plan(slot.env.state)
-            except Infeasible:  # e.g. still holding another object: try the expert's points
-                plan = slot.env.setup.plans[slot.pointer]
-        n = self.image_size
-        return PrimitiveCommand(primitive.text(), _scaled(plan.start, n), _scaled(plan.goal, n))
+            length = slot.plan_length if self._first_of_plan() else len(slot.plan)
+        if slot.position >= length:  # the plan ran out without success: plan afresh
+            if slot.replans >= replans:
+                slot.end = "replans"
+            else:
+                slot.replans += 1
+                slot.position, slot.plan = 0, None
 
-    def _check(self, slot: _Slot, command: PrimitiveCommand):
-        """(the named primitive or None, its plan from the current state or None)."""
-        try:
-            primitive = primitive_from_text(command.text)
-        except ValueError:
-            return None, None
-        try:
-            return primitive, primitive.plan(slot.env.state)
-        except Infeasible:
-            return primitive, None
+    def _first_of_plan(self) -> bool:
+        """A closed-loop planner that lists the primitives left: run the first of each plan."""
+        return (self.settings.loop == "closed" and self.planner is not None
+                and self.planner.plans_remaining)
 
-    def _step_env(self, slot: _Slot, action: np.ndarray, imagined: np.ndarray | None) -> bool:
-        """One environment step; False once the episode is over."""
-        obs, _, terminated, truncated, slot.info = slot.env.step(action)
-        slot.image = obs["image"]
-        slot.env_steps += 1
-        if slot.record:
-            slot.frames.append(np.concatenate(
-                [slot.image, np.zeros_like(slot.image) if imagined is None else imagined], 1))
-        if terminated:
-            slot.end = "success"
-        elif truncated:
-            slot.end = "out_of_steps"
-        return slot.end is None
-
-    def _finish(self, slot: _Slot, command: PrimitiveCommand, primitive: Primitive | None,
-                plan, steps: int, goal_reached: bool | None) -> None:
-        kind = None if primitive is None else primitive.kind
-        success = plan is not None and bool(plan.success(slot.env.state))
-        if self.settings.planner == "world" and success:
-            slot.pointer += 1
-        if self.settings.planner == "task":  # one command for the task: judged as the task
-            kind, success, goal_reached = "task", slot.end == "success", None
-        slot.primitives.append(PrimitiveRecord(command.text, kind, command.start_xy,
-                                               command.goal_xy, success, steps, goal_reached))
-
-    def _run_decoded(self, running: list[tuple[_Slot, PrimitiveCommand]]) -> None:
-        """Imagines every slot's primitive in one batch and plays the decoded actions."""
-        slots = [s for s, _ in running]
-        out = self.policy.step(np.stack([s.image for s in slots]), [c for _, c in running],
-                               step_index=self._round, use_sgg=self.settings.sgg)
-        self.latency.generation.append((out.generate_s, len(slots)))
-        self.latency.action_decoding.append((out.decode_s, len(slots)))
+    def _plan_vlm(self, slots: list[_Slot]) -> None:
+        """A fresh VLM plan for each of `slots` from its current observation."""
+        if not slots:
+            return
+        rows = slots + [slots[0]] * (self._batch - len(slots))  # one compiled shape
         start = time.perf_counter()
-        for i, (slot, command) in enumerate(running):
-            primitive, plan = self._check(slot, command)
-            reached = gripper_at(out.clips[i, -1], command.goal_xy, self.goal_reach_px)
-            steps = 0
-            # A label covers frame_stride environment steps (DESIGN.md "Clip").
-            for j, action in enumerate(self.policy.stats.step_actions(out.actions[i],
-                                                                      self.frame_stride)):
-                alive = True
-                for _ in range(self.frame_stride):
-                    steps += 1
-                    if not (alive := self._step_env(slot, action, out.clips[i, j])):
-                        break
-                if not alive:
-                    break
-            self._finish(slot, command, primitive, plan, steps, reached)
+        plans = self.planner.plan_batch(np.stack([s.env.image for s in rows]),
+                                        [s.env.task_text for s in rows])
+        self.latency.planner.append((time.perf_counter() - start, len(slots)))
+        scale = slots[0].env.image.shape[0] / self.planner.image_size
+        for slot, plan in zip(slots, plans):
+            if plan is None:  # cut off at max_tokens: no command is guessed from it
+                slot.planner_errors += 1
+            slot.plan = [PrimitiveCommand.from_plan_step(step, scale)
+                         for step in (plan.steps if plan is not None else ())]
+            if slot.position == 0:
+                slot.plan_length = len(slot.plan)
+
+    def _next_command(self, slot: _Slot) -> PrimitiveCommand | None:
+        """The command the slot runs next; None when there is none (the slot ended, or, in a
+        world without checks, its plan ran out: the next round plans afresh)."""
+        planner = self.settings.planner
+        if planner == "task":
+            return PrimitiveCommand(slot.env.task_text, (0.0, 0.0), (0.0, 0.0))
+        if planner == "world":
+            command = slot.env.world_command(slot.position, self.settings.loop == "closed")
+        else:
+            index = 0 if self._first_of_plan() else slot.position
+            command = slot.plan[index] if index < len(slot.plan) else None
+        if command is None:
+            if slot.env.has_checks or planner == "world":
+                slot.end = "plan_done"
+            else:  # a fresh closed-loop plan shorter than the attempt so far
+                slot.position = math.inf
+        return command
+
+    # ----------------------------------------------------------------------------- executing
+
+    def _play(self, slots: list[_Slot]) -> None:
+        """One round: a clip's per-step actions for every slot (or its scripted expert), played."""
+        executor = self.settings.executor
+        if executor == "scripted":
+            start = time.perf_counter()
+            for slot in slots:
+                self._play_scripted(slot)
+            self.latency.env.append((time.perf_counter() - start, len(slots)))
+            return
+        experts: list[list[Any]] = [[] for _ in slots]
+        if executor in ("replay", "true_video"):
+            futures = [self._future(slot) for slot in slots]
+            actions = [f[0] for f in futures]
+            imagined = [f[1] for f in futures]
+            experts = [f[2] for f in futures]
+            if executor == "true_video":
+                start = time.perf_counter()
+                actions = list(self._decode(slots, np.stack(imagined)))
+                self.latency.action_decoding.append((time.perf_counter() - start, len(slots)))
+        else:
+            out = self.policy.step(np.stack([sl.env.image for sl in slots]),
+                                   [self._round_command(sl) for sl in slots],
+                                   step_index=self._round, use_sgg=self.settings.sgg)
+            self.latency.generation.append((out.generate_s, len(slots)))
+            self.latency.action_decoding.append((out.decode_s, len(slots)))
+            actions, imagined = list(out.actions), list(out.clips)
+        start = time.perf_counter()
+        for slot, acts, clip, after in zip(slots, actions, imagined, experts):
+            attempt = slot.attempt
+            if attempt.rounds == 0 and executor == "decoded":
+                attempt.goal_reached = slot.env.goal_reached(clip[-1], attempt.command.goal_xy,
+                                                             self.goal_reach_px)
+            frames = min(self.execute_frames, self.horizon - attempt.frames_played)
+            played = 0
+            for j in range(frames):
+                for i in range(self.frame_stride):
+                    if slot.end is None:
+                        self._step(slot, acts[j, i], None if clip is None else clip[j])
+                        played += 1
+            if after:  # the expert continues from where its simulated future was left
+                attempt.expert = after[min(played, len(after) - 1)]
+            attempt.rounds += 1
+            attempt.frames_played += frames
+            self._after_round(slot, clip_done=attempt.frames_played >= self.horizon)
         self.latency.env.append((time.perf_counter() - start, len(slots)))
 
-    def _run_scripted(self, running: list[tuple[_Slot, PrimitiveCommand]]) -> None:
-        """Runs the world's scripted expert of each slot's named primitive."""
-        start = time.perf_counter()
-        max_steps = self._env_args[3]
-        for slot, command in running:
-            primitive, plan = self._check(slot, command)
-            steps = 0
-            if plan is not None:
-                expert = Expert(plan, slot.env.max_delta)
-                while not expert.done and steps < max_steps:
-                    steps += 1
-                    if not self._step_env(slot, expert.act(slot.env.state).astype(np.float32),
-                                          None):
-                        break
-            self._finish(slot, command, primitive, plan, steps, None)
-        self.latency.env.append((time.perf_counter() - start, len(running)))
+    def _round_command(self, slot: _Slot) -> PrimitiveCommand:
+        """The attempt's command for this round. A later round of one attempt (receding
+        horizon) keeps its words and goal; with the world planner it starts where the gripper
+        now is (the world's truth, as the planned start point was), else where planned."""
+        attempt = slot.attempt
+        if attempt.rounds == 0 or self.settings.planner != "world":
+            return attempt.command
+        return dataclasses.replace(attempt.command, start_xy=slot.env.gripper_xy())
 
+    def _future(self, slot: _Slot) -> tuple[np.ndarray, np.ndarray | None, list[Any]]:
+        """(actions (H, s, A), true frames (H, N, N, 3) or None, the expert after each step) of
+        the expert's next H * s steps from the current state, in clip form (`clips.step_actions`:
+        padded with no-ops). A command no expert runs gets no-ops and the frame held."""
+        h, s, env = self.horizon, self.frame_stride, slot.env
+        render = self.settings.executor == "true_video"
+        held = np.repeat(env.image[None], h, 0)
+        expert = slot.attempt.expert
+        roll = None if expert is None else env.rollout(expert, h * s, render=render)
+        if roll is None or not len(roll.actions):
+            hold = np.broadcast_to(env.hold_action(), (h, s, env.action_dim))
+            return (np.array(hold, np.float32), held if render else None,
+                    [] if roll is None else roll.experts)
+        n = len(roll.actions)
+        acts, _ = step_actions(roll.actions, 0, n, h, s, env.gripper_dims)
+        frames = roll.frames[frame_indices(0, n, h, s)] if render else None
+        return acts, frames, roll.experts
 
-def _scaled(xy, scale: float) -> tuple[float, float]:
-    return float(xy[0]) * scale, float(xy[1]) * scale
+    def _decode(self, slots: list[_Slot], frames: np.ndarray) -> np.ndarray:
+        """(B, H, s, A) decoded per-step actions of true future frames (B, H, N, N, 3)."""
+        b, pad = len(slots), self.policy.batch_size - len(slots)
+        commands = [self._round_command(sl) for sl in slots]
+        context = np.repeat(np.stack([sl.env.image for sl in slots])[:, None],
+                            self.policy.context_frames, axis=1)
+        inputs = [context, frames, np.array([c.start_xy for c in commands], np.float32),
+                  np.array([c.goal_xy for c in commands], np.float32),
+                  np.full((b,), self.settings.sgg)]
+        inputs = [np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) for x in inputs]
+        return self.policy.decode(*inputs)[:b]
+
+    def _play_scripted(self, slot: _Slot) -> None:
+        """The world's scripted expert runs the attempt's primitive to its end."""
+        attempt = slot.attempt
+        steps = 0
+        if attempt.expert is not None:
+            while slot.end is None and steps < slot.env.scripted_steps:
+                action = slot.env.expert_action(attempt.expert)
+                if action is None:
+                    break
+                self._step(slot, action, None)
+                steps += 1
+        attempt.rounds += 1
+        self._after_round(slot, clip_done=True)
+
+    def _step(self, slot: _Slot, action: np.ndarray, imagined: np.ndarray | None) -> None:
+        """One environment step of the slot's attempt."""
+        end = slot.env.step(np.asarray(action, np.float32))
+        slot.env_steps += 1
+        slot.attempt.env_steps += 1
+        if slot.record:
+            image = slot.env.image
+            slot.frames.append(np.concatenate(
+                [image, np.zeros_like(image) if imagined is None else imagined], 1))
+        if end is not None:
+            slot.end = end
+
+    def _after_round(self, slot: _Slot, clip_done: bool) -> None:
+        """Ends the attempt when its clip is played out (H frames, over one or more rounds) or
+        the episode ended; records it with its primitive's own check and moves the plan on
+        (module docstring)."""
+        if not (clip_done or slot.end is not None):
+            return
+        attempt = slot.attempt
+        success = None if attempt.expert is None else slot.env.succeeded(attempt.expert)
+        if success is None and slot.env.has_checks:
+            success = False  # words that name no primitive that can run here
+        kind, reached = attempt.kind, attempt.goal_reached
+        if self.settings.planner == "task":  # one command for the task, without points:
+            kind, success, reached = "task", slot.end == "success", None  # judged as the task
+        slot.primitives.append(PrimitiveRecord(
+            attempt.command.text, kind, attempt.command.start_xy, attempt.command.goal_xy,
+            success, attempt.env_steps, attempt.rounds, reached))
+        slot.attempt = None
+        slot.attempts += 1
+        # The world planner moves on when the primitive succeeded (else retries it) in a world
+        # with checks; every other plan moves on after each attempt.
+        if not (self.settings.planner == "world" and slot.env.has_checks) or success:
+            slot.position += 1

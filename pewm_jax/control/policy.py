@@ -5,7 +5,8 @@ pixels of the observation) into an imagined clip per row and the action chunk th
 
     words -> tokenizer -> text tokens      points -> SGG heatmaps (inside the jitted sampler)
     observation + tokens + points -> world model samples H future frames (few ODE steps)
-    observation + sampled frames -> action decoder -> H normalised actions -> dataset units
+    observation + sampled frames + points -> action decoder -> (H, s) per-step actions
+                                         (normalised; gripper logits) -> dataset units
 
 Every call runs at the fixed batch size given at construction (rows beyond the commands are
 padding), so the sampler and decoder compile once and are reused for every control step.
@@ -53,24 +54,28 @@ class PolicyOutput:
     """What one policy step produced for its B commands."""
 
     clips: np.ndarray  # (B, H, N, N, 3) uint8 imagined future frames
-    actions: np.ndarray  # (B, H, A) float32 action labels in the dataset's units (clip contract)
+    actions: np.ndarray  # (B, H, s, A) float32 per-step actions in the dataset's units (the
+    # clip contract: the s actions that take frame j-1 to frame j)
     generate_s: float  # seconds of clip sampling (the whole padded batch)
     decode_s: float  # seconds of action decoding (the whole padded batch)
 
 
 @nnx.jit
-def _decode(model: ActionDecoder, context: jax.Array, frames: jax.Array) -> jax.Array:
-    return model(context, frames)  # (B, H, A) normalised
+def _decode(model: ActionDecoder, context: jax.Array, frames: jax.Array, start_xy: jax.Array,
+            goal_xy: jax.Array, sgg_valid: jax.Array) -> jax.Array:
+    return model(context, frames, start_xy, goal_xy, sgg_valid)  # (B, H, s, A) model units
 
 
 class PrimitivePolicy:
     """World model + action decoder + tokenizer + action statistics (module docstring)."""
 
-    def __init__(self, world_model: WorldModel, config: ml_collections.ConfigDict,
-                 tokenizer: tokenizers.Tokenizer, action_decoder: ActionDecoder,
+    def __init__(self, world_model: WorldModel | None, config: ml_collections.ConfigDict,
+                 tokenizer: tokenizers.Tokenizer | None, action_decoder: ActionDecoder,
                  action_stats: ActionStats, *, batch_size: int, seed: int = 0):
         """`config` is the world model's training config (clip horizon, sampler settings);
-        `action_stats` the statistics of the dataset whose actions the decoder reads."""
+        `action_stats` the statistics of the dataset whose actions the decoder reads. Without
+        a world model (and tokenizer) it only decodes given clips (`decode`), with `config`
+        the decoder's own."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         decoder_size = action_decoder.spec.image_size
@@ -93,6 +98,8 @@ class PrimitivePolicy:
         `step_index` seeds the sampler's noise (same index, same clips); `use_sgg` False samples
         with the start/goal heatmaps dropped (the text-only ablation).
         """
+        if self.world_model is None:
+            raise ValueError("this policy has no world model: it decodes given clips only")
         observations = np.asarray(observations)
         b = len(commands)
         n = self.image_size
@@ -117,8 +124,16 @@ class PrimitivePolicy:
         clips = np.asarray(jax.device_get(
             (unit * 255.0 + 0.5).clip(0, 255).astype(np.uint8)))  # (B', H, N, N, 3)
         generated = time.perf_counter()
-        normalised = np.asarray(jax.device_get(
-            _decode(self.action_decoder, cond["context"], clips)))  # (B', H, A_model)
+        actions = self.decode(cond["context"], clips, cond["start_xy"], cond["goal_xy"],
+                              cond["sgg_valid"])[:b]  # (B, H, s, A)
         decoded = time.perf_counter()
-        actions = self.stats.denormalize(normalised[:b, :, :self.action_dim])
         return PolicyOutput(clips[:b], actions, generated - start, decoded - generated)
+
+    def decode(self, context: np.ndarray, frames: np.ndarray, start_xy: np.ndarray,
+               goal_xy: np.ndarray, sgg_valid: np.ndarray) -> np.ndarray:
+        """(B, H, s, A) per-step actions in the dataset's units for clips of uint8 frames
+        (B, H, N, N, 3) after context (B, C, N, N, 3), with their points (B, 2) and sgg_valid
+        (B,): what the controller plays for imagined clips, and for true ones (`true_video`)."""
+        out = np.asarray(jax.device_get(_decode(self.action_decoder, context, frames, start_xy,
+                                                goal_xy, sgg_valid)))  # (B, H, s, A_model)
+        return self.stats.from_model(out[..., :self.action_dim])

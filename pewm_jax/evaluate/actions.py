@@ -1,15 +1,18 @@
-"""Action decoder evaluation: how well it reads actions from real held-out frame pairs.
+"""Action decoder evaluation: how well it reads per-step actions from real held-out clips.
 
-Every clip of a split (no augmentation) is decoded, and the error is taken over the real action
-dimensions (`action_mask`) in normalised units (DESIGN.md "Batch": mean/std normalised, gripper
-dimensions as stored):
+Every clip of a split (no augmentation) is decoded, and each of its per-step actions (the
+segment's own steps and the padding no-ops alike: the controller plays both) is scored over
+the real action dimensions (`action_mask`), beside the baselines of always answering the train
+split's mean action and majority gripper command:
 
-    mse              the decoded actions' mean squared error
-    mean_action_mse  the same error of always answering the train split's mean action (the
-                     baseline to beat: 1.0 on a normalised dimension whose test actions follow
-                     the train statistics)
-    per_dim_mse      `mse` of each action dimension of the first dataset, beside
-    per_dim_mean_action_mse
+    mse                         squared error of the continuous dimensions, normalised units
+                                (DESIGN.md "Batch": mean/std normalised)
+    mean_action_mse             the same of the mean action (1.0 on a dimension whose test
+                                actions follow the train statistics)
+    gripper_accuracy            decoded gripper commands equal to the true ones
+    majority_gripper_accuracy   the same of always giving the train split's commoner command
+    per_dim_mse, per_dim_mean_action_mse
+                                `mse` of each continuous dimension of the first dataset
 
 `load_action_decoder` restores a trained decoder (EMA weights) from a run directory onto the
 default device, with its config and dataset statistics taken from the checkpoint.
@@ -27,7 +30,7 @@ from flax import nnx
 
 from data_loaders import pipeline
 from data_loaders.clips import ActionStats
-from pewm_jax.models.action_decoder import ActionDecoder, build_action_decoder
+from pewm_jax.models.action_decoder import ActionDecoder, build_action_decoder, decode_batch
 from pewm_jax.train.checkpoint import find_checkpoint
 
 
@@ -36,34 +39,57 @@ class ActionScores:
     """The action decoder's scores on one split (module docstring)."""
 
     split: str
-    transitions: int  # frame pairs scored
+    steps: int  # per-step actions scored
     mse: float
     mean_action_mse: float
+    gripper_accuracy: float
+    majority_gripper_accuracy: float
     per_dim_mse: tuple[float, ...]
     per_dim_mean_action_mse: tuple[float, ...]
 
 
 def mean_actions(stats: Sequence[ActionStats], action_dim: int) -> np.ndarray:
-    """(datasets, action_dim) float32: each dataset's train mean action, normalised as the
-    pipeline normalises its actions and zero-padded."""
+    """(datasets, action_dim) float32: each dataset's mean action in model units (`to_model`):
+    0 on normalised dimensions, the commoner command (1 or 0) on gripper dimensions; padded."""
     out = np.zeros((len(stats), action_dim), np.float32)
     for k, s in enumerate(stats):
-        out[k, :len(s.mean)] = s.normalize(s.mean)
+        out[k, :len(s.mean)] = s.to_model(s.mean)
     return out
 
 
-def _squared_errors(predicted: np.ndarray, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """(B, H, A) squared errors, zero outside the real action dimensions."""
-    mask = np.asarray(batch["action_mask"])[:, None, :]
-    return np.square(np.asarray(predicted) - np.asarray(batch["actions"])) * mask
+def _sums(predicted: np.ndarray, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(3, A): squared error, right gripper commands and counted steps per dimension, over the
+    real dimensions of (B, H, s, A) outputs (gripper dimensions: logits)."""
+    predicted, target = np.asarray(predicted), np.asarray(batch["actions"])
+    real = np.broadcast_to(np.asarray(batch["action_mask"])[:, None, None, :], target.shape)
+    grip = np.broadcast_to(np.asarray(batch["gripper_mask"])[:, None, None, :], target.shape)
+    squared = np.where(real & ~grip, np.square(predicted - target), 0.0)
+    right = np.where(grip, (predicted > 0) == (target > 0.5), False)
+    return np.stack([squared.sum((0, 1, 2)), right.sum((0, 1, 2)), real.sum((0, 1, 2))])
 
 
-def mean_action_mse(batch: Mapping[str, np.ndarray], stats: Sequence[ActionStats]) -> float:
-    """The mean-action baseline's error on one batch of clips (module docstring)."""
+def _baseline(batch: Mapping[str, np.ndarray], stats: Sequence[ActionStats]) -> np.ndarray:
+    """The mean action as (B, H, s, A) outputs (gripper: a logit of the commoner command)."""
     means = mean_actions(stats, batch["actions"].shape[-1])[np.asarray(batch["dataset_id"])]
-    errors = _squared_errors(np.broadcast_to(means[:, None], batch["actions"].shape), batch)
-    count = np.broadcast_to(batch["action_mask"][:, None, :], errors.shape).sum()
-    return float(errors.sum() / max(count, 1))
+    grip = np.asarray(batch["gripper_mask"])
+    means = np.where(grip, np.where(means > 0.5, 1.0, -1.0), means)
+    return np.broadcast_to(means[:, None, None, :], batch["actions"].shape)
+
+
+def _scores(sums: np.ndarray, gripper_mask: np.ndarray) -> tuple[float, float]:
+    """(mse over continuous dimensions, accuracy over gripper dimensions) of `_sums`."""
+    cont = sums[2] * ~gripper_mask
+    grip = sums[2] * gripper_mask
+    return (float(sums[0].sum() / max(cont.sum(), 1)), float(sums[1].sum() / max(grip.sum(), 1))
+            if grip.sum() else float("nan"))
+
+
+def mean_action_errors(batch: Mapping[str, np.ndarray],
+                       stats: Sequence[ActionStats]) -> dict[str, float]:
+    """The mean action's `action_mse` and majority command's `gripper_accuracy` on one batch."""
+    mse, accuracy = _scores(_sums(_baseline(batch, stats), batch),
+                            np.asarray(batch["gripper_mask"]).any(0))
+    return {"action_mse": mse, "gripper_accuracy": accuracy}
 
 
 def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigDict,
@@ -74,24 +100,24 @@ def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigD
                                   process_count=1, num_workers=0)
     total = sum(clips.mixture.sizes)
     count = total if max_clips is None else min(max_clips, total)
-    decode = nnx.jit(lambda m, context, frames: m(context, frames))
-    means = mean_actions(clips.mixture.stats, clips.mixture.action_dim)
-    dims = len(clips.mixture.stats[0].mean)
-    sums = np.zeros((2, clips.mixture.action_dim))  # model, baseline: squared error per dim
-    counts = np.zeros(clips.mixture.action_dim)
+    decode = nnx.jit(decode_batch)
+    keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid")
+    sums = np.zeros((2, 3, clips.mixture.action_dim))  # model, baseline
+    gripper = np.zeros(clips.mixture.action_dim, bool)
     for first in range(0, count, batch_size):
         examples = [clips.element(p) for p in range(first, min(first + batch_size, count))]
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-        predicted = decode(model, batch["context"], batch["frames"])
-        baseline = np.broadcast_to(means[batch["dataset_id"]][:, None], batch["actions"].shape)
-        sums[0] += _squared_errors(predicted, batch).sum((0, 1))
-        sums[1] += _squared_errors(baseline, batch).sum((0, 1))
-        counts += batch["action_mask"].sum(0) * batch["actions"].shape[1]
-    per_dim = sums / np.maximum(counts, 1)
-    return ActionScores(split, int(count * config.data.horizon),
-                        float(sums[0].sum() / max(counts.sum(), 1)),
-                        float(sums[1].sum() / max(counts.sum(), 1)),
-                        tuple(per_dim[0, :dims].tolist()), tuple(per_dim[1, :dims].tolist()))
+        predicted = decode(model, {k: batch[k] for k in keys})
+        sums[0] += _sums(predicted, batch)
+        sums[1] += _sums(_baseline(batch, clips.mixture.stats), batch)
+        gripper |= batch["gripper_mask"].any(0)
+    (mse, accuracy), (base_mse, base_accuracy) = (_scores(sums[0], gripper),
+                                                  _scores(sums[1], gripper))
+    dims = np.flatnonzero(clips.mixture.stats[0].normalize_mask)
+    per_dim = sums[:, 0] / np.maximum(sums[:, 2], 1)
+    steps = int(count * config.data.horizon * config.data.frame_stride)
+    return ActionScores(split, steps, mse, base_mse, accuracy, base_accuracy,
+                        tuple(per_dim[0, dims].tolist()), tuple(per_dim[1, dims].tolist()))
 
 
 def load_action_decoder(path: str | epath.PathLike, *, use_ema: bool = True
@@ -114,8 +140,10 @@ def load_action_decoder(path: str | epath.PathLike, *, use_ema: bool = True
 
 def scores_table(scores: Sequence[ActionScores]) -> str:
     """The scores as a small fixed-width table for the terminal."""
-    lines = [f"{'split':<22}{'pairs':>8}{'action mse':>12}{'mean-action mse':>17}"]
-    lines += [f"{s.split:<22}{s.transitions:>8}{s.mse:>12.4f}{s.mean_action_mse:>17.4f}"
+    lines = [f"{'split':<22}{'steps':>8}{'action mse':>12}{'mean-action mse':>17}"
+             f"{'gripper acc':>13}{'majority acc':>14}"]
+    lines += [f"{s.split:<22}{s.steps:>8}{s.mse:>12.4f}{s.mean_action_mse:>17.4f}"
+              f"{s.gripper_accuracy:>13.1%}{s.majority_gripper_accuracy:>14.1%}"
               for s in scores]
     return "\n".join(lines)
 

@@ -9,12 +9,20 @@ template on every split of `config.eval.splits` under each condition, on the sam
     open_loop     the same, planned once from the first frame
     no_sgg        the same as pewm with the start/goal heatmaps dropped (text-only clips)
     world_plan    the world's own task decomposition instead of the planner (no planner error)
+    true_video    the world's decomposition, the expert's true future frames (simulated on a
+                  copy of the world) -> decoded actions (no world-model error: the decoder's)
+    replay        the world's decomposition, the expert's own per-step actions in clip form,
+                  played by the executor (the clip contract's and the executor's; = oracle)
     vlm_scripted  the planner's primitives run by the scripted expert (no world-model error)
     oracle        the world's decomposition + scripted primitives: the harness's upper bound
     whole_task    the non-primitive baseline: one clip for the whole task from the first frame
                   and the task's words (no points), decoded and played open loop; its model
                   had the world model's training FLOPs (`pewm whole_task`)
 
+The chain `oracle -> replay -> true_video -> world_plan -> pewm` feeds one more link with a
+model's output at each step (DESIGN.md "Evaluation chain"); `chain_table` prints it with 95%
+intervals and per-primitive success, so the first link that breaks is plain.
+`config.eval.execute_frames` (k) plays k frames of each clip, then observes and imagines again.
 A condition whose models are missing from the run directory is listed as skipped, with the
 command that trains them. Every figure sits beside its baseline: success beside the oracle's,
 sampled clips beside copying the context frame (PSNR, SSIM, goal reach), decoded actions beside
@@ -42,9 +50,9 @@ import numpy as np
 from PIL import Image
 
 from data_loaders.clip_dataset import DatasetError
-from pewm_jax.control.controller import (ControlSettings, Controller, EpisodeResult,
-                                         EpisodeSpec)
+from pewm_jax.control.controller import ControlSettings, Controller, EpisodeResult
 from pewm_jax.control.policy import PrimitivePolicy
+from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
 from pewm_jax.evaluate import actions as actions_eval
 from pewm_jax.evaluate import video_quality
 from pewm_jax.sim.tasks import TEMPLATE_NAMES
@@ -57,10 +65,14 @@ CONDITIONS: dict[str, ControlSettings] = {
     "open_loop": ControlSettings("vlm", "decoded", "open"),
     "no_sgg": ControlSettings("vlm", "decoded", "closed", sgg=False),
     "world_plan": ControlSettings("world", "decoded", "closed"),
+    "true_video": ControlSettings("world", "true_video", "closed"),
+    "replay": ControlSettings("world", "replay", "closed"),
     "vlm_scripted": ControlSettings("vlm", "scripted", "closed"),
     "oracle": ControlSettings("world", "scripted", "closed"),
     "whole_task": ControlSettings("task", "decoded", "open", sgg=False),
 }
+# The evaluation chain (DESIGN.md): each condition feeds one more link with a model's output.
+CHAIN = ("oracle", "replay", "true_video", "world_plan", "pewm")
 # The command that trains each model into a run directory.
 TRAIN_COMMAND = {"world_model": "pewm train", "action_decoder": "pewm actions",
                  "planner": "pewm planner", "whole_task": "pewm whole_task"}
@@ -88,15 +100,18 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def clip_model(settings: ControlSettings) -> str:
-    """The run-directory model that imagines a condition's clips."""
+def clip_model(settings: ControlSettings) -> str | None:
+    """The run-directory model that imagines a condition's clips (None: it imagines none)."""
+    if settings.executor != "decoded":
+        return None
     return "whole_task" if settings.planner == "task" else "world_model"
 
 
 def needs(settings: ControlSettings) -> tuple[str, ...]:
     """The run-directory models a condition restores."""
+    clips = clip_model(settings)
     return (("planner",) if settings.planner == "vlm" else ()) + (
-        (clip_model(settings), "action_decoder") if settings.executor == "decoded" else ())
+        (clips,) if clips else ()) + (("action_decoder",) if settings.uses_decoder else ())
 
 
 def success_rate(successes: Sequence[bool]) -> dict:
@@ -116,7 +131,7 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
     for r in results:
         per_template[r.template].append(r.success)
         for p in r.primitives:
-            per_kind[p.kind or "unnamed"].append(p.success)
+            per_kind[p.kind or "unnamed"].append(bool(p.success))
             if p.goal_reached is not None:
                 reach.append(p.goal_reached)
     return {
@@ -175,13 +190,15 @@ class RunModels:
             return actions_eval.load_action_decoder(self.workdir)
         return planner_eval.load_planner(self.workdir)
 
-    def policy(self, clips: str) -> PrimitivePolicy | None:
-        """The policy around the `clips` model (world_model or whole_task) and the decoder."""
-        world, decoder = self.get(clips), self.get("action_decoder")
-        if world is None or decoder is None:
+    def policy(self, clips: str | None) -> PrimitivePolicy | None:
+        """The policy around the `clips` model (world_model or whole_task; None: the decoder
+        alone, for given clips) and the decoder."""
+        decoder = self.get("action_decoder")
+        world = self.get(clips) if clips else None
+        if decoder is None or (clips and world is None):
             return None
         if f"policy/{clips}" not in self._loaded:
-            model, config, tokenizer = world
+            model, config, tokenizer = world if world is not None else (None, decoder[1], None)
             self._loaded[f"policy/{clips}"] = PrimitivePolicy(
                 model, config, tokenizer, decoder[0], decoder[2][0], batch_size=self.parallel,
                 seed=self.seed)
@@ -217,14 +234,14 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                           "skipped": "; ".join(models.missing[m] for m in lacking)}
             continue
         controller = Controller(
-            dataclasses.replace(settings, max_replans=e.max_replans),
-            image_size=world.image_size, max_delta=world.max_delta,
-            primitive_max_steps=world.primitive_max_steps,
-            frame_stride=int(trained.data.frame_stride),
-            policy=(models.policy(clip_model(settings)) if settings.executor == "decoded"
-                    else None),
+            dataclasses.replace(settings, max_replans=e.max_replans,
+                                execute_frames=e.execute_frames or None),
+            lambda: TabletopControlEnv(world.image_size,
+                                       (world.num_objects_min, world.num_objects_max),
+                                       world.max_delta, world.primitive_max_steps),
+            horizon=int(trained.data.horizon), frame_stride=int(trained.data.frame_stride),
+            policy=models.policy(clip_model(settings)) if settings.uses_decoder else None,
             planner=models.get("planner") if settings.planner == "vlm" else None,
-            num_objects=(world.num_objects_min, world.num_objects_max),
             goal_reach_px=e.goal_reach_px)
         start = time.perf_counter()
         results = controller.run(specs, parallel=e.parallel_envs,
@@ -331,8 +348,9 @@ def headline(report: dict) -> str:
                      f"{v['true_goal_reach']:.0%})")
     a = report.get("actions", {})
     if "mse" in a:
-        lines.append(f"actions ({a['split']}): mse {a['mse']:.3f} vs mean action "
-                     f"{a['mean_action_mse']:.3f}")
+        lines.append(f"actions ({a['split']}, per step): mse {a['mse']:.3f} vs mean action "
+                     f"{a['mean_action_mse']:.3f}; gripper commands {a['gripper_accuracy']:.1%} "
+                     f"vs majority {a['majority_gripper_accuracy']:.1%}")
     p = report.get("planner", {})
     if "exact_match" in p:
         lines.append(f"planner ({p['split']}): exact match {p['exact_match']:.0%}; point error "
@@ -342,4 +360,28 @@ def headline(report: dict) -> str:
         lines.append("latency per primitive (s): " + ", ".join(
             f"{k} {v['seconds_per_primitive']:.3f}" for k, v in pewm.items()))
     lines += [c["verdict"] for c in report["conditions"].values() if "verdict" in c]
+    chain = chain_table(report)
+    return "\n".join(lines + ([chain] if chain else []))
+
+
+def chain_table(report: dict) -> str:
+    """The evaluation chain (`CHAIN`) as one table: per split, each link's success with its
+    95% interval and per-primitive success, beside the oracle's; '' when fewer than two links
+    ran."""
+    conditions = report["conditions"]
+    ran = [n for n in CHAIN if "splits" in conditions.get(n, {})]
+    if len(ran) < 2:
+        return ""
+    kinds = sorted({k for n in ran for s in conditions[n]["splits"].values()
+                    for k in s["per_primitive"]})
+    lines = ["evaluation chain (each link feeds one more part with a model's output):",
+             f"{'link':<12}{'split':<22}{'success':>9}{'95% CI':>12}"
+             + "".join(f"{k:>9}" for k in kinds)]
+    for name in ran:
+        for split, s in conditions[name]["splits"].items():
+            lo, hi = s["success_ci95"]
+            cells = "".join(f"{s['per_primitive'][k]['success']:>9.0%}"
+                            if k in s["per_primitive"] else f"{'-':>9}" for k in kinds)
+            lines.append(f"{name:<12}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>12}"
+                         + cells)
     return "\n".join(lines)

@@ -5,7 +5,7 @@ A robot copies this one file, or imports it from pewm_jax, and calls the server:
     client = PolicyClient("http://127.0.0.1:8000")
     reply = client.step(observations, [Command("pick up the red cube", (10, 20), (40, 30))],
                         step_index=0)
-    reply.actions  # (B, H, A) float32, in the dataset's action units
+    reply.actions  # (B, H, s, A) float32 per-step actions, in the dataset's units
 
 Protocol. HTTP; request and reply bodies are msgpack maps (Content-Type application/msgpack).
 A numpy array travels as the map {"__ndarray__": true, "dtype": "uint8", "shape": [B, N, N, 3],
@@ -20,7 +20,7 @@ travel as themselves. Endpoints:
                   [0, N]),
                   "step_index": int (seeds the sampler's noise), "use_sgg": bool (default
                   true), "return_clips": bool (default false)}
-                 -> {"actions": float32 (B, H, A), "clips": uint8 (B, H, N, N, 3) (only with
+                 -> {"actions": float32 (B, H, s, A), "clips": uint8 (B, H, N, N, 3) (only with
                      return_clips), "timing": {"step_s", "queue_s", "server_s"}}
     POST /plan   {"images": uint8 (B, N, N, 3), "tasks": B strings}
                  -> {"plans": B lists of {"text", "start_xy", "goal_xy"} maps (the commands
@@ -146,7 +146,7 @@ class Command:
 class StepReply:
     """What /step answered."""
 
-    actions: np.ndarray  # (B, H, A) float32 actions in the dataset's units
+    actions: np.ndarray  # (B, H, s, A) float32 per-step actions in the dataset's units
     clips: np.ndarray | None  # (B, H, N, N, 3) uint8 imagined frames, if asked for
     timing: dict[str, float]  # the server's step_s, queue_s, server_s
     round_trip_s: float  # the client's seconds from packing the request to the reply unpacked

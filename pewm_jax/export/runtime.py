@@ -200,7 +200,7 @@ class BundleStep:
     """What one bundle policy step produced for its B commands."""
 
     clips: np.ndarray  # (B, H, N, N, 3) uint8 imagined future frames
-    actions: np.ndarray  # (B, H, A) float32 actions in the dataset's units
+    actions: np.ndarray  # (B, H, s, A) float32 per-step actions in the dataset's units
     seconds: float  # the exported step's device time (clip sampling + action decoding)
 
 
@@ -240,7 +240,7 @@ class BundlePolicy:
             np.uint32(self.seed), np.int32(step_index))
         clips, normalised = np.asarray(clips), np.asarray(normalised)  # waits for the device
         seconds = time.perf_counter() - start
-        return BundleStep(clips, self.stats.denormalize(normalised[..., :self.action_dim]),
+        return BundleStep(clips, self.stats.from_model(normalised[..., :self.action_dim]),
                           seconds)
 
 
@@ -333,7 +333,7 @@ class LoopRecord:
     """One primitive the closed loop ran."""
 
     command: PlanStep  # what the planner asked for (points: pixels of the observation)
-    actions: np.ndarray  # (H, A) the action chunk decoded for it, dataset units
+    actions: np.ndarray  # (H, s, A) the per-step actions decoded for it, dataset units
     env_steps: int  # robot steps it took (H * frame_stride unless the episode ended)
 
 
@@ -348,14 +348,12 @@ class LoopResult:
 
 class BundleController:
     """The closed loop from a bundle alone: plan from the current observation, imagine the
-    primitive to run and decode its actions, play them (each over frame_stride robot steps),
-    observe, replan; the same loop as `pewm_jax.control.Controller` with the VLM planner,
+    primitive to run and decode its per-step actions, play them as they are, observe, replan; the same loop as `pewm_jax.control.Controller` with the VLM planner,
     decoded executor and closed loop, for one robot. Same seed, same actions: primitive k
     samples with step index first_step_index + k, as the Controller's first episode does."""
 
     def __init__(self, bundle: Bundle, *, seed: int = 0, use_sgg: bool = True):
         self.planner, self.policy = BundlePlanner(bundle), BundlePolicy(bundle, seed=seed)
-        self.frame_stride = int(bundle.manifest["policy_step"]["frame_stride"])
         self.use_sgg = use_sgg
 
     def run(self, robot: Robot, image: np.ndarray, task: str, *, max_primitives: int,
@@ -372,14 +370,11 @@ class BundleController:
             out = self.policy.step(image[None], [command], step_index=first_step_index + executed,
                                    use_sgg=self.use_sgg)
             steps, end = 0, None
-            for action in self.policy.stats.step_actions(out.actions[0], self.frame_stride):
-                for _ in range(self.frame_stride):
-                    observation, _, terminated, truncated, _ = robot.step(action)
-                    image, steps = observation["image"], steps + 1
-                    if terminated or truncated:
-                        end = "terminated" if terminated else "truncated"
-                        break
-                if end:
+            for action in out.actions[0].reshape(-1, out.actions.shape[-1]):  # (H * s, A)
+                observation, _, terminated, truncated, _ = robot.step(action)
+                image, steps = observation["image"], steps + 1
+                if terminated or truncated:
+                    end = "terminated" if terminated else "truncated"
                     break
             records.append(LoopRecord(command, out.actions[0], steps))
             if end:

@@ -9,7 +9,9 @@ xyz (metres) and gripper opening}. Action: (4,) float32 xyz delta and gripper ef
 [-1, 1] (the effort > 0 closes); values outside are clipped and `info["action_clipped"]` says
 so; a NaN or wrongly shaped action raises `ActionError`. Reward is 1.0 on the step the task
 succeeds, which terminates the episode; it is truncated after `max_episode_steps` (500, the
-benchmark's budget).
+benchmark's budget). `step(action, render=False)` simulates without drawing the image, and
+`continue_from(other)` puts an env of the same task and seed in another's exact state: together
+they simulate a look-ahead on a copy of the world (the controller's `ControlEnv.rollout`).
 
 Rendering is MuJoCo's offscreen renderer on EGL (`MUJOCO_GL=egl`; on a machine without a GPU,
 Mesa's software EGL: Debian's libegl1 + libgl1-mesa-dri) with multisampling, shadows and
@@ -21,6 +23,7 @@ into the stored image, rotation included.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -127,8 +130,9 @@ class MetaWorldEnv(gymnasium.Env):
             self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = False
         return self._observation(), self._info(success=False, clipped=False)
 
-    def step(self, action) -> tuple[dict, float, bool, bool, dict]:
-        """Applies one clipped action; returns obs, reward, terminated, truncated, info."""
+    def step(self, action, *, render: bool = True) -> tuple[dict, float, bool, bool, dict]:
+        """Applies one clipped action; returns obs, reward, terminated, truncated, info.
+        `render` False leaves the camera image out (obs["image"] is None): simulating only."""
         if self._env is None:
             raise RuntimeError("call reset() before step()")
         action = np.asarray(action, np.float32)
@@ -141,8 +145,35 @@ class MetaWorldEnv(gymnasium.Env):
         self._steps += 1
         success = bool(env_info["success"])
         truncated = (not success) and self._steps >= self.max_episode_steps
-        return (self._observation(), float(success), success, truncated,
+        return (self._observation(render), float(success), success, truncated,
                 self._info(success=success, clipped=clipped))
+
+    def continue_from(self, other: MetaWorldEnv) -> None:
+        """Puts this env (reset with `other`'s task and seed) in `other`'s exact current state:
+        MuJoCo's integration state and Meta-World's per-step Python state (step count, the
+        previous observation it stacks), so the same actions give the same observations."""
+        if self._env is None or other._env is None or (self.task, self.seed_value) != (
+                other.task, other.seed_value):
+            raise ValueError(f"continue_from needs both envs reset with the same task and seed; "
+                             f"got {(self.task, self.seed_value)} and "
+                             f"{(other.task, other.seed_value)}")
+        src, dst = other._env, self._env
+        what = mujoco.mjtState.mjSTATE_INTEGRATION  # everything the simulation's future needs
+        state = np.empty(mujoco.mj_stateSize(src.model, what))
+        mujoco.mj_getState(src.model, src.data, state, what)
+        mujoco.mj_setState(dst.model, dst.data, state, what)
+        mujoco.mj_forward(dst.model, dst.data)  # positions as `other`'s step left them ...
+        mujoco.mj_setState(dst.model, dst.data, state, what)  # ... and the solver's warm start
+        # as it was: mj_forward rewrites it, and the next step starts from it
+        # The same seed built the same task (model, goal, initial positions); what stepping
+        # changes on the Python side is held in scalars and arrays of their own (arrays that
+        # view MuJoCo's data follow it).
+        for key, value in vars(src).items():
+            if isinstance(value, (bool, int, float, np.generic, type(None))) or (
+                    isinstance(value, np.ndarray) and value.base is None):
+                vars(dst)[key] = copy.copy(value)
+        self.raw_observation = other.raw_observation.copy()
+        self._steps = other._steps
 
     @property
     def tcp(self) -> np.ndarray:
@@ -193,8 +224,8 @@ class MetaWorldEnv(gymnasium.Env):
         cam = mujoco.mj_name2id(self._env.model, mujoco.mjtObj.mjOBJ_CAMERA, camera)
         return bool(self._env.data.cam_xmat[cam].reshape(3, 3)[2, 1] < 0)
 
-    def _observation(self) -> dict:
-        return {"image": self.render(),
+    def _observation(self, render: bool = True) -> dict:
+        return {"image": self.render() if render else None,
                 "state": np.asarray(self.raw_observation[:4], np.float32)}
 
     def _info(self, *, success: bool, clipped: bool) -> dict:

@@ -1,18 +1,24 @@
-"""Inverse dynamics: two consecutive frames of a clip -> the action taken between them.
+"""Inverse dynamics: a clip's frames -> the per-step actions between consecutive frames.
 
 The clip contract (DESIGN.md "Clip"): frame j of a clip follows frame j - 1 by `s` environment
-steps, and the action label between them (`batch['actions'][:, j]`, frame 0 being the last
-context frame) is the summed gripper displacement over those steps plus the last gripper
-command, normalised with the dataset statistics except the gripper dimensions and zero-padded
-to the mixture's action size (`action_mask`). The controller decodes a generated clip with this
-model and executes each action as `s` environment steps.
+steps (frame 0 being the last context frame), and the clip carries the action of each of those
+steps, `batch['actions'][:, j - 1]` of shape (s, A): continuous dimensions normalised with the
+dataset statistics, gripper dimensions as the command (1 high, 0 low; `gripper_mask`). The
+controller plays the decoded actions as they are.
 
-Each frame pair is stacked on the channels (6), cut into patches, embedded with 2-D sinusoidal
-positions, passed through a small pre-LN transformer and mean-pooled to one action: pairs are
-independent, so the model reads what moved, not what usually comes next.
+Why this architecture: the actions of a frame interval are fixed by *where* the gripper and the
+objects are in the frames around it (a displacement to within a fraction of a pixel, whether
+the fingers closed, whether an object moved with the gripper or was pushed), not by what the
+images look like. So each frame goes through a small convolutional encoder whose last layer
+is read out as keypoints by a spatial soft-argmax (Levine et al. 2016, "End-to-End Training of
+Deep Visuomotor Policies"): the expected (x, y) of each of K feature maps, sub-pixel precise on
+anti-aliased frames, plus the mean of the features (grip state, what is held). A shared MLP
+then reads, for each interval, the encodings of the frames before, at the end of and after it,
+of the context frame, and the primitive's start and goal points (where the motion must end:
+the close of a pick happens on arrival at the goal), and writes the interval's `s` actions.
 
-Shapes: B batch, H horizon (pairs), S image side, P patch side, N = (S / P)^2 patches, D width,
-A action size.
+Shapes: B batch, H horizon (intervals), S image side, C channels, K keypoints, E = 2K + C
+(one frame's encoding), D MLP width, s steps per interval, A action size.
 """
 
 from __future__ import annotations
@@ -23,76 +29,124 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax import nnx
 
-from pewm_jax.models.layers import MLP, Attention, Dense, LayerNorm, constrain, patchify, sincos_2d
+from pewm_jax.models.layers import Dense, constrain, make_param
 
 
 @dataclasses.dataclass(frozen=True)
 class ActionDecoderSpec:
-    """The architecture (config.action_decoder plus the data's image and action sizes)."""
+    """The architecture (config.action_decoder plus the data's image, stride and action sizes)."""
 
     image_size: int  # S
-    patch_size: int  # P
-    width: int  # D
-    depth: int
-    num_heads: int
+    frame_stride: int  # s: actions per frame interval
+    channels: int  # C: convolution channels
+    keypoints: int  # K: soft-argmax keypoints per frame
+    width: int  # D: MLP width
+    depth: int  # hidden layers of the MLP
     action_dim: int  # A: the largest action size of the mixture
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, action_dim: int
                     ) -> "ActionDecoderSpec":
         a = config.action_decoder
-        return cls(image_size=config.world.image_size, patch_size=a.patch_size, width=a.width,
-                   depth=a.depth, num_heads=a.num_heads, action_dim=action_dim)
+        return cls(image_size=config.world.image_size, frame_stride=config.data.frame_stride,
+                   channels=a.channels, keypoints=a.keypoints, width=a.width, depth=a.depth,
+                   action_dim=action_dim)
+
+    @property
+    def encoding(self) -> int:
+        return 2 * self.keypoints + self.channels  # E
 
 
-class _Block(nnx.Module):
-    """Pre-LN transformer block over one pair's patch tokens."""
+class Conv(nnx.Module):
+    """A 2-D convolution over NHWC images, 'SAME' padded (replicated: the decoder is small)."""
 
-    def __init__(self, width: int, num_heads: int, *, rngs: nnx.Rngs, dtype, param_dtype):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1, self.norm2 = LayerNorm(width, **kw), LayerNorm(width, **kw)
-        self.attn = Attention(width, num_heads, rngs=rngs, **kw)
-        self.mlp = MLP(width, 4 * width, rngs=rngs, **kw)
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, *,
+                 rngs: nnx.Rngs, dtype, param_dtype):
+        init = nnx.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+        self.kernel = make_param(init, (None, None, None, None), rngs.params(),
+                                 (kernel, kernel, in_channels, out_channels), param_dtype)
+        self.bias = make_param(nnx.initializers.zeros_init(), (None,), rngs.params(),
+                               (out_channels,), param_dtype)
+        self.stride, self.dtype = stride, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm1(x))  # (B', N, D)
-        return x + self.mlp(self.norm2(x), ("batch", "tokens"))  # (B', N, D)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 2,
+            "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.bias[...].astype(self.dtype)
+
+
+class FrameEncoder(nnx.Module):
+    """(M, S, S, 3) frames in [-1, 1] -> (M, E): K soft-argmax keypoints and C mean features."""
+
+    def __init__(self, spec: ActionDecoderSpec, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        c = spec.channels
+        self.conv1 = Conv(5, c, 5, 2, **kw)  # frame + 2 coordinate channels, to S/2
+        self.conv2 = Conv(c, c, 3, 1, **kw)
+        self.conv3 = Conv(c, c, 3, 1, **kw)
+        self.keypoint_maps = Conv(c, spec.keypoints, 1, 1, **kw)
+        self.dtype = dtype
+
+    def __call__(self, frames: jax.Array) -> jax.Array:
+        m, s = frames.shape[0], frames.shape[1]
+        axis = (jnp.arange(s, dtype=jnp.float32) + 0.5) / s * 2.0 - 1.0  # pixel centres
+        coords = jnp.broadcast_to(jnp.stack(jnp.meshgrid(axis, axis), -1), (m, s, s, 2))
+        x = jnp.concatenate([frames.astype(jnp.float32), coords], -1)  # (M, S, S, 5)
+        x = jax.nn.relu(self.conv1(x))  # (M, S/2, S/2, C)
+        x = jax.nn.relu(self.conv2(x))
+        x = jax.nn.relu(self.conv3(x)) + x
+        maps = self.keypoint_maps(x).astype(jnp.float32)  # (M, S/2, S/2, K)
+        n = maps.shape[1]
+        weights = jax.nn.softmax(maps.reshape(m, n * n, -1), axis=1)  # (M, S/2 * S/2, K)
+        grid = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n * 2.0 - 1.0
+        gx, gy = jnp.meshgrid(grid, grid)  # (S/2, S/2) each
+        keypoints = jnp.stack([jnp.einsum("mpk,p->mk", weights, gx.reshape(-1)),
+                               jnp.einsum("mpk,p->mk", weights, gy.reshape(-1))], -1)  # (M, K, 2)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (M, C)
+        return jnp.concatenate([keypoints.reshape(m, -1), pooled], -1)  # (M, E)
 
 
 class ActionDecoder(nnx.Module):
-    """`model(context, frames)` -> (B, H, A) normalised actions between consecutive frames."""
+    """`model(context, frames, start_xy, goal_xy, sgg_valid)` -> (B, H, s, A) per-step actions
+    (normalised continuous dimensions; gripper logits) between consecutive frames."""
 
     def __init__(self, spec: ActionDecoderSpec, *, rngs: nnx.Rngs,
                  dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
-        if spec.image_size % spec.patch_size:
-            raise ValueError(f"action_decoder.patch_size {spec.patch_size} does not divide the "
-                             f"image size {spec.image_size}")
+        if spec.image_size % 2:
+            raise ValueError(f"the action decoder needs an even image size, got {spec.image_size}")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.spec, self.dtype = spec, dtype
-        self.patch_embed = Dense(spec.patch_size ** 2 * 6, spec.width, (None, "embed"), **kw)
-        self.blocks = nnx.List([_Block(spec.width, spec.num_heads, **kw)
-                                for _ in range(spec.depth)])
-        self.norm = LayerNorm(spec.width, dtype=dtype, param_dtype=param_dtype)
-        self.head = Dense(spec.width, spec.action_dim, ("embed", None), **kw)
+        self.encoder = FrameEncoder(spec, **kw)
+        inputs = 5 * spec.encoding + 5  # 4 frames + a difference; start, goal, sgg_valid
+        self.hidden = nnx.List([Dense(inputs if i == 0 else spec.width, spec.width,
+                                      (None, "mlp") if i == 0 else ("embed", "mlp"), **kw)
+                                for i in range(spec.depth)])
+        self.head = Dense(spec.width, (spec.frame_stride, spec.action_dim), ("embed", None, None),
+                          **kw)
 
-    def __call__(self, context: jax.Array, frames: jax.Array) -> jax.Array:
-        """context (B, C, S, S, 3) and frames (B, H, S, S, 3), uint8 or [-1, 1] floats ->
-        actions (B, H, A): action j takes frame j - 1 (the last context frame for j = 0) to
-        frame j."""
+    def __call__(self, context: jax.Array, frames: jax.Array, start_xy: jax.Array,
+                 goal_xy: jax.Array, sgg_valid: jax.Array) -> jax.Array:
+        """context (B, C', S, S, 3) and frames (B, H, S, S, 3), uint8 or [-1, 1] floats; points
+        (B, 2) pixels and sgg_valid (B,) -> actions (B, H, s, A): interval j takes frame j - 1
+        (the last context frame for j = 0) to frame j."""
+        b, h, s = frames.shape[0], frames.shape[1], self.spec.image_size
         video = _unit(jnp.concatenate([context[:, -1:], frames], axis=1))  # (B, H + 1, S, S, 3)
-        pairs = jnp.concatenate([video[:, :-1], video[:, 1:]], axis=-1)  # (B, H, S, S, 6)
-        b, h = pairs.shape[:2]
-        tokens = patchify(pairs, self.spec.patch_size)  # (B, H, N, P*P*6)
-        tokens = tokens.reshape(b * h, *tokens.shape[2:]).astype(self.dtype)  # (B*H, N, P*P*6)
-        grid = self.spec.image_size // self.spec.patch_size
-        x = self.patch_embed(tokens) + sincos_2d(grid, grid, self.spec.width).astype(self.dtype)
-        x = constrain(x, ("batch", "tokens", "embed"))  # (B*H, N, D)
-        for block in self.blocks:
-            x = block(x)
-        pooled = jnp.mean(self.norm(x), axis=1)  # (B*H, D)
-        return self.head(pooled).astype(jnp.float32).reshape(b, h, -1)  # (B, H, A)
+        codes = self.encoder(video.reshape(b * (h + 1), s, s, 3)).reshape(b, h + 1, -1)
+        before, after = codes[:, :-1], codes[:, 1:]  # (B, H, E) each
+        following = jnp.concatenate([codes[:, 2:], codes[:, -1:]], axis=1)  # (B, H, E)
+        first = jnp.broadcast_to(codes[:, :1], before.shape)  # the context frame
+        valid = sgg_valid.astype(jnp.float32)[:, None]
+        points = jnp.concatenate([start_xy / s * 2.0 - 1.0, goal_xy / s * 2.0 - 1.0], -1) * valid
+        points = jnp.broadcast_to(jnp.concatenate([points, valid], -1)[:, None], (b, h, 5))
+        x = jnp.concatenate([before, after, following, first, after - before, points], -1)
+        x = constrain(x.astype(self.dtype), ("batch", "frames", None))  # (B, H, 5E + 5)
+        for layer in self.hidden:
+            x = jax.nn.gelu(layer(x))  # (B, H, D)
+        return self.head(x).astype(jnp.float32)  # (B, H, s, A)
 
 
 def build_action_decoder(config: ml_collections.ConfigDict, action_dim: int,
@@ -104,14 +158,14 @@ def build_action_decoder(config: ml_collections.ConfigDict, action_dim: int,
 
 
 def action_decoder_flops(spec: ActionDecoderSpec, batch_size: int, horizon: int) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3 x forward) on `batch_size`
-    clips of `horizon` frame pairs: patch embedding, attention projections and scores, MLP,
-    head."""
-    n = (spec.image_size // spec.patch_size) ** 2
-    d = spec.width
-    per_pair = n * spec.patch_size ** 2 * 6 * d + spec.depth * (
-        n * (4 * d * d + 8 * d * d) + 2 * n * n * d) + d * spec.action_dim
-    return 3.0 * 2.0 * batch_size * horizon * per_pair
+    """Matmul and convolution FLOPs of one training step (forward + backward = 3 x forward) on
+    `batch_size` clips of `horizon` intervals: the encoder on H + 1 frames, the MLP on H."""
+    n, c = (spec.image_size // 2) ** 2, spec.channels
+    per_frame = n * (25 * 5 * c + 2 * 9 * c * c + c * spec.keypoints + 2 * spec.keypoints)
+    inputs = 5 * spec.encoding + 5
+    per_interval = (inputs * spec.width + (spec.depth - 1) * spec.width ** 2
+                    + spec.width * spec.frame_stride * spec.action_dim)
+    return 3.0 * 2.0 * batch_size * ((horizon + 1) * per_frame + horizon * per_interval)
 
 
 def _unit(video: jax.Array) -> jax.Array:
@@ -121,17 +175,35 @@ def _unit(video: jax.Array) -> jax.Array:
     return video.astype(jnp.float32)
 
 
+def decode_batch(model: ActionDecoder, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """The decoder's (B, H, s, A) outputs for a batch's clips and points."""
+    return model(batch["context"], batch["frames"], batch["start_xy"], batch["goal_xy"],
+                 batch["sgg_valid"])
+
+
+def action_errors(predicted: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-step errors of (B, H, s, A) outputs against the batch's actions: squared error of the
+    normalised continuous dimensions, binary cross-entropy and accuracy of the gripper commands
+    (each a mean over the real dimensions and steps)."""
+    target = batch["actions"]
+    shape = target.shape
+    real = jnp.broadcast_to(batch["action_mask"][:, None, None, :], shape)
+    grip = jnp.broadcast_to(batch["gripper_mask"][:, None, None, :], shape)
+    cont = (real & ~grip).astype(jnp.float32)
+    grip = grip.astype(jnp.float32)
+    mse = jnp.sum(jnp.square(predicted - target) * cont) / jnp.maximum(jnp.sum(cont), 1.0)
+    bce = jnp.sum(optax.sigmoid_binary_cross_entropy(predicted, target) * grip) / jnp.maximum(
+        jnp.sum(grip), 1.0)
+    right = ((predicted > 0) == (target > 0.5)).astype(jnp.float32)
+    accuracy = jnp.sum(right * grip) / jnp.maximum(jnp.sum(grip), 1.0)
+    return {"action_mse": mse, "gripper_bce": bce, "gripper_accuracy": accuracy}
+
+
 def action_loss(model: ActionDecoder, batch: Mapping[str, jax.Array], rng: jax.Array | None,
                 config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean squared error of the decoded (normalised) actions over the real action dimensions
-    (`action_mask`)."""
+    """Squared error of the continuous dimensions plus cross-entropy of the gripper commands,
+    over every step of every interval (padding steps are no-ops to decode too)."""
     del rng, config  # deterministic; no settings beyond the architecture
-    predicted = model(batch["context"], batch["frames"])  # (B, H, A)
-    loss = masked_mse(predicted, batch["actions"], batch["action_mask"])
-    return loss, {"loss": loss}
-
-
-def masked_mse(predicted: jax.Array, target: jax.Array, action_mask: jax.Array) -> jax.Array:
-    """Mean squared error of (B, H, A) actions over the dimensions `action_mask` (B, A) marks."""
-    mask = jnp.broadcast_to(action_mask[:, None, :], target.shape).astype(jnp.float32)
-    return jnp.sum(jnp.square(predicted - target) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    errors = action_errors(decode_batch(model, batch), batch)
+    loss = errors["action_mse"] + errors["gripper_bce"]
+    return loss, {"loss": loss, **errors}

@@ -300,30 +300,33 @@ class ActionDecoderKind(ModelKind):
 
     def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
                  ) -> Previews | None:
-        """The EMA model's action error on the first sample_clips validation clips, beside
-        the mean action's (scalars)."""
+        """The EMA model's per-step action error and gripper-command accuracy on the first
+        sample_clips validation clips, beside the mean action's (scalars)."""
         val = _validation_clips(config, config.action_decoder.train.sample_clips)
         if val is None:
             return None
         clip_pipeline, batch = val
-        baseline = actions_eval.mean_action_mse(batch, clip_pipeline.mixture.stats)
+        baseline = actions_eval.mean_action_errors(batch, clip_pipeline.mixture.stats)
         repl = mesh_lib.replicated(layout.mesh)
-        clips = {k: jax.make_array_from_process_local_data(repl, batch[k])
-                 for k in ("context", "frames", "actions", "action_mask")}
+        keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid", "actions",
+                "action_mask", "gripper_mask")
+        clips = {k: jax.make_array_from_process_local_data(repl, batch[k]) for k in keys}
         graphdef = layout.graphdef
 
         def run(ema_params, clips):
             model = nnx.merge(graphdef, ema_params)
-            return action_decoder.masked_mse(model(clips["context"], clips["frames"]),
-                                             clips["actions"], clips["action_mask"])
+            return action_decoder.action_errors(action_decoder.decode_batch(model, clips), clips)
 
-        error = jax.jit(run, in_shardings=(layout.shardings.ema_params, None),
-                        out_shardings=repl)
+        errors = jax.jit(run, in_shardings=(layout.shardings.ema_params, None),
+                         out_shardings=repl)
 
         def draw(step: int, state: TrainState, writer: metrics_lib.MetricWriter) -> None:
             with mesh_lib.activate(layout.mesh, layout.rules):
-                mse = float(metrics_lib.host_value(error(state.ema_params, clips)))
-            writer.scalars(step, {"val_action_mse": mse, "val_mean_action_mse": baseline})
+                got = jax.tree.map(metrics_lib.host_value, errors(state.ema_params, clips))
+            writer.scalars(step, {"val_action_mse": float(got["action_mse"]),
+                                  "val_gripper_accuracy": float(got["gripper_accuracy"]),
+                                  "val_mean_action_mse": baseline["action_mse"],
+                                  "val_majority_gripper_accuracy": baseline["gripper_accuracy"]})
 
         return draw
 
