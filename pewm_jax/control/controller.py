@@ -499,15 +499,13 @@ class Controller:
 
     def _decode(self, slots: list[_Slot], frames: np.ndarray) -> np.ndarray:
         """(B, H, s, A) decoded per-step actions of true future frames (B, H, N, N, 3)."""
-        b, pad = len(slots), self.policy.batch_size - len(slots)
         commands = [self._round_command(sl) for sl in slots]
         context = np.repeat(np.stack([sl.env.image for sl in slots])[:, None],
                             self.policy.context_frames, axis=1)
-        inputs = [context, frames, np.array([c.start_xy for c in commands], np.float32),
-                  np.array([c.goal_xy for c in commands], np.float32),
-                  np.full((b,), self.settings.sgg)]
-        inputs = [np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) for x in inputs]
-        return self.policy.decode(*inputs)[:b]
+        return self.policy.decode(context, frames,
+                                  np.array([c.start_xy for c in commands], np.float32),
+                                  np.array([c.goal_xy for c in commands], np.float32),
+                                  np.full((len(slots),), self.settings.sgg))
 
     def _play_scripted(self, slot: _Slot) -> None:
         """The world's scripted expert runs the attempt's primitive to its end."""

@@ -108,7 +108,6 @@ class PrimitivePolicy:
                              f"{observations.dtype} {observations.shape}")
         if not 1 <= b <= self.batch_size:
             raise ValueError(f"a policy step takes 1 to {self.batch_size} commands, got {b}")
-        pad = self.batch_size - b
         context = np.repeat(observations[:, None], self.context_frames, axis=1)  # (B, C, N, N, 3)
         tokens, mask = encode_batch(self.tokenizer, [c.text for c in commands],
                                     int(self.config.data.max_text_tokens))
@@ -116,7 +115,7 @@ class PrimitivePolicy:
                 "start_xy": np.array([c.start_xy for c in commands], np.float32),
                 "goal_xy": np.array([c.goal_xy for c in commands], np.float32),
                 "sgg_valid": np.full((b,), use_sgg)}
-        cond = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in cond.items()}
+        cond = {k: self._padded(v) for k, v in cond.items()}
         rng = jax.random.fold_in(jax.random.key(self.seed), step_index)
         start = time.perf_counter()
         unit = sample_from_config(self.world_model, cond, rng, self.config,
@@ -124,8 +123,8 @@ class PrimitivePolicy:
         clips = np.asarray(jax.device_get(
             (unit * 255.0 + 0.5).clip(0, 255).astype(np.uint8)))  # (B', H, N, N, 3)
         generated = time.perf_counter()
-        actions = self.decode(cond["context"], clips, cond["start_xy"], cond["goal_xy"],
-                              cond["sgg_valid"])[:b]  # (B, H, s, A)
+        actions = self.decode(*(x[:b] for x in (cond["context"], clips, cond["start_xy"],
+                                                 cond["goal_xy"], cond["sgg_valid"])))
         decoded = time.perf_counter()
         return PolicyOutput(clips[:b], actions, generated - start, decoded - generated)
 
@@ -133,7 +132,16 @@ class PrimitivePolicy:
                goal_xy: np.ndarray, sgg_valid: np.ndarray) -> np.ndarray:
         """(B, H, s, A) per-step actions in the dataset's units for clips of uint8 frames
         (B, H, N, N, 3) after context (B, C, N, N, 3), with their points (B, 2) and sgg_valid
-        (B,): what the controller plays for imagined clips, and for true ones (`true_video`)."""
-        out = np.asarray(jax.device_get(_decode(self.action_decoder, context, frames, start_xy,
-                                                goal_xy, sgg_valid)))  # (B, H, s, A_model)
-        return self.stats.from_model(out[..., :self.action_dim])
+        (B,), B <= batch_size: what the controller plays for imagined clips, and for true ones
+        (`true_video`)."""
+        b = len(frames)
+        inputs = [self._padded(np.asarray(x)) for x in (context, frames, start_xy, goal_xy,
+                                                          sgg_valid)]
+        out = np.asarray(jax.device_get(_decode(self.action_decoder, *inputs)))  # (B', H, s, A')
+        return self.stats.from_model(out[:b, ..., :self.action_dim])
+
+    def _padded(self, rows: np.ndarray) -> np.ndarray:
+        """`rows` (B, ...) padded to the fixed batch size with copies of the first row, so the
+        jitted sampler and decoder compile once."""
+        pad = self.batch_size - len(rows)
+        return np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)]) if pad else rows
