@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 10
     config.train.sample_every = 100
 
-    # `pewm actions`: about 7 minutes (per-step actions from true frames: see the README).
+    # `pewm actions`: about 6 minutes (per-step actions from true frames: see the README).
     config.action_decoder.train.steps = 1000
     config.action_decoder.train.global_batch_size = 16
     config.action_decoder.train.checkpoint_every = 500

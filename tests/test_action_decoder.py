@@ -5,6 +5,7 @@ and the majority gripper command."""
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -24,7 +25,7 @@ from pewm_jax.train import kinds, loop
 
 # The slow test's budget and what it holds the decoder to (measured, see its docstring).
 DECODER_STEPS = 1000
-TRUE_VIDEO_SHARE = 0.1
+TRUE_VIDEO_SHARE = 0.5
 
 
 def decoder_config(dataset, *overrides: str):
@@ -79,7 +80,8 @@ def test_each_interval_reads_the_frames_around_it_and_the_points():
 
 def test_the_loss_is_mse_on_motion_and_cross_entropy_on_gripper_commands():
     """Padded action dimensions are ignored; gripper dimensions (1 high, 0 low) are scored by
-    binary cross-entropy of the logits, the others by squared error."""
+    binary cross-entropy of the logits, the others by squared error; the context frame's
+    gripper keypoint by its squared pixel distance to a valid start point."""
     model = _model(action_dim=4)
     rng = np.random.default_rng(1)
     context, frames, start, goal, valid = _inputs(rng, h=3)
@@ -92,8 +94,12 @@ def test_the_loss_is_mse_on_motion_and_cross_entropy_on_gripper_commands():
              "action_mask": np.array([[True, True, True, False], [True, True, False, False]]),
              "gripper_mask": np.array([[False, False, True, False],
                                        [False, True, False, False]])}
-    loss, metrics = action_loss(model, batch, None, None)
-    out = np.asarray(model(context, frames, start, goal, valid))
+    valid[1] = False  # no start point: its gripper keypoint is not scored
+    config = ml_collections.ConfigDict({"action_decoder": {"locate_weight": 0.5}})
+    loss, metrics = action_loss(model, batch, None, config)
+    out, keypoints = (np.asarray(x) for x in model.decode(context, frames, start, goal, valid))
+    assert keypoints.shape == (2, 4, 2) and (keypoints >= 0).all() and (keypoints <= 16).all()
+    located = float(np.sum(np.square(keypoints[0, 0] - start[0])))
     motion = [np.square(out[0, ..., :2] - actions[0, ..., :2]),
               np.square(out[1, ..., :1] - actions[1, ..., :1])]
     mse = (motion[0].sum() + motion[1].sum()) / (motion[0].size + motion[1].size)
@@ -102,7 +108,8 @@ def test_the_loss_is_mse_on_motion_and_cross_entropy_on_gripper_commands():
     bce = float(np.mean(optax.sigmoid_binary_cross_entropy(logits, labels)))
     assert float(metrics["action_mse"]) == pytest.approx(mse, rel=1e-5)
     assert float(metrics["gripper_bce"]) == pytest.approx(bce, rel=1e-5)
-    assert float(loss) == pytest.approx(mse + bce, rel=1e-5)
+    assert float(metrics["gripper_px2"]) == pytest.approx(located, rel=1e-5)
+    assert float(loss) == pytest.approx(mse + bce + 0.5 * located, rel=1e-5)
     assert float(metrics["gripper_accuracy"]) == pytest.approx(
         float(np.mean((logits > 0) == (labels > 0.5))))
 
@@ -184,9 +191,11 @@ def test_bad_decoder_settings_name_the_key(override, key):
 def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
     """The decoder's link of the evaluation chain, trained within the slow budget (500
     episodes, DECODER_STEPS steps of 16 clips): on held-out clips its per-step error is far
-    below the mean action's, and the expert's true future frames, decoded and played, solve
-    at least TRUE_VIDEO_SHARE of what the oracle solves on the same seeds (issue 24 asks for
-    90%; this decoder is not there yet, see the README's action decoder section)."""
+    below the mean action's; the expert's true future frames, decoded and played (tracked),
+    run every kind of primitive but pushes as the expert does (>= 90% each; measured 97-100%)
+    and solve at least TRUE_VIDEO_SHARE of what the oracle solves on the same seeds (measured
+    67%). Issue 24 asks for 90%: pushes hold it back, as a push must be lowered within 0.25 px
+    of the expert's path (benchmarks/push_precision.py; README, the action decoder)."""
     dataset = tmp_path_factory.mktemp("decoder_data") / "data"
     overrides = [*TINY_DATA, "data.num_train_episodes=500", "data.num_test_episodes=10",
                  f"data.dataset_dir={dataset}"]
@@ -215,3 +224,5 @@ def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
         "oracle": {"splits": {"train": closed_loop.split_scores(oracle)}},
         "true_video": {"splits": {"train": closed_loop.split_scores(video)}}}}))
     assert sum(r.success for r in video) >= TRUE_VIDEO_SHARE * sum(r.success for r in oracle)
+    kinds_run = closed_loop.split_scores(video)["per_primitive"]
+    assert all(v["success"] >= 0.9 for k, v in kinds_run.items() if k != "push"), kinds_run

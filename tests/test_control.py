@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from world_model_fixtures import randomize, small_config
 
-from data_loaders.clips import ActionStats
+from data_loaders.clips import ActionStats, frame_indices
 from data_loaders.tokenizer import build_tokenizer
 from pewm_jax.config import EVAL_CONDITIONS
 from pewm_jax.control.controller import ControlSettings, Controller
@@ -204,6 +204,52 @@ def test_policy_step_is_repeatable_and_rows_do_not_depend_on_padding(random_poli
     assert np.abs(other.clips.astype(int) - full.clips).max() > 0
     with pytest.raises(ValueError, match="uint8 observations"):
         policy.step(obs[:, :8, :8], commands, step_index=0)
+
+
+class _RecordingDecoder:
+    """A policy double for the true-video executor: every decode call is recorded, and each
+    step moves the gripper 0.01 to the right with the gripper open."""
+
+    horizon, context_frames, batch_size = 8, 1, 2
+
+    def __init__(self):
+        self.calls = []
+
+    def decode(self, context, frames, start_xy, goal_xy, sgg_valid):
+        self.calls.append((context.copy(), frames.copy(), start_xy.copy()))
+        actions = np.zeros((len(frames), frames.shape[1], 4, 3), np.float32)  # (B, H', s, A)
+        actions[..., 0], actions[..., 2] = 0.01, -1.0
+        return actions
+
+
+@pytest.mark.parametrize("track, execute_frames", [(True, 3), (True, None), (False, 3)])
+def test_tracking_decodes_each_interval_from_the_live_observation(track, execute_frames):
+    """With tracking, interval j is decoded after the live observation (not the clip's frame
+    j - 1), from the true clip's frames j and j + 1 (the last frame twice at the clip's end)
+    and the gripper's live start point; without, the whole clip is decoded once from the first
+    observation."""
+    spec = EpisodeSpec(2 ** 40 + 3, "train", "bin_one")
+    policy = _RecordingDecoder()
+    controller = Controller(
+        ControlSettings("world", "true_video", track=track, execute_frames=execute_frames),
+        lambda: TabletopControlEnv(64), horizon=8, frame_stride=4, policy=policy)
+    env = TabletopControlEnv(64)
+    env.reset(spec)
+    roll = env.rollout(env.expert(env.world_command(0, True)), 32, render=True)
+    truth = roll.frames[frame_indices(0, len(roll.actions), 8, 4)]  # (8, 64, 64, 3)
+    controller.run([spec], parallel=1)
+    first_round = policy.calls[:execute_frames or 8] if track else policy.calls[:1]
+    for j, (context, frames, start_xy) in enumerate(first_round):
+        x, y = env.gripper_xy()
+        np.testing.assert_allclose(start_xy[0], [x + j * 4 * 0.01 * 64, y], atol=1e-3)
+        expected = truth[[j, min(j + 1, 7)]] if track else truth
+        np.testing.assert_array_equal(frames[0], expected)
+        if j == 0:
+            np.testing.assert_array_equal(context[0, 0], env.image)
+        else:  # the live world after j intervals of 0.01-steps, not the expert's frame
+            assert not np.array_equal(context[0, 0], truth[j - 1])
+            assert not np.array_equal(context[0, 0], first_round[j - 1][0][0, 0])
+    assert len(policy.calls) > len(first_round)
 
 
 def test_random_weight_models_fail_and_the_verdict_says_so(random_policy):

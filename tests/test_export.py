@@ -136,7 +136,7 @@ def test_bundle_closed_loop_takes_the_controllers_actions(exported, closed_loop_
         policy = PrimitivePolicy(world_model, config, tokenizer, decoder, stats[0], batch_size=1,
                                  seed=4)
         controller = Controller(
-            ControlSettings("vlm", "decoded", "closed", max_replans=0),
+            ControlSettings("vlm", "decoded", "closed", max_replans=0, track=False),
             lambda: TabletopControlEnv(w.image_size, (w.num_objects_min, w.num_objects_max),
                                        w.max_delta, w.primitive_max_steps),
             horizon=int(config.data.horizon), frame_stride=int(config.data.frame_stride),

@@ -265,7 +265,7 @@ class _StillPolicy:
         self.frame_stride = frame_stride
         self.commands, self.decoded = [], []
 
-    def step(self, observations, commands, *, step_index, use_sgg):
+    def step(self, observations, commands, *, step_index, use_sgg, decode=True):
         self.commands.append((list(commands), use_sgg))
         b = len(commands)
         return PolicyOutput(np.zeros((b, self.horizon, 32, 32, 3), np.uint8),

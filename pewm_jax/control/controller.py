@@ -26,6 +26,10 @@ Choices (`ControlSettings`), each feeding one link of the chain with truth (DESI
 - execute_frames  k <= H: play the first k frames' actions (k * frame_stride steps) of a clip,
             then observe and imagine again, with the same words and goal (receding horizon
             within a primitive); None plays all H.
+- track     True: the decoder reads each frame interval from the live observation, not the
+            clip's previous frame (closed-loop tracking of the clip: the gripper's error stays
+            one interval's decoding error instead of adding up over the clip); False decodes
+            the whole clip once, open loop, from its own frames.
 
 Rounds and attempts: a round plans (as the loop asks), makes one clip per environment and
 plays it. An attempt is one primitive's rounds: it ends when it has played a whole clip's
@@ -70,6 +74,7 @@ class ControlSettings:
     sgg: bool = True
     max_replans: int = 2
     execute_frames: int | None = None  # k <= H frames played per clip; None: all H
+    track: bool = True  # decode each interval from the live observation (module docstring)
 
     def __post_init__(self):
         for name, known in (("planner", PLANNERS), ("executor", EXECUTORS), ("loop", LOOPS)):
@@ -434,41 +439,62 @@ class Controller:
             self.latency.env.append((time.perf_counter() - start, len(slots)))
             return
         experts: list[list[Any]] = [[] for _ in slots]
+        tracking = self.settings.track and self.settings.uses_decoder
         if executor in ("replay", "true_video"):
             futures = [self._future(slot) for slot in slots]
             actions = [f[0] for f in futures]
             imagined = [f[1] for f in futures]
             experts = [f[2] for f in futures]
-            if executor == "true_video":
+            if executor == "true_video" and not tracking:
                 start = time.perf_counter()
                 actions = list(self._decode(slots, np.stack(imagined)))
                 self.latency.action_decoding.append((time.perf_counter() - start, len(slots)))
         else:
             out = self.policy.step(np.stack([sl.env.image for sl in slots]),
                                    [self._round_command(sl) for sl in slots],
-                                   step_index=self._round, use_sgg=self.settings.sgg)
+                                   step_index=self._round, use_sgg=self.settings.sgg,
+                                   decode=not tracking)
             self.latency.generation.append((out.generate_s, len(slots)))
-            self.latency.action_decoding.append((out.decode_s, len(slots)))
+            if not tracking:
+                self.latency.action_decoding.append((out.decode_s, len(slots)))
             actions, imagined = list(out.actions), list(out.clips)
-        start = time.perf_counter()
-        for slot, acts, clip, after in zip(slots, actions, imagined, experts):
+        for slot, clip in zip(slots, imagined):
             attempt = slot.attempt
             if attempt.rounds == 0 and executor == "decoded":
                 attempt.goal_reached = slot.env.goal_reached(clip[-1], attempt.command.goal_xy,
                                                              self.goal_reach_px)
-            frames = min(self.execute_frames, self.horizon - attempt.frames_played)
-            played = 0
-            for j in range(frames):
+        frames = [min(self.execute_frames, self.horizon - sl.attempt.frames_played)
+                  for sl in slots]
+        played = [0] * len(slots)
+        decode_s = env_s = 0.0
+        for j in range(max(frames)):
+            rows = [r for r, sl in enumerate(slots) if j < frames[r] and sl.end is None]
+            if not rows:
+                break
+            start = time.perf_counter()
+            if tracking:
+                interval = self._decode_interval([slots[r] for r in rows],
+                                                 np.stack([imagined[r] for r in rows]), j)
+            decode_s += time.perf_counter() - start
+            start = time.perf_counter()
+            for n, r in enumerate(rows):
+                slot, clip = slots[r], imagined[r]
+                acts = interval[n] if tracking else actions[r][j]
                 for i in range(self.frame_stride):
                     if slot.end is None:
-                        self._step(slot, acts[j, i], None if clip is None else clip[j])
-                        played += 1
+                        self._step(slot, acts[i], None if clip is None else clip[j])
+                        played[r] += 1
+            env_s += time.perf_counter() - start
+        if tracking:  # one entry per round, as a clip decoded at once is
+            self.latency.action_decoding.append((decode_s, len(slots)))
+        self.latency.env.append((env_s, len(slots)))
+        for slot, after, count, frame_count in zip(slots, experts, played, frames):
+            attempt = slot.attempt
             if after:  # the expert continues from where its simulated future was left
-                attempt.expert = after[min(played, len(after) - 1)]
+                attempt.expert = after[min(count, len(after) - 1)]
             attempt.rounds += 1
-            attempt.frames_played += frames
+            attempt.frames_played += frame_count
             self._after_round(slot, clip_done=attempt.frames_played >= self.horizon)
-        self.latency.env.append((time.perf_counter() - start, len(slots)))
 
     def _round_command(self, slot: _Slot) -> PrimitiveCommand:
         """The attempt's command for this round. A later round of one attempt (receding
@@ -498,14 +524,32 @@ class Controller:
         return acts, frames, roll.experts
 
     def _decode(self, slots: list[_Slot], frames: np.ndarray) -> np.ndarray:
-        """(B, H, s, A) decoded per-step actions of true future frames (B, H, N, N, 3)."""
+        """(B, H, s, A) decoded per-step actions of whole clips (B, H, N, N, 3), read from
+        each slot's observation on (each clip decoded once, from its own frames)."""
         commands = [self._round_command(sl) for sl in slots]
-        context = np.repeat(np.stack([sl.env.image for sl in slots])[:, None],
-                            self.policy.context_frames, axis=1)
-        return self.policy.decode(context, frames,
+        return self.policy.decode(self._context(slots), frames,
                                   np.array([c.start_xy for c in commands], np.float32),
                                   np.array([c.goal_xy for c in commands], np.float32),
                                   np.full((len(slots),), self.settings.sgg))
+
+    def _decode_interval(self, slots: list[_Slot], frames: np.ndarray, j: int) -> np.ndarray:
+        """(B, s, A) per-step actions from each slot's live observation to frame j of its
+        clip (B, H, N, N, 3): the decoder reads the observation, frame j and the frame after
+        it (frame j again at the clip's end, as in training), and the gripper's live position
+        as the start point, as in training, where a clip starts where the gripper is."""
+        window = frames[:, j:j + 2]
+        if window.shape[1] == 1:
+            window = np.concatenate([window, window], axis=1)
+        commands = [self._round_command(sl) for sl in slots]
+        return self.policy.decode(self._context(slots), window,
+                                  np.array([sl.env.gripper_xy() for sl in slots], np.float32),
+                                  np.array([c.goal_xy for c in commands], np.float32),
+                                  np.full((len(slots),), self.settings.sgg))[:, 0]
+
+    def _context(self, slots: list[_Slot]) -> np.ndarray:
+        """(B, C, N, N, 3): each slot's observation as the decoder's context frames."""
+        return np.repeat(np.stack([sl.env.image for sl in slots])[:, None],
+                         self.policy.context_frames, axis=1)
 
     def _play_scripted(self, slot: _Slot) -> None:
         """The world's scripted expert runs the attempt's primitive to its end."""

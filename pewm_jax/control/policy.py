@@ -92,11 +92,13 @@ class PrimitivePolicy:
         self.action_dim = len(action_stats.mean)
 
     def step(self, observations: np.ndarray, commands: Sequence[PrimitiveCommand], *,
-             step_index: int, use_sgg: bool = True) -> PolicyOutput:
+             step_index: int, use_sgg: bool = True, decode: bool = True) -> PolicyOutput:
         """Clips and actions for uint8 observations (B, N, N, 3) and B commands, B <= batch_size.
 
         `step_index` seeds the sampler's noise (same index, same clips); `use_sgg` False samples
-        with the start/goal heatmaps dropped (the text-only ablation).
+        with the start/goal heatmaps dropped (the text-only ablation); `decode` False leaves
+        the actions empty (B, 0, s, A), for a controller that decodes each interval from its
+        live observation.
         """
         if self.world_model is None:
             raise ValueError("this policy has no world model: it decodes given clips only")
@@ -123,8 +125,12 @@ class PrimitivePolicy:
         clips = np.asarray(jax.device_get(
             (unit * 255.0 + 0.5).clip(0, 255).astype(np.uint8)))  # (B', H, N, N, 3)
         generated = time.perf_counter()
-        actions = self.decode(*(x[:b] for x in (cond["context"], clips, cond["start_xy"],
-                                                 cond["goal_xy"], cond["sgg_valid"])))
+        if decode:
+            actions = self.decode(*(x[:b] for x in (cond["context"], clips, cond["start_xy"],
+                                                     cond["goal_xy"], cond["sgg_valid"])))
+        else:
+            actions = np.zeros((b, 0, self.action_decoder.spec.frame_stride, self.action_dim),
+                               np.float32)
         decoded = time.perf_counter()
         return PolicyOutput(clips[:b], actions, generated - start, decoded - generated)
 

@@ -22,8 +22,9 @@ template on every split of `config.eval.splits` under each condition, on the sam
 The chain `oracle -> replay -> true_video -> world_plan -> pewm` feeds one more link with a
 model's output at each step (DESIGN.md "Evaluation chain"); `chain_table` prints it with 95%
 intervals and per-primitive success, so the first link that breaks is plain.
-`config.eval.execute_frames` (k) plays k frames of each clip, then observes and imagines again.
-A condition whose models are missing from the run directory is listed as skipped, with the
+`config.eval.execute_frames` (k) plays k frames of each clip, then observes and imagines again;
+`config.eval.track` decodes each frame interval from the live observation (the default) or each
+clip once from its own frames. A condition whose models are missing from the run directory is listed as skipped, with the
 command that trains them. Every figure sits beside its baseline: success beside the oracle's,
 sampled clips beside copying the context frame (PSNR, SSIM, goal reach), decoded actions beside
 the mean action, planned points beside the image-centre guess.
@@ -235,7 +236,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             continue
         controller = Controller(
             dataclasses.replace(settings, max_replans=e.max_replans,
-                                execute_frames=e.execute_frames or None),
+                                execute_frames=e.execute_frames or None, track=e.track),
             lambda: TabletopControlEnv(world.image_size,
                                        (world.num_objects_min, world.num_objects_max),
                                        world.max_delta, world.primitive_max_steps),

@@ -348,8 +348,10 @@ class LoopResult:
 
 class BundleController:
     """The closed loop from a bundle alone: plan from the current observation, imagine the
-    primitive to run and decode its per-step actions, play them as they are, observe, replan; the same loop as `pewm_jax.control.Controller` with the VLM planner,
-    decoded executor and closed loop, for one robot. Same seed, same actions: primitive k
+    primitive to run and decode its per-step actions, play them as they are, observe, replan;
+    the same loop as `pewm_jax.control.Controller` with the VLM planner, decoded executor,
+    closed loop and `track=False` (the clip is decoded once, from its own frames), for one
+    robot. Same seed, same actions: primitive k
     samples with step index first_step_index + k, as the Controller's first episode does."""
 
     def __init__(self, bundle: Bundle, *, seed: int = 0, use_sgg: bool = True):

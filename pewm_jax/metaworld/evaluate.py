@@ -27,7 +27,8 @@ A plan is followed one primitive per attempt: the clip's per-step actions are pl
 closed loop, the planner plans again from the new frame. When a plan runs out without success,
 the controller plans afresh, at most `metaworld.max_replans` times (AVDC's replanning); the
 oracle plan restarts from its first primitive. `eval.execute_frames` (k) plays k frames of each
-clip, then observes and imagines again. A plan that does not parse (constrained decoding cut off
+clip, then observes and imagines again; `eval.track` decodes each frame interval from the live
+observation. A plan that does not parse (constrained decoding cut off
 at `planner.max_tokens`) is counted in the report and never acted on. The report gives per-task
 and mean success with 95% Wilson intervals, per-camera success, the histogram of replans used,
 how episodes ended, and latency.
@@ -116,7 +117,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
         "published_mean_success": PUBLISHED, "conditions": {}}
     for name in mw.eval_conditions:
         settings = dataclasses.replace(CONDITIONS[name], max_replans=mw.max_replans,
-                                       execute_frames=e.execute_frames or None)
+                                       execute_frames=e.execute_frames or None, track=e.track)
         for model in needs(settings):
             models.get(model)
         lacking = [m for m in needs(settings) if m in models.missing]

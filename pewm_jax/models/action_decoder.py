@@ -12,10 +12,15 @@ the fingers closed, whether an object moved with the gripper or was pushed), not
 images look like. So each frame goes through a small convolutional encoder whose last layer
 is read out as keypoints by a spatial soft-argmax (Levine et al. 2016, "End-to-End Training of
 Deep Visuomotor Policies"): the expected (x, y) of each of K feature maps, sub-pixel precise on
-anti-aliased frames, plus the mean of the features (grip state, what is held). A shared MLP
-then reads, for each interval, the encodings of the frames before, at the end of and after it,
-of the context frame, and the primitive's start and goal points (where the motion must end:
-the close of a pick happens on arrival at the goal), and writes the interval's `s` actions.
+anti-aliased frames, plus the mean of the features (grip state, what is held). Keypoint 0 is
+tied to the gripper: the start point of a clip is where the gripper is in its context frame
+(DESIGN.md), so training pulls that keypoint onto it (`action_decoder.locate_weight`; 0.14 px
+RMS after 1000 quickstart steps), and the encoder, shared by every frame, then finds the
+gripper in all of them. A shared MLP reads, for each interval, the encodings of the frames
+before, at the end of and after it, of the context frame, the primitive's start and goal
+points, and the gripper's motion in and after the interval and its offset from the goal
+(where an interval's motion stops and the gripper command changes: a pick closes on
+arrival), and writes the interval's `s` actions.
 
 Shapes: B batch, H horizon (intervals), S image side, C channels, K keypoints, E = 2K + C
 (one frame's encoding), D MLP width, s steps per interval, A action size.
@@ -121,7 +126,7 @@ class ActionDecoder(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.spec, self.dtype = spec, dtype
         self.encoder = FrameEncoder(spec, **kw)
-        inputs = 5 * spec.encoding + 5  # 4 frames + a difference; start, goal, sgg_valid
+        inputs = _mlp_inputs(spec)
         self.hidden = nnx.List([Dense(inputs if i == 0 else spec.width, spec.width,
                                       (None, "mlp") if i == 0 else ("embed", "mlp"), **kw)
                                 for i in range(spec.depth)])
@@ -133,20 +138,36 @@ class ActionDecoder(nnx.Module):
         """context (B, C', S, S, 3) and frames (B, H, S, S, 3), uint8 or [-1, 1] floats; points
         (B, 2) pixels and sgg_valid (B,) -> actions (B, H, s, A): interval j takes frame j - 1
         (the last context frame for j = 0) to frame j."""
+        return self.decode(context, frames, start_xy, goal_xy, sgg_valid)[0]
+
+    def decode(self, context: jax.Array, frames: jax.Array, start_xy: jax.Array,
+               goal_xy: jax.Array, sgg_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`__call__`'s actions (B, H, s, A) and the gripper keypoint of every frame (B, H + 1, 2)
+        in pixels (frame 0 the last context frame), which training ties to the start point."""
         b, h, s = frames.shape[0], frames.shape[1], self.spec.image_size
         video = _unit(jnp.concatenate([context[:, -1:], frames], axis=1))  # (B, H + 1, S, S, 3)
         codes = self.encoder(video.reshape(b * (h + 1), s, s, 3)).reshape(b, h + 1, -1)
+        gripper = codes[..., :2]  # (B, H + 1, 2) keypoint 0, in [-1, 1]
         before, after = codes[:, :-1], codes[:, 1:]  # (B, H, E) each
         following = jnp.concatenate([codes[:, 2:], codes[:, -1:]], axis=1)  # (B, H, E)
         first = jnp.broadcast_to(codes[:, :1], before.shape)  # the context frame
         valid = sgg_valid.astype(jnp.float32)[:, None]
-        points = jnp.concatenate([start_xy / s * 2.0 - 1.0, goal_xy / s * 2.0 - 1.0], -1) * valid
-        points = jnp.broadcast_to(jnp.concatenate([points, valid], -1)[:, None], (b, h, 5))
-        x = jnp.concatenate([before, after, following, first, after - before, points], -1)
-        x = constrain(x.astype(self.dtype), ("batch", "frames", None))  # (B, H, 5E + 5)
+        start, goal = start_xy / s * 2.0 - 1.0, goal_xy / s * 2.0 - 1.0  # (B, 2) each
+        points = jnp.concatenate([start * valid, goal * valid, valid], -1)  # (B, 5)
+        # The gripper's motion and where it stands to the goal, in pixels / 8: what fixes how
+        # an interval's motion splits over its steps (the close of a pick comes on arrival).
+        scale = s / 16.0
+        g0, g1 = gripper[:, :-1], gripper[:, 1:]  # (B, H, 2) before / after each interval
+        g2 = jnp.concatenate([gripper[:, 2:], gripper[:, -1:]], axis=1)
+        relative = jnp.concatenate([g1 - g0, g2 - g1, (goal[:, None] - g0) * valid[:, None],
+                                    (goal[:, None] - g1) * valid[:, None]], -1) * scale
+        x = jnp.concatenate([before, after, following, first, after - before,
+                             jnp.broadcast_to(points[:, None], (b, h, 5)), relative], -1)
+        x = constrain(x.astype(self.dtype), ("batch", "frames", None))  # (B, H, 5E + 13)
         for layer in self.hidden:
             x = jax.nn.gelu(layer(x))  # (B, H, D)
-        return self.head(x).astype(jnp.float32)  # (B, H, s, A)
+        actions = self.head(x).astype(jnp.float32)  # (B, H, s, A)
+        return actions, (gripper + 1.0) * (s / 2.0)
 
 
 def build_action_decoder(config: ml_collections.ConfigDict, action_dim: int,
@@ -162,10 +183,16 @@ def action_decoder_flops(spec: ActionDecoderSpec, batch_size: int, horizon: int)
     `batch_size` clips of `horizon` intervals: the encoder on H + 1 frames, the MLP on H."""
     n, c = (spec.image_size // 2) ** 2, spec.channels
     per_frame = n * (25 * 5 * c + 2 * 9 * c * c + c * spec.keypoints + 2 * spec.keypoints)
-    inputs = 5 * spec.encoding + 5
+    inputs = _mlp_inputs(spec)
     per_interval = (inputs * spec.width + (spec.depth - 1) * spec.width ** 2
                     + spec.width * spec.frame_stride * spec.action_dim)
     return 3.0 * 2.0 * batch_size * ((horizon + 1) * per_frame + horizon * per_interval)
+
+
+def _mlp_inputs(spec: ActionDecoderSpec) -> int:
+    """Features per interval: 4 frames' encodings and a difference, start, goal, sgg_valid, and
+    4 gripper vectors (motion in and after the interval, the goal from before and after it)."""
+    return 5 * spec.encoding + 5 + 8
 
 
 def _unit(video: jax.Array) -> jax.Array:
@@ -199,11 +226,25 @@ def action_errors(predicted: jax.Array, batch: Mapping[str, jax.Array]) -> dict[
     return {"action_mse": mse, "gripper_bce": bce, "gripper_accuracy": accuracy}
 
 
+def gripper_error(keypoints: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean squared pixel distance between the context frame's gripper keypoint (B, H + 1, 2)
+    and the start point, over clips whose points are valid: the start point is where the
+    gripper is in the context frame (DESIGN.md), so keypoint 0 learns to find the gripper."""
+    valid = batch["sgg_valid"].astype(jnp.float32)
+    err = jnp.sum(jnp.square(keypoints[:, 0] - batch["start_xy"]), -1)
+    return jnp.sum(err * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
 def action_loss(model: ActionDecoder, batch: Mapping[str, jax.Array], rng: jax.Array | None,
                 config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Squared error of the continuous dimensions plus cross-entropy of the gripper commands,
-    over every step of every interval (padding steps are no-ops to decode too)."""
-    del rng, config  # deterministic; no settings beyond the architecture
-    errors = action_errors(decode_batch(model, batch), batch)
-    loss = errors["action_mse"] + errors["gripper_bce"]
-    return loss, {"loss": loss, **errors}
+    over every step of every interval (padding steps are no-ops to decode too), plus
+    `action_decoder.locate_weight` x the gripper keypoint's squared pixel error."""
+    del rng  # deterministic
+    weight = config.action_decoder.locate_weight
+    predicted, keypoints = model.decode(batch["context"], batch["frames"], batch["start_xy"],
+                                        batch["goal_xy"], batch["sgg_valid"])
+    errors = action_errors(predicted, batch)
+    located = gripper_error(keypoints, batch)
+    loss = errors["action_mse"] + errors["gripper_bce"] + weight * located
+    return loss, {"loss": loss, "gripper_px2": located, **errors}
