@@ -9,7 +9,8 @@ with the config's sampler steps) + decode (the action decoder reads its per-step
 clip's H x frame_stride per-step actions, played as they are). Decoding is timed both ways the
 controller can do it: once per clip from its own frames (`decode`, `eval.track=False`), and
 tracked, once per frame interval from the live observation to the clip's next frame (`track`:
-H decoder calls on 3 frames each, the default). Prints, from `--steps` timed steps after one warm-up:
+H decoder calls on 3 frames each, `PrimitivePolicy.decode_interval`, the default). Prints,
+from `--steps` timed steps after one warm-up:
   * the median seconds of each part and of a primitive step (plan + generate + tracked decode),
     and that step against the issue's aim of 0.5 s (ratio < 1 meets it);
   * control steps per second (primitives per second across the B environments);
@@ -102,12 +103,12 @@ def main() -> None:
         out = policy.step(images, commands, step_index=step)
         track_s = act_s = 0.0
         for j in range(h):  # tracked: interval j decoded after the live observation
-            live = np.stack([env.render() for env in envs])[:, None]
-            window = out.clips[:, [j, min(j + 1, h - 1)]]  # frame j and the one after it
+            live = np.stack([env.render() for env in envs])
             start = time.perf_counter()
-            chunk = policy.decode(live, window, np.array([c.start_xy for c in commands], np.float32),
-                                  np.array([c.goal_xy for c in commands], np.float32),
-                                  np.ones((len(commands),), bool))[:, 0]  # (B, s, A)
+            chunk = policy.decode_interval(  # (B, s, A)
+                live, out.clips, j, np.array([c.start_xy for c in commands], np.float32),
+                np.array([c.goal_xy for c in commands], np.float32),
+                np.ones((len(commands),), bool))
             track_s += time.perf_counter() - start
             start = time.perf_counter()
             for env, actions in zip(envs, chunk):  # per-step actions, as they are

@@ -211,6 +211,7 @@ class _RecordingDecoder:
     step moves the gripper 0.01 to the right with the gripper open."""
 
     horizon, context_frames, batch_size = 8, 1, 2
+    decode_interval = PrimitivePolicy.decode_interval  # the real window over `decode`
 
     def __init__(self):
         self.calls = []

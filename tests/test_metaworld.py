@@ -246,7 +246,7 @@ import dataclasses  # noqa: E402
 
 from data_loaders.clips import frame_indices  # noqa: E402
 from pewm_jax.control.controller import Controller  # noqa: E402
-from pewm_jax.control.policy import PolicyOutput, PrimitiveCommand  # noqa: E402
+from pewm_jax.control.policy import PolicyOutput, PrimitiveCommand, PrimitivePolicy  # noqa: E402
 from pewm_jax.evaluate.closed_loop import needs  # noqa: E402
 from pewm_jax.metaworld import evaluate as mw_eval  # noqa: E402
 from pewm_jax.metaworld.control_env import (EpisodeSpec, MetaWorldControlEnv,  # noqa: E402
@@ -260,6 +260,7 @@ class _StillPolicy:
     commands it imagines for and the true clips it decodes."""
 
     batch_size, image_size, horizon, context_frames = 4, 32, 2, 1
+    decode_interval = PrimitivePolicy.decode_interval  # the real window over `decode`
 
     def __init__(self, frame_stride: int):
         self.frame_stride = frame_stride

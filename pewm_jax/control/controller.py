@@ -527,29 +527,23 @@ class Controller:
         """(B, H, s, A) decoded per-step actions of whole clips (B, H, N, N, 3), read from
         each slot's observation on (each clip decoded once, from its own frames)."""
         commands = [self._round_command(sl) for sl in slots]
-        return self.policy.decode(self._context(slots), frames,
+        context = np.repeat(np.stack([sl.env.image for sl in slots])[:, None],
+                            self.policy.context_frames, axis=1)
+        return self.policy.decode(context, frames,
                                   np.array([c.start_xy for c in commands], np.float32),
                                   np.array([c.goal_xy for c in commands], np.float32),
                                   np.full((len(slots),), self.settings.sgg))
 
     def _decode_interval(self, slots: list[_Slot], frames: np.ndarray, j: int) -> np.ndarray:
         """(B, s, A) per-step actions from each slot's live observation to frame j of its
-        clip (B, H, N, N, 3): the decoder reads the observation, frame j and the frame after
-        it (frame j again at the clip's end, as in training), and the gripper's live position
-        as the start point, as in training, where a clip starts where the gripper is."""
-        window = frames[:, j:j + 2]
-        if window.shape[1] == 1:
-            window = np.concatenate([window, window], axis=1)
+        clip (B, H, N, N, 3), from the gripper's live position
+        (`PrimitivePolicy.decode_interval`)."""
         commands = [self._round_command(sl) for sl in slots]
-        return self.policy.decode(self._context(slots), window,
-                                  np.array([sl.env.gripper_xy() for sl in slots], np.float32),
-                                  np.array([c.goal_xy for c in commands], np.float32),
-                                  np.full((len(slots),), self.settings.sgg))[:, 0]
-
-    def _context(self, slots: list[_Slot]) -> np.ndarray:
-        """(B, C, N, N, 3): each slot's observation as the decoder's context frames."""
-        return np.repeat(np.stack([sl.env.image for sl in slots])[:, None],
-                         self.policy.context_frames, axis=1)
+        return self.policy.decode_interval(
+            np.stack([sl.env.image for sl in slots]), frames, j,
+            np.array([sl.env.gripper_xy() for sl in slots], np.float32),
+            np.array([c.goal_xy for c in commands], np.float32),
+            np.full((len(slots),), self.settings.sgg))
 
     def _play_scripted(self, slot: _Slot) -> None:
         """The world's scripted expert runs the attempt's primitive to its end."""

@@ -146,6 +146,17 @@ class PrimitivePolicy:
         out = np.asarray(jax.device_get(_decode(self.action_decoder, *inputs)))  # (B', H, s, A')
         return self.stats.from_model(out[:b, ..., :self.action_dim])
 
+    def decode_interval(self, observations: np.ndarray, clips: np.ndarray, j: int,
+                        start_xy: np.ndarray, goal_xy: np.ndarray,
+                        sgg_valid: np.ndarray) -> np.ndarray:
+        """(B, s, A) per-step actions from live uint8 observations (B, N, N, 3) to frame j of
+        clips (B, H, N, N, 3): the decoder reads the observation, frame j and the frame after
+        it (frame j again at the clip's end, as in training), with start_xy (B, 2) where the
+        gripper now is (a clip starts where the gripper is in its context frame)."""
+        window = clips[:, [j, min(j + 1, clips.shape[1] - 1)]]  # (B, 2, N, N, 3)
+        context = np.repeat(np.asarray(observations)[:, None], self.context_frames, axis=1)
+        return self.decode(context, window, start_xy, goal_xy, sgg_valid)[:, 0]
+
     def _padded(self, rows: np.ndarray) -> np.ndarray:
         """`rows` (B, ...) padded to the fixed batch size with copies of the first row, so the
         jitted sampler and decoder compile once."""
