@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pewm_jax.parallel.mesh import logical_to_mesh_spec
+from pewm_jax.sharding_rules import logical_to_mesh_spec
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 Names = tuple[str | None, ...]

@@ -28,8 +28,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pewm_jax.config import MESH_AXES, resolve_mesh_shape
+from pewm_jax.sharding_rules import Rules, logical_to_mesh_spec
 
-Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 
 def make_mesh(config: ml_collections.ConfigDict,
@@ -58,34 +58,6 @@ def axis_rules(config: ml_collections.ConfigDict) -> Rules:
     """config.mesh.logical_axis_rules as a tuple of (logical name, mesh axes) pairs."""
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                  for name, axes in config.mesh.logical_axis_rules)
-
-
-def logical_to_mesh_spec(names: Sequence[str | None], rules: Rules,
-                         shape: Sequence[int] | None = None,
-                         mesh_shape: Mapping[str, int] | None = None) -> PartitionSpec:
-    """The mesh PartitionSpec of an array whose dimensions carry logical `names`.
-
-    Each name maps through `rules`; a mesh axis already taken by an earlier dimension is not
-    reused (that dimension is replicated), and, given `shape` and `mesh_shape`, a dimension
-    the mapped axes' total size does not divide is replicated too.
-    """
-    table = dict(rules)
-    spec, used = [], set()
-    for i, name in enumerate(names):
-        axes = table.get(name) if name is not None else None
-        group = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-        if mesh_shape is not None:
-            group = tuple(a for a in group if a is not None and a in mesh_shape)
-        if axes is None or not group or set(group) & used:
-            spec.append(None)
-            continue
-        if shape is not None and mesh_shape is not None:
-            if shape[i] % math.prod(mesh_shape[a] for a in group):
-                spec.append(None)
-                continue
-        used |= set(group)
-        spec.append(group[0] if len(group) == 1 else group)
-    return PartitionSpec(*spec)
 
 
 def _variable_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
