@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from data_loaders.clips import ActionStats
-from data_loaders.tokenizer import build_tokenizer
+from pewm_jax.text.tokenizer import build_tokenizer
 from data_loaders.whole_task_pipeline import whole_task_config
 from pewm_jax.config import load_config
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy

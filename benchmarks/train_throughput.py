@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax.text import tokenizer as tokenizer_lib
 from pewm_jax.config import load_config
 from pewm_jax.models.flops import world_model_flops
 from pewm_jax.parallel import mesh as mesh_lib

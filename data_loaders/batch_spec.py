@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from data_loaders.tokenizer import NUM_LOCATION_BINS
+from pewm_jax.text.tokenizer import NUM_LOCATION_BINS
 
 
 class BatchSpecError(ValueError):

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax.text import tokenizer as tokenizer_lib
 from data_loaders.clips import CLIP_FORMAT, ActionStats, Clip
 
 META_FILE = "pewm_dataset.json"

@@ -43,7 +43,7 @@ from data_loaders.clip_dataset import DatasetError, DatasetMeta, staged_director
 from data_loaders.clips import Clip
 from data_loaders.tabletop import EPISODES_VERSION, episode_clips, rlds_steps, step_features
 from pewm_jax.metaworld.experts import all_wordings, run_expert, task_words
-from pewm_jax.vlm.plan import plan_prompt
+from pewm_jax.text.plan import plan_prompt
 
 EPISODES_DIR = "episodes"
 SPLIT_SEEDS = {"train": "train_seeds", "validation": "val_seeds", "test": "test_seeds"}

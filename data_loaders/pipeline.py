@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 
 from data_loaders import clip_dataset, transforms
-from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax.text import tokenizer as tokenizer_lib
 from data_loaders.batch_spec import BatchSpec
 from data_loaders.clip_dataset import DatasetError, DatasetMeta
 

@@ -38,14 +38,14 @@ import numpy as np
 import tokenizers
 
 from data_loaders import clip_dataset, tabletop, transforms
-from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax.text import tokenizer as tokenizer_lib
 from data_loaders.batch_spec import PlanBatchSpec
 from data_loaders.clip_dataset import DatasetError
 from data_loaders.pipeline import (ELEMENT_KEY, SKIPPED_KEY, ClipBatchIterator, GlobalOrder,
                                    OrderedPipeline, augment_rng, mixture_entries)
-from data_loaders.tokenizer import LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, UNK
+from pewm_jax.text.tokenizer import LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, UNK
 from pewm_jax.sim.primitives import primitive_from_text
-from pewm_jax.vlm.plan import Plan, PlanStep, prompt_ids, target_ids
+from pewm_jax.text.plan import Plan, PlanStep, prompt_ids, target_ids
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from data_loaders.clips import Clip, cut_clips
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim.episodes import Episode
 from pewm_jax.sim.primitives import all_primitives
-from pewm_jax.vlm.plan import plan_prompt
+from pewm_jax.text.plan import plan_prompt
 
 EPISODES_DIR = "episodes"
 GRIPPER_DIMS = [2]  # the tabletop action is (dx, dy, grip)

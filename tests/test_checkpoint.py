@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import K, ROOT, TINY_DATA, tiny_config, train_overrides
-from data_loaders.tokenizer import load_tokenizer
+from pewm_jax.text.tokenizer import load_tokenizer
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.train import loop, metrics

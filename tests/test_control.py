@@ -11,7 +11,7 @@ from flax import nnx
 from world_model_fixtures import randomize, small_config
 
 from data_loaders.clips import ActionStats, frame_indices
-from data_loaders.tokenizer import build_tokenizer
+from pewm_jax.text.tokenizer import build_tokenizer
 from pewm_jax.config import EVAL_CONDITIONS
 from pewm_jax.control.controller import ControlSettings, Controller
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
@@ -23,7 +23,7 @@ from pewm_jax.models.text_encoder import make_text_encoder
 from pewm_jax.sim import TabletopEnv
 from pewm_jax.sim.render import locate_gripper, render
 from pewm_jax.sim.world import sample_scene
-from pewm_jax.vlm.plan import Plan, PlanStep
+from pewm_jax.text.plan import Plan, PlanStep
 
 def _controller(settings: ControlSettings, image_size: int = 64, **kw) -> Controller:
     """A controller of the built-in world (quickstart clips: H = 8, s = 4)."""

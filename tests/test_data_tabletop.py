@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from data_loaders import clip_dataset, clips, tabletop, tokenizer
+from data_loaders import clip_dataset, clips, tabletop
+from pewm_jax.text import tokenizer
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim import primitives as P
 from pewm_jax.sim import tasks as T

@@ -251,7 +251,7 @@ from pewm_jax.evaluate.closed_loop import needs  # noqa: E402
 from pewm_jax.metaworld import evaluate as mw_eval  # noqa: E402
 from pewm_jax.metaworld.control_env import (EpisodeSpec, MetaWorldControlEnv,  # noqa: E402
                                             oracle_plan)
-from pewm_jax.vlm.plan import Plan, PlanParseError, PlanStep  # noqa: E402
+from pewm_jax.text.plan import Plan, PlanParseError, PlanStep  # noqa: E402
 from pewm_jax.vlm.planner import Planner  # noqa: E402
 
 

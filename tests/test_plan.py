@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from data_loaders.tokenizer import (EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, SEP,
+from pewm_jax.text.tokenizer import (EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, SEP,
                                     build_tokenizer)
 from pewm_jax.sim.primitives import DIRECTIONS, KINDS, Primitive
 from pewm_jax.sim.world import OBJECT_NAMES, ZONES
-from pewm_jax.vlm.plan import (Plan, PlanGrammar, PlanParseError, PlanStep, format_plan,
+from pewm_jax.text.plan import (Plan, PlanGrammar, PlanParseError, PlanStep, format_plan,
                                parse_plan, plan_prompt)
 
 MAX_STEPS, MAX_WORDS = 4, 8  # a small grammar keeps walks and decoding short

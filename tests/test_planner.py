@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from data_loaders.tokenizer import EOS, PAD, build_tokenizer
+from pewm_jax.text.tokenizer import EOS, PAD, build_tokenizer
 from pewm_jax.vlm.paligemma import PaliGemma, StepState
-from pewm_jax.vlm.plan import Plan, PlanParseError, plan_prompt
+from pewm_jax.text.plan import Plan, PlanParseError, plan_prompt
 from pewm_jax.vlm.planner import Planner, preprocess_images, tiny_planner_spec
 from test_plan import MAX_STEPS, MAX_WORDS, TEXTS
 

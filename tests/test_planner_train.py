@@ -15,14 +15,14 @@ from data_loaders.clip_dataset import DatasetError
 from data_loaders.plan_pipeline import (EpisodePlan, PlanPipeline, episode_plan,
                                         make_plan_iterator, plan_points)
 from data_loaders.transforms import resize_bicubic
-from data_loaders.tokenizer import NUM_LOCATION_BINS, UNK, load_tokenizer
+from pewm_jax.text.tokenizer import NUM_LOCATION_BINS, UNK, load_tokenizer
 from pewm_jax.sim.primitives import all_primitives, primitive_from_text
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.train import kinds, loop
 from pewm_jax.vlm import evaluation
 from pewm_jax.vlm.finetune import plan_loss, planner_flops, planner_spec
 from pewm_jax.vlm.paligemma import PaliGemma
-from pewm_jax.vlm.plan import Plan, PlanStep, parse_plan, prompt_ids
+from pewm_jax.text.plan import Plan, PlanStep, parse_plan, prompt_ids
 from pewm_jax.vlm.planner import tiny_planner_spec, unit_pixels
 
 IMAGE = 32  # TINY_PLANNER's input size

@@ -26,11 +26,11 @@ import tokenizers
 from flax import nnx
 
 from data_loaders.clips import ActionStats
-from data_loaders.tokenizer import encode_batch
+from pewm_jax.text.tokenizer import encode_batch
 from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.action_decoder import ActionDecoder
 from pewm_jax.models.video_dit import WorldModel
-from pewm_jax.vlm.plan import PlanStep
+from pewm_jax.text.plan import PlanStep
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Running an export bundle (`bundle.py`) with jax, numpy, safetensors and `tokenizers` only.
 
 Besides those it uses only the project's numpy-only contracts: the tokenizer encoding and
-`ActionStats` (data_loaders), the plan grammar and parser (`pewm_jax.vlm.plan`), and Pillow's
+`ActionStats` (data_loaders), the plan grammar and parser (`pewm_jax.text.plan`), and Pillow's
 bicubic resize when the planner's input size differs from the camera's. No Flax, no model code
 and no training imports: a robot installs jax and these few packages, copies the bundle
 directory and runs
@@ -29,8 +29,8 @@ import tokenizers
 from jax import export
 
 from data_loaders.clips import ActionStats
-from data_loaders.tokenizer import PAD, encode_batch
-from pewm_jax.vlm.plan import Plan, PlanGrammar, PlanStep, parse_generated, prompt_ids
+from pewm_jax.text.tokenizer import PAD, encode_batch
+from pewm_jax.text.plan import Plan, PlanGrammar, PlanStep, parse_generated, prompt_ids
 
 BUNDLE_FORMAT = 1
 WEIGHTS, STEP, CONFIG, STATS, TOKENIZER, MANIFEST = (

@@ -3,7 +3,7 @@
 Two encoders, chosen by `config.model.text_encoder` in `make_text_encoder`:
 
 - `TrainableTextEncoder`: a small pre-LN transformer over the project tokenizer's ids
-  (data_loaders/tokenizer.py, `<pad>` = 0), trained with the world model.
+  (pewm_jax/text/tokenizer.py, `<pad>` = 0), trained with the world model.
 - `SiglipTextEncoder`: our flax.nnx copy of the Hugging Face SigLIP text tower
   (`transformers.SiglipTextModel`, returning its `last_hidden_state`), with weights loaded from a
   local Hugging Face checkpoint by `load_siglip_text_encoder`. Its tokenizer loads from the same

@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 
 from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop, whole_task_pipeline
-from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax.text import tokenizer as tokenizer_lib
 from pewm_jax.diffusion import loss_fn, sample_from_config
 from pewm_jax.evaluate import actions as actions_eval
 from pewm_jax.models import WorldModel, action_decoder

@@ -35,7 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from data_loaders import clip_dataset, pipeline
-from data_loaders import tokenizer as tokenizer_lib
+from pewm_jax.text import tokenizer as tokenizer_lib
 from pewm_jax import config as config_lib
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel.global_batch import make_global_batch

@@ -33,7 +33,7 @@ from data_loaders.plan_pipeline import EpisodePlan, episode_plan
 from pewm_jax.sim.primitives import Primitive, primitive_from_text
 from pewm_jax.train.checkpoint import find_checkpoint
 from pewm_jax.vlm.finetune import build_planner, make_planner
-from pewm_jax.vlm.plan import Plan
+from pewm_jax.text.plan import Plan
 from pewm_jax.vlm.planner import Planner
 
 

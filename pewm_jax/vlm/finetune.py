@@ -21,7 +21,7 @@ import optax
 import tokenizers
 from flax import nnx
 
-from data_loaders.tokenizer import NUM_LOCATION_BINS, SPECIALS
+from pewm_jax.text.tokenizer import NUM_LOCATION_BINS, SPECIALS
 from pewm_jax.config import ConfigError
 from pewm_jax.vlm.paligemma import PaliGemma, PaliGemmaSpec, read_paligemma_config
 from pewm_jax.vlm.planner import Planner, tiny_planner_spec, unit_pixels
@@ -84,7 +84,7 @@ def build_planner(config: ml_collections.ConfigDict, vocab_size: int,
     """A randomly initialised planner of `config`'s architecture (weights come later, if any).
 
     The from-scratch planner's location-token embeddings (ids 5..1028 of the project
-    tokenizer, `data_loaders.tokenizer`) start as `location_embeddings` at the random rows'
+    tokenizer, `pewm_jax.text.tokenizer`) start as `location_embeddings` at the random rows'
     scale and its patch position embeddings as `patch_position_embeddings`; a converted model
     keeps its own.
     """

@@ -29,7 +29,7 @@ import tokenizers
 
 from data_loaders.transforms import resize_bicubic
 from pewm_jax.vlm.paligemma import FULL, PaliGemma, PaliGemmaSpec, StepState, generate
-from pewm_jax.vlm.plan import (DEFAULT_MAX_STEPS, DEFAULT_MAX_WORDS, Plan, PlanGrammar,
+from pewm_jax.text.plan import (DEFAULT_MAX_STEPS, DEFAULT_MAX_WORDS, Plan, PlanGrammar,
                                PlanParseError, parse_generated, prompt_ids)
 
 

@@ -1,7 +1,7 @@
 """The planner's text interface: prompt, plan grammar, typed plans, parser, constrained decoding.
 
 The planner (DESIGN.md "The planner") reads `plan_prompt(task)` and the first frame and writes
-a plan. Over tokens of the project tokenizer (`data_loaders.tokenizer`) a plan is exactly
+a plan. Over tokens of the project tokenizer (`pewm_jax.text.tokenizer`) a plan is exactly
 
     plan  := step ( <sep> step )*  <eos>  <pad>*
     step  := word{1..max_words}  loc loc  loc loc        (start y, start x, goal y, goal x)
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from data_loaders.tokenizer import (BOS, EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, SEP,
+from pewm_jax.text.tokenizer import (BOS, EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, SEP,
                                     SPECIALS, UNK, location_tokens)
 
 DEFAULT_MAX_STEPS = 8  # the built-in world's tasks chain 2 to 6 primitives
