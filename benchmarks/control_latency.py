@@ -40,7 +40,7 @@ from pewm_jax.models.action_decoder import build_action_decoder
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim.primitives import all_primitives
 from pewm_jax.sim.tasks import TEMPLATE_NAMES, TEMPLATES
-from pewm_jax.train.kinds import WORLD_MODEL
+from pewm_jax.recipes.kinds import WORLD_MODEL
 from pewm_jax.vlm.finetune import build_planner, make_planner
 
 AIM_SECONDS = 0.5

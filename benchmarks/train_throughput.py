@@ -37,6 +37,7 @@ from pewm_jax.config import load_config
 from pewm_jax.models.flops import world_model_flops
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.train import checkpoint as ckpt_lib
+from pewm_jax.recipes import kinds
 from pewm_jax.train import fingerprint, kinds, loop
 from pewm_jax.train import metrics
 from pewm_jax.train import state as state_lib
@@ -104,7 +105,7 @@ def main() -> None:
             if not pathlib.Path(dataset, "pewm_dataset.json").exists():
                 from data_loaders import tabletop
                 tabletop.generate_dataset(config, dataset)
-            result = loop.train(config, pathlib.Path(tmp) / size)
+            result = loop.train(config, pathlib.Path(tmp) / size, kind=kinds.WORLD_MODEL)
             rate = (result.step - 1) / result.run_seconds
             batch = config.train.global_batch_size
             flops = world_model_flops(config, batch).forward_backward

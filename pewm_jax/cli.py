@@ -225,7 +225,8 @@ def _ingest_job(config, workdir: pathlib.Path) -> None:
 def _train(config: ml_collections.ConfigDict, model: str, init_from: str | None):
     """Trains `model` (a `kinds.KINDS` name); exits 2 on bad input, 3 on divergence."""
     from data_loaders.clip_dataset import DatasetError
-    from pewm_jax.train import checkpoint, kinds, loop
+    from pewm_jax.recipes import kinds
+    from pewm_jax.train import checkpoint, loop
 
     f = flags.FLAGS
     try:

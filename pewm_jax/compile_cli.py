@@ -81,23 +81,21 @@ def _run(overrides: list[str]) -> None:
     compile_environment(topology.platform, os.environ)
     import jax  # only now: the environment above must be set first
 
-    from pewm_jax.parallel import sharding_table
-    from pewm_jax.train import aot
+    from pewm_jax.recipes.kinds import COMPILED, KINDS
+    from pewm_jax.train import abstract_layout, aot
 
     reports = []
     try:
-        unknown = sorted(set(f.kind) - set(sharding_table.KINDS))
+        unknown = sorted(set(f.kind) - set(COMPILED))
         if unknown or not f.kind:
-            raise ValueError(f"--kind {','.join(f.kind)}: choose from "
-                             f"{', '.join(sharding_table.KINDS)}")
+            raise ValueError(f"--kind {','.join(f.kind)}: choose from {', '.join(COMPILED)}")
         config = config_lib.load_config(f.config, overrides, num_devices=topology.chips)
         for name in f.kind:
-            layout = sharding_table.abstract_layout(config, topology.chips,
-                                                    sharding_table.KINDS[name])
-            sharding_table.check_sufficiently_sharded(layout, f"{f.config} on {f.topology}")
+            layout = abstract_layout.abstract_layout(config, topology.chips, KINDS[name])
+            abstract_layout.check_sufficiently_sharded(layout, f"{f.config} on {f.topology}")
         devices = topologies.stand_in_devices(topology)
         for name in f.kind:
-            report = aot.compile_train_step(config, f.config, topology, name, devices)
+            report = aot.compile_train_step(config, f.config, topology, KINDS[name], devices)
             print(report.text(f.mfu), flush=True)
             reports.append(report)
     except topologies.AotUnavailable as e:
@@ -115,7 +113,7 @@ def _run(overrides: list[str]) -> None:
             _fail(f"cannot write --json={json_path}: {e}")
     for report in reports:
         if not report.fits:
-            _fail(str(aot.fit_error(report, config)))
+            _fail(str(aot.fit_error(report, config, KINDS[report.kind])))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

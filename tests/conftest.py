@@ -130,7 +130,7 @@ def reference_run(tmp_path_factory, tabletop_dataset):
     workdir = tmp_path_factory.mktemp("reference_run")
     config = tiny_config(*train_overrides(tabletop_dataset, "train.sample_clips=2",
                                           f"train.sample_every={2 * K}"))
-    result = loop.train(config, workdir)
+    result = loop.train(config, workdir, kind=kinds.WORLD_MODEL)
     return workdir, result
 
 
@@ -140,7 +140,9 @@ def closed_loop_run(tmp_path_factory, tabletop_dataset, reference_run):
     run's world model, the whole-task baseline, a tiny action decoder and a tiny planner."""
     import shutil
 
-    from pewm_jax.train import kinds, loop
+    from pewm_jax.recipes import kinds
+
+    from pewm_jax.train import loop
 
     workdir = tmp_path_factory.mktemp("closed_loop_run")
     shutil.copytree(reference_run[0] / "world_model", workdir / "world_model")

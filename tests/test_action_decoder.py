@@ -21,7 +21,8 @@ from pewm_jax.evaluate import actions as actions_eval
 from pewm_jax.evaluate import closed_loop
 from pewm_jax.models.action_decoder import ActionDecoder, ActionDecoderSpec, action_loss
 from pewm_jax.train import checkpoint as ckpt_lib
-from pewm_jax.train import kinds, loop
+from pewm_jax.recipes import kinds
+from pewm_jax.train import loop
 
 # The slow test's budget and what it holds the decoder to (measured, see its docstring).
 DECODER_STEPS = 1000

@@ -15,6 +15,7 @@ from pewm_jax import compile_cli
 from pewm_jax.config import ConfigError, load_config
 from pewm_jax.parallel import topologies
 from pewm_jax.parallel.topologies import GIB
+from pewm_jax.recipes import kinds
 from pewm_jax.train import aot, metrics
 
 HLO = """
@@ -73,6 +74,10 @@ def test_compile_environment_drops_host_flags_and_plans_gpu_matmuls():
                                         "--xla_gpu_enable_triton_gemm=false"]
 
 
+def _fit_error(report: aot.CompileReport, config):
+    return aot.fit_error(report, config, kinds.KINDS[report.kind])
+
+
 def _report(**fields) -> aot.CompileReport:
     base = dict(config="configs/x.py", topology="v5e-8", kind="world_model", chips=8, hosts=1,
                 mesh={"data": 8, "fsdp": 1, "tensor": 1}, params=10**9, global_batch=512,
@@ -89,7 +94,7 @@ def test_a_step_that_does_not_fit_names_the_keys_to_change():
                          ["mesh.data=8", "mesh.fsdp=1", "model.param_dtype=float32"], 8)
     report = _report()
     assert not report.fits
-    error = aot.fit_error(report, config)
+    error = _fit_error(report, config)
     assert isinstance(error, ConfigError)
     text = str(error)
     assert "needs 42.0 GiB per chip" in text and "16.0 GiB a chip may use" in text
@@ -99,10 +104,10 @@ def test_a_step_that_does_not_fit_names_the_keys_to_change():
     positions = [text.index(key) for key in keys]
     assert positions == sorted(positions)  # activations dominate: batch and remat first
     # Parameters and optimizer state dominate: more sharding comes first.
-    text = str(aot.fit_error(_report(argument_bytes=30 * GIB, temp_bytes=GIB), config))
+    text = str(_fit_error(_report(argument_bytes=30 * GIB, temp_bytes=GIB), config))
     assert text.index("config.mesh.fsdp") < text.index("config.train.grad_accum_steps")
     # The planner's keys are its own section's, and it has no remat.
-    text = str(aot.fit_error(_report(kind="planner", remat=None), config))
+    text = str(_fit_error(_report(kind="planner", remat=None), config))
     assert "config.planner.train.grad_accum_steps" in text and "remat" not in text
 
 
@@ -111,7 +116,7 @@ def test_a_step_the_tpu_compiler_stopped_never_fits():
     report = _report(argument_bytes=None, output_bytes=None, alias_bytes=None, code_bytes=None,
                      temp_bytes=12 * GIB, need_bytes=12 * GIB)
     assert not report.compiled and not report.fits
-    text = str(aot.fit_error(report, load_config("configs/quickstart.py", (), 8)))
+    text = str(_fit_error(report, load_config("configs/quickstart.py", (), 8)))
     assert "needs at least 12.0 GiB" in text and "the compiler ran out of memory" in text
 
 

@@ -18,7 +18,7 @@ from pewm_jax.text.tokenizer import load_tokenizer
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.train import loop, metrics
-from pewm_jax.train import kinds
+from pewm_jax.recipes import kinds
 from pewm_jax.train import state as state_lib
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -93,7 +93,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tabletop_dataset, tmp_
     # resumed run logs again, once.
     overrides = train_overrides(tabletop_dataset, "train.steps=6", "train.log_every=3")
     ref_dir = tmp_path / "reference"
-    ref = loop.train(tiny_config(*overrides), ref_dir)
+    ref = loop.train(tiny_config(*overrides), ref_dir, kind=kinds.WORLD_MODEL)
     workdir = tmp_path / "killed"
     out = subprocess.run(
         [sys.executable, str(TESTS / "train_process.py"), str(workdir), str(tmp_path / "r.json"),
@@ -105,7 +105,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tabletop_dataset, tmp_
     assert 3 in metrics.read_metrics(log_dir)  # logged after the checkpoint, before the kill
 
     config = tiny_config(*overrides)
-    result = loop.train(config, workdir, resume=True)
+    result = loop.train(config, workdir, resume=True, kind=kinds.WORLD_MODEL)
     assert result.status == "completed" and sorted(result.losses) == list(range(K + 1, 7))
     assert result.losses == {s: ref.losses[s] for s in range(K + 1, 7)}  # same data, RNG, mesh
     assert_trees_equal(saved_params(config, workdir, 6), saved_params(config, ref_dir, 6),
@@ -138,12 +138,12 @@ def test_sigterm_saves_exits_0_and_resume_continues_at_that_step(tabletop_datase
     saved = steps[0]
 
     final = saved + 3
-    result = loop.train(tiny_config(*overrides, f"train.steps={final}"), workdir, resume=True)
+    result = loop.train(tiny_config(*overrides, f"train.steps={final}"), workdir, resume=True, kind=kinds.WORLD_MODEL)
     assert result.status == "completed" and sorted(result.losses) == list(range(saved + 1,
                                                                                  final + 1))
     # The logs equal an uninterrupted run's, step for step, whether or not the preemption's
     # save fell on a logged step.
-    ref = loop.train(tiny_config(*overrides, f"train.steps={final}"), tmp_path / "reference")
+    ref = loop.train(tiny_config(*overrides, f"train.steps={final}"), tmp_path / "reference", kind=kinds.WORLD_MODEL)
     assert result.losses == {s: ref.losses[s] for s in result.losses}
     assert logs(log) == logs(ref.log_dir)
 
@@ -168,7 +168,7 @@ def test_half_written_and_corrupted_checkpoints(reference_run, tabletop_dataset,
     half = model_dir / f"{3 * K}.orbax-checkpoint-tmp-1234"
     shutil.copytree(model_dir / str(2 * K), half)
     config = tiny_config(*train_overrides(tabletop_dataset))
-    result = loop.train(config, workdir, resume=True)
+    result = loop.train(config, workdir, resume=True, kind=kinds.WORLD_MODEL)
     assert result.status == "completed" and result.losses == {}  # step 2k was the end already
     assert f"ignoring the uncommitted (half-written) checkpoint {half}" in capsys.readouterr().out
     assert half.exists()
@@ -180,14 +180,14 @@ def test_half_written_and_corrupted_checkpoints(reference_run, tabletop_dataset,
     with pytest.raises(ckpt_lib.CheckpointError,
                        match=rf"{model_dir / str(2 * K)} is committed but cannot be read.*"
                              rf"--resume_step N, N one of \[{K}\]") as error:
-        loop.train(config, workdir, resume=True)
+        loop.train(config, workdir, resume=True, kind=kinds.WORLD_MODEL)
     assert not (workdir / kinds.WORLD_MODEL.name / "0").exists()
     # The fix comes first; TensorStore's kilobytes of detail are cut to their first line.
     message = str(error.value)
     assert message.index("--resume_step") < message.index("Cause:") and len(message) < 1000
 
     # --resume_step k continues from the good one; the bad one is moved aside, not deleted.
-    result = loop.train(config, workdir, resume_step=K)
+    result = loop.train(config, workdir, resume_step=K, kind=kinds.WORLD_MODEL)
     assert result.losses == {s: ref.losses[s] for s in range(K + 1, 2 * K + 1)}
     aside = list((workdir / loop.SUPERSEDED_DIR / kinds.WORLD_MODEL.name).glob(f"*/{2 * K}"))
     assert len(aside) == 1 and (aside[0] / "params").is_dir()
@@ -235,13 +235,13 @@ def test_a_corrupted_checkpoint_is_refused_naming_an_intact_one(reference_run, t
     model_dir = workdir / kinds.WORLD_MODEL.name
     _flip_a_bit_orbax_does_not_notice(model_dir / newest / "params")
     with pytest.raises(ckpt_lib.CorruptCheckpointError) as error:
-        loop.train(config, workdir, resume=True)
+        loop.train(config, workdir, resume=True, kind=kinds.WORLD_MODEL)
     message = str(error.value)
     assert f"checkpoint {model_dir / newest} is corrupt: array params/" in message
     assert f"resume from step {K}, which is intact (checked): --resume_step {K}" in message
     # Nothing ran, so nothing rotated the good step out; following the fix resumes exactly.
     assert ckpt_lib.RunCheckpoints(model_dir, read_only=True).steps() == [K, 2 * K]
-    result = loop.train(config, workdir, resume_step=K)
+    result = loop.train(config, workdir, resume_step=K, kind=kinds.WORLD_MODEL)
     assert result.losses == {s: ref.losses[s] for s in range(K + 1, 2 * K + 1)}
     # --init_from and evaluation restore parameters alone: verified the same way.
     other = copy_run(ref_dir, tmp_path / "flipped_again")
@@ -255,7 +255,7 @@ def test_a_corrupted_checkpoint_is_refused_naming_an_intact_one(reference_run, t
         workdir = copy_run(ref_dir, tmp_path / item.replace(" ", "_"))
         _edit_first_digit(workdir / kinds.WORLD_MODEL.name / newest / file)
         with pytest.raises(ckpt_lib.CorruptCheckpointError, match=f"is corrupt: .*{item}"):
-            loop.train(config, workdir, resume=True)
+            loop.train(config, workdir, resume=True, kind=kinds.WORLD_MODEL)
 
     # A checkpoint written before checksums were recorded restores, unverified.
     workdir = copy_run(ref_dir, tmp_path / "legacy")
@@ -263,7 +263,7 @@ def test_a_corrupted_checkpoint_is_refused_naming_an_intact_one(reference_run, t
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({k: v for k, v in meta.items()
                                      if k not in ("seal", "checksums", "metrics_window")}))
-    assert loop.train(config, workdir, resume=True).status == "completed"
+    assert loop.train(config, workdir, resume=True, kind=kinds.WORLD_MODEL).status == "completed"
 
 
 def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference_run,
@@ -272,15 +272,15 @@ def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference
     workdir = copy_run(ref_dir, tmp_path / "run")
     longer = tiny_config(*train_overrides(tabletop_dataset, f"train.steps={3 * K}"))
     with pytest.raises(ckpt_lib.CheckpointError, match="already holds checkpoints.*--resume"):
-        loop.train(longer, workdir)
+        loop.train(longer, workdir, kind=kinds.WORLD_MODEL)
     # the finished run with its own config is reused, not retrained
     same = tiny_config(*train_overrides(tabletop_dataset))
-    assert loop.train(same, workdir).status == "reused"
+    assert loop.train(same, workdir, kind=kinds.WORLD_MODEL).status == "reused"
     changed = tiny_config(*train_overrides(tabletop_dataset, "train.learning_rate=0.5",
                                            "model.mlp_ratio=2.0", "train.log_every=7"))
     events = sorted((workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name).iterdir())
     with pytest.raises(ckpt_lib.CheckpointError) as error:
-        loop.train(changed, workdir, resume=True)
+        loop.train(changed, workdir, resume=True, kind=kinds.WORLD_MODEL)
     # a refused resume writes nothing, not even an empty TensorBoard events file
     assert sorted((workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name).iterdir()) == events
     message = str(error.value)
@@ -288,14 +288,14 @@ def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference
     assert "model.mlp_ratio" in message
     assert "train.log_every" not in message.split("Keys that may change")[0]
     with pytest.raises(ckpt_lib.CheckpointError, match=r"--resume_step 3: no committed .*\[2, 4\]"):
-        loop.train(same, workdir, resume_step=3)
+        loop.train(same, workdir, resume_step=3, kind=kinds.WORLD_MODEL)
     # --overwrite cannot be combined with flags that need the old run; nothing is deleted
     with pytest.raises(ckpt_lib.CheckpointError, match="cannot be combined with --resume"):
-        loop.train(same, workdir, overwrite=True, resume=True)
+        loop.train(same, workdir, overwrite=True, resume=True, kind=kinds.WORLD_MODEL)
     assert ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True).steps() == [K, 2 * K]
     # --overwrite starts afresh
     result = loop.train(tiny_config(*train_overrides(tabletop_dataset, "train.steps=1")),
-                        workdir, overwrite=True)
+                        workdir, overwrite=True, kind=kinds.WORLD_MODEL)
     assert result.losses.keys() == {1}
     assert ckpt_lib.RunCheckpoints(workdir / kinds.WORLD_MODEL.name, read_only=True).steps() == [1]
 
@@ -305,7 +305,7 @@ def test_a_missing_dataset_leaves_no_run_directory_behind(tmp_path):
 
     config = tiny_config(*train_overrides(tmp_path / "no_data"))
     with pytest.raises(DatasetError, match="no dataset at"):
-        loop.train(config, tmp_path / "run")
+        loop.train(config, tmp_path / "run", kind=kinds.WORLD_MODEL)
     assert not (tmp_path / "run" / kinds.WORLD_MODEL.name).exists()
     assert not (tmp_path / "run" / loop.TENSORBOARD_DIR).exists()
 
@@ -315,7 +315,7 @@ def test_init_from_loads_params_only(reference_run, tabletop_dataset, tmp_path):
     # Everything frozen: after a step the params are still exactly the source run's.
     config = tiny_config(*train_overrides(tabletop_dataset, "train.steps=1",
                                           "train.frozen=('.*',)"))
-    result = loop.train(config, tmp_path / "finetune", init_from=str(ref_dir))
+    result = loop.train(config, tmp_path / "finetune", init_from=str(ref_dir), kind=kinds.WORLD_MODEL)
     assert result.step == 1
     assert_trees_equal(jax.device_get(result.state.params), jax.device_get(ref.state.params),
                        rtol=0, atol=0)
@@ -324,7 +324,7 @@ def test_init_from_loads_params_only(reference_run, tabletop_dataset, tmp_path):
               if np.ndim(x) == 0]
     assert counts and max(counts) <= 1
     with pytest.raises(ckpt_lib.CheckpointError, match="no committed checkpoint there"):
-        loop.train(config, tmp_path / "other", init_from=str(tmp_path))
+        loop.train(config, tmp_path / "other", init_from=str(tmp_path), kind=kinds.WORLD_MODEL)
 
 
 def test_a_nan_loss_stops_the_run_without_saving_that_state(tabletop_dataset, tmp_path):
@@ -334,7 +334,7 @@ def test_a_nan_loss_stops_the_run_without_saving_that_state(tabletop_dataset, tm
                                           "train.checkpoint_every=1", "train.warmup_steps=2",
                                           "train.log_every=100"))
     with pytest.raises(loop.TrainingDivergedError, match=r"at step (\d+)") as error:
-        loop.train(config, tmp_path)
+        loop.train(config, tmp_path, kind=kinds.WORLD_MODEL)
     message = str(error.value)
     bad = int(message.split("at step ")[1].split(";")[0])
     steps = ckpt_lib.RunCheckpoints(tmp_path / kinds.WORLD_MODEL.name, read_only=True).steps()
@@ -347,6 +347,6 @@ def test_a_nan_loss_stops_the_run_without_saving_that_state(tabletop_dataset, tm
     assert "--config.train.learning_rate=<lower>" in message and "--overwrite" in message
     lower = tiny_config(*train_overrides(tabletop_dataset, "train.learning_rate=1e-3",
                                          "train.steps=1"))
-    for result in (loop.train(lower, tmp_path / "new", init_from=init_from),
-                   loop.train(lower, tmp_path, overwrite=True)):
+    for result in (loop.train(lower, tmp_path / "new", init_from=init_from, kind=kinds.WORLD_MODEL),
+                   loop.train(lower, tmp_path, overwrite=True, kind=kinds.WORLD_MODEL)):
         assert result.status == "completed" and all(np.isfinite(list(result.losses.values())))

@@ -130,6 +130,7 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
     reported beside copying's (the still scene keeps a little sampling noise). 8 fake devices."""
     from data_loaders import tabletop
     from pewm_jax.evaluate.video_quality import evaluate_video, load_world_model
+    from pewm_jax.recipes import kinds
     from pewm_jax.train import loop
 
     root = tmp_path_factory.mktemp("clip_quality")
@@ -137,7 +138,7 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
                          "train.checkpoint_every=300", "train.sample_clips=0",
                          "train.log_every=100", f"data.dataset_dir={root / 'data'}")
     tabletop.generate_dataset(config, root / "data")
-    loop.train(config, root / "run")
+    loop.train(config, root / "run", kind=kinds.WORLD_MODEL)
     model, trained, _ = load_world_model(root / "run")
     scores = evaluate_video(model, trained, "test", max_clips=64, batch_size=16,
                             goal_reach_px=4.0)

@@ -55,7 +55,7 @@ def test_logical_names_map_through_the_rules():
 def test_one_rule_table_shards_the_world_model_params():
     config = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.width=32",
                          "model.depth=1", "model.num_heads=2")
-    from pewm_jax.train import kinds
+    from pewm_jax.recipes import kinds
     from pewm_jax.train import state as state_lib
 
     layout = state_lib.state_layout(config, 64, mesh_lib.make_mesh(config), kinds.WORLD_MODEL)

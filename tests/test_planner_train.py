@@ -18,7 +18,8 @@ from data_loaders.transforms import resize_bicubic
 from pewm_jax.text.tokenizer import NUM_LOCATION_BINS, UNK, load_tokenizer
 from pewm_jax.sim.primitives import all_primitives, primitive_from_text
 from pewm_jax.train import checkpoint as ckpt_lib
-from pewm_jax.train import kinds, loop
+from pewm_jax.recipes import kinds
+from pewm_jax.train import loop
 from pewm_jax.vlm import evaluation
 from pewm_jax.vlm.finetune import plan_loss, planner_flops, planner_spec
 from pewm_jax.vlm.paligemma import PaliGemma

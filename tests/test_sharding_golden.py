@@ -7,16 +7,18 @@ import functools
 import json
 
 import pytest
+import sharding_golden
 
 from pewm_jax.config import ConfigError, load_config
-from pewm_jax.parallel import sharding_table, topologies
-from pewm_jax.train import kinds
+from pewm_jax.parallel import topologies
+from pewm_jax.recipes import kinds
+from pewm_jax.train import abstract_layout
 
 
 @functools.cache
 def _table(spec: str, topology: str) -> dict:
     """The table computed from the code, once per session (a pod config takes ~10 s)."""
-    return sharding_table.sharding_table(spec, topology)
+    return sharding_golden.sharding_table(spec, topology)
 
 
 # The pod plans take ~15 s each (tracing a pod-size model): the default suite compares the
@@ -29,12 +31,12 @@ DEFAULT_SUITE_PLANS = {("configs/pewm_base.py:h100x8", "h100x8")}
                  or (spec, topology) in DEFAULT_SUITE_PLANS else pytest.mark.slow)
     for spec, topology in topologies.SHIPPED_PLANS])
 def test_shardings_match_the_committed_golden_tables(spec, topology):
-    path = sharding_table.golden_path(spec, topology)
+    path = sharding_golden.golden_path(spec, topology)
     assert path.exists(), (f"no golden table {path}; write it with "
-                           "`python -m pewm_jax.parallel.sharding_table --update`")
-    diff = sharding_table.table_diff(json.loads(path.read_text()), _table(spec, topology))
+                           "`python tests/sharding_golden.py --update`")
+    diff = sharding_golden.table_diff(json.loads(path.read_text()), _table(spec, topology))
     assert not diff, ("shardings changed:\n" + "\n".join(diff[:40]) + "\nIf intended, rerun "
-                      "`python -m pewm_jax.parallel.sharding_table --update` and commit.")
+                      "`python tests/sharding_golden.py --update` and commit.")
 
 
 def test_large_parameters_of_pod_configs_are_sharded_over_fsdp():
@@ -59,21 +61,21 @@ def _quickstart_fsdp8(*overrides: str):
 
 def test_a_config_that_replicates_its_parameters_is_refused():
     config = _quickstart_fsdp8()
-    layout = sharding_table.abstract_layout(config, 8, kinds.WORLD_MODEL)
-    share = sharding_table.check_sufficiently_sharded(layout, "quickstart")
-    assert share < sharding_table.MAX_REPLICATED_PARAM_SHARE
+    layout = abstract_layout.abstract_layout(config, 8, kinds.WORLD_MODEL)
+    share = abstract_layout.check_sufficiently_sharded(layout, "quickstart")
+    assert share < abstract_layout.MAX_REPLICATED_PARAM_SHARE
     # 'embed' no longer on fsdp: almost every parameter is whole on every chip.
     config = _quickstart_fsdp8(
         "mesh.logical_axis_rules=(('batch', ('data', 'fsdp')), ('frames', None), "
         "('tokens', None), ('embed', 'tensor'), ('heads', 'tensor'), ('mlp', 'tensor'), "
         "('vocab', 'tensor'), ('kv', None))")
-    layout = sharding_table.abstract_layout(config, 8, kinds.WORLD_MODEL)
+    layout = abstract_layout.abstract_layout(config, 8, kinds.WORLD_MODEL)
     with pytest.raises(ConfigError, match=r"replicated on every chip of an fsdp=8 mesh.*"
                                           r"config\.mesh\.logical_axis_rules"):
-        sharding_table.check_sufficiently_sharded(layout, "quickstart")
+        abstract_layout.check_sufficiently_sharded(layout, "quickstart")
 
 
 def test_without_fsdp_replication_is_the_plan():
-    layout = sharding_table.abstract_layout(load_config("configs/quickstart.py", (), 8), 8,
+    layout = abstract_layout.abstract_layout(load_config("configs/quickstart.py", (), 8), 8,
                                             kinds.WORLD_MODEL)
-    assert sharding_table.check_sufficiently_sharded(layout, "quickstart") == 1.0
+    assert abstract_layout.check_sufficiently_sharded(layout, "quickstart") == 1.0

@@ -12,7 +12,7 @@ from conftest import TINY_TRAIN, tiny_config
 from pewm_jax.diffusion import loss_fn
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel.global_batch import make_global_batch
-from pewm_jax.train import kinds
+from pewm_jax.recipes import kinds
 from pewm_jax.train import state as state_lib
 
 VOCAB = 64

@@ -10,7 +10,7 @@ from data_loaders.clips import frame_indices
 from data_loaders.whole_task_pipeline import WholeTaskPipeline, whole_task_config
 from pewm_jax.config import ConfigError
 from pewm_jax.models.flops import world_model_flops
-from pewm_jax.train import kinds
+from pewm_jax.recipes import kinds
 
 
 def test_examples_are_whole_tasks_from_the_first_frame_at_the_clip_stride(tabletop_dataset):

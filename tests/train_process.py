@@ -39,7 +39,8 @@ def main() -> None:
     import numpy as np
 
     from pewm_jax.config import load_config
-    from pewm_jax.train import kinds, loop
+    from pewm_jax.recipes import kinds
+    from pewm_jax.train import loop
 
     root = pathlib.Path(__file__).resolve().parents[1]
     config = load_config(str(root / "configs" / "quickstart.py"), args.overrides,
@@ -57,7 +58,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         hooks.append(kill_once_committed)
-    result = loop.train(config, args.workdir, resume=True, hooks=hooks)
+    result = loop.train(config, args.workdir, resume=True, hooks=hooks, kind=kinds.WORLD_MODEL)
 
     def local_sum(x):
         """Sum of this process's distinct shards (a replicated array counts once)."""

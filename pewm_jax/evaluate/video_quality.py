@@ -34,7 +34,7 @@ from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.video_dit import WorldModel
 from pewm_jax.sim.render import gripper_at
 from pewm_jax.train.checkpoint import find_checkpoint
-from pewm_jax.train.kinds import KINDS
+from pewm_jax.recipes.kinds import KINDS
 
 
 @dataclasses.dataclass(frozen=True)

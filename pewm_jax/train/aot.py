@@ -21,17 +21,15 @@ from typing import Any
 import jax
 import ml_collections
 
-from data_loaders.batch_spec import BatchSpec, PlanBatchSpec
 from pewm_jax.config import ConfigError, resolve_mesh_shape
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel import topologies
 from pewm_jax.parallel.topologies import GIB
-from pewm_jax.parallel.sharding_table import KINDS, STAND_IN_VOCAB
 from pewm_jax.parallel.global_batch import batch_sharding
-from pewm_jax.train import kinds, metrics, state as state_lib
-from pewm_jax.vlm import finetune
+from pewm_jax.train import metrics, state as state_lib
+from pewm_jax.train.abstract_layout import STAND_IN_VOCAB
+from pewm_jax.train.kind import ModelKind
 
-TABLETOP_ACTION_DIM = 3  # dx, dy, gripper
 # Units of a training example, for the projected throughput.
 EXAMPLE_NAMES = {"world_model": "clips", "planner": "plans"}
 
@@ -148,18 +146,12 @@ def _si(value: float) -> str:
     return f"{value:.3g} "
 
 
-def abstract_batch(config: ml_collections.ConfigDict, kind: kinds.ModelKind, vocab_size: int,
+def abstract_batch(config: ml_collections.ConfigDict, kind: ModelKind, vocab_size: int,
                    mesh: Any) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch of `kind` as ShapeDtypeStructs sharded as the trainer shards it."""
-    batch_size = kind.train(config).global_batch_size
-    if kind is kinds.PLANNER:
-        image_size = finetune.planner_spec(config, vocab_size).image_size
-        shapes = PlanBatchSpec.from_config(config, image_size).shapes(batch_size)
-    else:
-        shapes = BatchSpec.from_config(config, TABLETOP_ACTION_DIM).shapes(batch_size)
     rows = batch_sharding(mesh)
     return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
-            for key, (shape, dtype) in shapes.items()}
+            for key, (shape, dtype) in kind.batch_shapes(config, vocab_size).items()}
 
 
 def collective_counts(hlo_text: str) -> dict[str, int]:
@@ -189,14 +181,14 @@ def _versions(platform: str) -> dict[str, str]:
 
 
 def compile_train_step(config: ml_collections.ConfigDict, spec: str,
-                       topology: topologies.Topology, kind_name: str,
+                       topology: topologies.Topology, kind: ModelKind,
                        devices: list[Any], vocab_size: int = STAND_IN_VOCAB) -> CompileReport:
-    """Compiles `kind_name`'s train step of `config` for `topology` over stand-in `devices`.
+    """Compiles `kind`'s train step of `config` for `topology` over stand-in `devices`.
 
     A TPU program that runs out of memory is a compile error; it becomes a report that does not
     fit (breakdown unknown), so callers treat both platforms alike.
     """
-    kind = KINDS[kind_name]
+    kind_name = kind.name
     mesh = mesh_lib.make_mesh(config, devices)
     layout = state_lib.state_layout(config, vocab_size, mesh, kind)
     step = state_lib.TrainStep(config, layout)
@@ -210,7 +202,7 @@ def compile_train_step(config: ml_collections.ConfigDict, spec: str,
         hosts=topology.hosts, mesh=resolve_mesh_shape(config, topology.chips),
         params=sum(x.size for x in jax.tree.leaves(layout.abstract.params)),
         global_batch=train.global_batch_size, grad_accum_steps=train.grad_accum_steps,
-        remat=config.model.remat if kind is kinds.WORLD_MODEL else None,
+        remat=kind.remat(config),
         usable_bytes=topology.usable_bytes, hbm_bytes=topology.hbm_bytes,
         model_flops_per_step=kind.flops_per_step(config, vocab_size),
         peak_flops_per_chip=peak, versions=_versions(topology.platform))
@@ -242,13 +234,14 @@ def compile_train_step(config: ml_collections.ConfigDict, spec: str,
         collectives=collective_counts(compiled.as_text()), compile_seconds=seconds)
 
 
-def fit_error(report: CompileReport, config: ml_collections.ConfigDict) -> ConfigError:
-    """The error for a step that does not fit: the need, and the config keys that lower it.
+def fit_error(report: CompileReport, config: ml_collections.ConfigDict,
+              kind: ModelKind) -> ConfigError:
+    """The error for `kind`'s step that does not fit: the need, and the config keys that lower
+    it.
 
     Temporaries (activations) shrink with a smaller per-step batch, more accumulation or
     rematerialisation; arguments (parameters, optimizer state) with more fsdp/tensor sharding.
     """
-    kind = KINDS[report.kind]
     section, train = kind.section, kind.train(config)
     batch, accum = train.global_batch_size, train.grad_accum_steps
     data_parallel = report.mesh["data"] * report.mesh["fsdp"]

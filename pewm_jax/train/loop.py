@@ -43,7 +43,7 @@ from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.train import metrics as metrics_lib
 from pewm_jax.train.metrics import log
 from pewm_jax.train import state as state_lib
-from pewm_jax.train.kinds import WORLD_MODEL, ModelKind
+from pewm_jax.train.kind import ModelKind
 
 TENSORBOARD_DIR = "tensorboard"
 SUPERSEDED_DIR = "superseded"
@@ -133,7 +133,7 @@ def _with_dataset_dir(config: ml_collections.ConfigDict, workdir: epath.Path
     return config
 
 
-def peak_flops(config: ml_collections.ConfigDict, kind: ModelKind = WORLD_MODEL
+def peak_flops(config: ml_collections.ConfigDict, kind: ModelKind
                ) -> tuple[float, int]:
     """(peak FLOP/s of one device, how many such devices the run has), MFU's denominator: the
     train section's peak_flops_per_device, else the vendor figure for the kind's compute
@@ -224,7 +224,7 @@ def _remove_run(workdir: epath.Path, kind: ModelKind) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, *,
           resume: bool = False, resume_step: int | None = None, overwrite: bool = False,
-          init_from: str | None = None, kind: ModelKind = WORLD_MODEL,
+          init_from: str | None = None, kind: ModelKind,
           hooks: Sequence[Callable[[int], None]] = ()) -> TrainResult:
     """Trains the `kind` model of `config` in `workdir/<kind.name>` (see the module docstring).
 

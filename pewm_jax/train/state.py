@@ -42,7 +42,7 @@ from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel.global_batch import batch_sharding
 
 if TYPE_CHECKING:
-    from pewm_jax.train.kinds import ModelKind
+    from pewm_jax.train.kind import ModelKind
 
 Params = dict[str, Any]
 FROZEN, TRAINABLE = "frozen", "trainable"

@@ -1,7 +1,7 @@
-"""What the trainer trains: one `ModelKind` per model of the run directory.
-
-The train state, step, checkpoints and loop (`state`, `checkpoint`, `loop`) are shared; a kind
-says what differs between the world model, the planner and the action decoder:
+"""The concrete models the trainer trains, one `ModelKind` each (the protocol is
+`pewm_jax.train.kind`): the world model, the whole-task baseline, the action decoder and the
+planner, with their previews and evaluation hooks. The recipes layer: above the generic trainer,
+below control and evaluation. What a kind says:
 
     name          its directory in the run (DESIGN.md "Run directory"; `whole_task/` holds the
                   non-primitive baseline) and TensorBoard run
@@ -18,8 +18,7 @@ says what differs between the world model, the planner and the action decoder:
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ from etils import epath
 from flax import nnx
 
 from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop, whole_task_pipeline
+from data_loaders.batch_spec import BatchSpec, PlanBatchSpec
 from pewm_jax.text import tokenizer as tokenizer_lib
 from pewm_jax.diffusion import loss_fn, sample_from_config
 from pewm_jax.evaluate import actions as actions_eval
@@ -39,11 +39,9 @@ from pewm_jax.models.text_encoder import (SiglipTextEncoder, load_siglip_text_en
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.train import metrics as metrics_lib
 from pewm_jax.train.metrics import log
+from pewm_jax.train.kind import ModelKind, Previews
 from pewm_jax.train.state import StateLayout, TrainState, copy_tree
 from pewm_jax.vlm import evaluation, finetune
-
-Previews = Callable[[int, TrainState, metrics_lib.MetricWriter], None]
-
 
 def clip_tokenizer_path(config: ml_collections.ConfigDict) -> str:
     """config.data.tokenizer, else the (first) clip dataset's own tokenizer."""
@@ -67,58 +65,8 @@ def _validation_clips(config: ml_collections.ConfigDict, count: int
     return val, {k: np.stack([c[k] for c in examples]) for k in examples[0]}
 
 
-class ModelKind(abc.ABC):
-    """A model the trainer can train (module docstring); subclasses fill in the parts."""
-
-    name: str
-    section: str
-    unrelated: tuple[str, ...] = ()
-
-    def train(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        """Its training settings (the `train_defaults` keys)."""
-        section = config
-        for part in self.section.split("."):
-            section = section[part]
-        return section
-
-    @abc.abstractmethod
-    def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
-        """Its compute dtype name (what MFU's peak is taken for)."""
-
-    @abc.abstractmethod
-    def build(self, config: ml_collections.ConfigDict, vocab_size: int,
-              rngs: nnx.Rngs) -> nnx.Module:
-        """A randomly initialised model for a tokenizer of `vocab_size` ids."""
-
-    @abc.abstractmethod
-    def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array,
-             config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(loss, metrics holding 'loss') of one global batch; `rng` is the step's key."""
-
-    def load_pretrained(self, config: ml_collections.ConfigDict, state: TrainState,
-                        layout: StateLayout) -> TrainState:
-        """`state` with the parts that come pretrained from the config filled in (default:
-        none; `--init_from` is the trainer's own way to start from other weights)."""
-        del config, layout
-        return state
-
-    @abc.abstractmethod
-    def tokenizer_path(self, config: ml_collections.ConfigDict) -> str:
-        """The tokenizer.json it reads text with (saved into every checkpoint)."""
-
-    @abc.abstractmethod
-    def iterator(self, config: ml_collections.ConfigDict, vocab_size: int, split: str,
-                 start_step: int) -> pipeline.ClipBatchIterator:
-        """This process's checkpointable batch iterator of `split` from `start_step`."""
-
-    @abc.abstractmethod
-    def flops_per_step(self, config: ml_collections.ConfigDict, vocab_size: int) -> float:
-        """Matmul FLOPs of one train step (forward and backward) on the global batch."""
-
-    @abc.abstractmethod
-    def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
-                 ) -> Previews | None:
-        """What to draw every sample_every steps, or None (nothing to preview)."""
+# A stand-in action size for compiling without a dataset: the built-in world's (dx, dy, grip).
+STAND_IN_ACTION_DIM = 3
 
 
 class WorldModelKind(ModelKind):
@@ -128,6 +76,13 @@ class WorldModelKind(ModelKind):
     name, section = "world_model", "train"
     unrelated = ("planner.", "action_decoder.", "whole_task.")
 
+
+    def batch_shapes(self, config, vocab_size):
+        return BatchSpec.from_config(config, STAND_IN_ACTION_DIM).shapes(
+            self.train(config).global_batch_size)
+
+    def remat(self, config):
+        return config.model.remat
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
         return config.model.dtype
 
@@ -212,6 +167,11 @@ class PlannerKind(ModelKind):
                  "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens",
                  "data.skip_corrupt", "data.tokenizer")
 
+
+    def batch_shapes(self, config, vocab_size):
+        image_size = finetune.planner_spec(config, vocab_size).image_size
+        return PlanBatchSpec.from_config(config, image_size).shapes(
+            self.train(config).global_batch_size)
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
         return config.planner.dtype
 
@@ -277,6 +237,10 @@ class ActionDecoderKind(ModelKind):
     unrelated = ("model.", "diffusion.", "train.", "planner.", "whole_task.", "data.augment",
                  "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens")
 
+
+    def batch_shapes(self, config, vocab_size):
+        return BatchSpec.from_config(config, STAND_IN_ACTION_DIM).shapes(
+            self.train(config).global_batch_size)
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
         return config.action_decoder.dtype
 
@@ -339,6 +303,10 @@ class WholeTaskKind(WorldModelKind):
     name = "whole_task"
     unrelated = ("planner.", "action_decoder.")
 
+
+    def batch_shapes(self, config, vocab_size):
+        return BatchSpec.from_config(whole_task_pipeline.whole_task_config(config),
+                                     STAND_IN_ACTION_DIM).shapes(self.train(config).global_batch_size)
     def train(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """config.train with the FLOP-matched number of steps."""
         batch = config.train.global_batch_size
@@ -374,4 +342,7 @@ ACTION_DECODER = ActionDecoderKind()
 WHOLE_TASK = WholeTaskKind()
 KINDS: dict[str, ModelKind] = {kind.name: kind for kind in (WORLD_MODEL, PLANNER,
                                                             ACTION_DECODER, WHOLE_TASK)}
+# The kinds pewm-compile builds and the golden sharding tables hold (the action decoder's
+# batch needs a dataset's action spec; the whole-task model is the world model's architecture).
+COMPILED = ("world_model", "planner")
 

@@ -1,54 +1,39 @@
 """Golden shardings: the PartitionSpec of every parameter and optimizer-state leaf of a shipped
-config on a target topology, and the rule that parameters are sufficiently sharded.
+config on a target topology (test tooling: it builds the trainer's layouts of the concrete
+kinds, so it lives with the tests, not in the library).
 
-Everything here comes from `jax.eval_shape` and the config's logical-axis rules over an
-`AbstractMesh` of the topology's size: no devices, no plugins, no compile. The tables are
-committed under tests/golden/sharding; the test compares them, so a change to a model, a rule
-or a config that moves a parameter shows as a diff. After an intended change:
+The tables are committed under tests/golden/sharding; tests/test_sharding_golden.py compares
+them, so a change to a model, a rule or a config that moves a parameter shows as a diff. After
+an intended change:
 
-    python -m pewm_jax.parallel.sharding_table --update
+    python tests/sharding_golden.py --update
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import ml_collections
-import optax
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from pewm_jax import config as config_lib
-from pewm_jax.config import MESH_AXES, ConfigError, resolve_mesh_shape
-from pewm_jax.parallel import mesh as mesh_lib
-from pewm_jax.parallel import topologies
-from pewm_jax.train import kinds, state as state_lib
+import jax  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
 
-# On a mesh with fsdp > 1, at most this share of parameter bytes may be left whole on every
-# chip (norm scales and biases the rules do not shard); more means a rule is missing.
-MAX_REPLICATED_PARAM_SHARE = 0.05
-STAND_IN_VOCAB = 1100  # about a built tokenizer's size: specials, 1024 locations, words
-GOLDEN_DIR = pathlib.Path(__file__).resolve().parents[2] / "tests" / "golden" / "sharding"
-# The steps pewm-compile builds (the action decoder's needs the dataset's action spec).
-KINDS: dict[str, kinds.ModelKind] = {name: kinds.KINDS[name] for name in ("world_model", "planner")}
+from pewm_jax import config as config_lib  # noqa: E402
+from pewm_jax.config import resolve_mesh_shape  # noqa: E402
+from pewm_jax.parallel import topologies  # noqa: E402
+from pewm_jax.recipes import kinds  # noqa: E402
+from pewm_jax.train.abstract_layout import abstract_layout, check_sufficiently_sharded  # noqa: E402
 
-
-def abstract_mesh(config: ml_collections.ConfigDict, chips: int) -> AbstractMesh:
-    """The config's (data, fsdp, tensor) mesh for `chips` devices, without devices."""
-    shape = resolve_mesh_shape(config, chips)
-    return AbstractMesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
-                        axis_types=(AxisType.Auto,) * len(MESH_AXES))
-
-
-def abstract_layout(config: ml_collections.ConfigDict, chips: int, kind: kinds.ModelKind,
-                    vocab_size: int = STAND_IN_VOCAB) -> state_lib.StateLayout:
-    """The train-state layout of `kind` on `chips` devices, from shapes and rules alone."""
-    return state_lib.state_layout(config, vocab_size, abstract_mesh(config, chips), kind)
+GOLDEN_DIR = ROOT / "tests" / "golden" / "sharding"
+# The kinds whose layouts the tables hold (the steps pewm-compile builds).
+KINDS = {name: kinds.KINDS[name] for name in kinds.COMPILED}
 
 
 def _spec_text(spec: PartitionSpec) -> str:
@@ -62,38 +47,6 @@ def _leaf_lines(tree: Any) -> dict[str, str]:
     return {jax.tree_util.keystr(path, simple=True, separator="/"):
             f"{leaf.dtype}[{','.join(map(str, leaf.shape))}] {_spec_text(leaf.sharding.spec)}"
             for path, leaf in leaves if not masked(leaf)}
-
-
-def replicated_params(layout: state_lib.StateLayout) -> tuple[float, list[tuple[str, int]]]:
-    """Share of parameter bytes every chip holds whole, and those leaves (path, bytes),
-    largest first."""
-    mesh_shape = dict(layout.mesh.shape)
-    devices = math.prod(mesh_shape.values())
-    leaves, _ = jax.tree_util.tree_flatten_with_path(layout.abstract.params)
-    total, whole = 0, []
-    for path, leaf in leaves:
-        size = leaf.size * leaf.dtype.itemsize
-        total += size
-        if mesh_lib.devices_per_shard(leaf.sharding.spec, mesh_shape) == devices:
-            whole.append((jax.tree_util.keystr(path, simple=True, separator="/"), size))
-    whole.sort(key=lambda item: -item[1])
-    return sum(size for _, size in whole) / total, whole
-
-
-def check_sufficiently_sharded(layout: state_lib.StateLayout, what: str) -> float:
-    """The replicated parameter share; ConfigError when the mesh has fsdp > 1 and more than
-    MAX_REPLICATED_PARAM_SHARE of parameter bytes are replicated."""
-    share, whole = replicated_params(layout)
-    fsdp = dict(layout.mesh.shape)["fsdp"]
-    if fsdp > 1 and share > MAX_REPLICATED_PARAM_SHARE:
-        largest = ", ".join(f"{path} ({size / 1e6:.1f} MB)" for path, size in whole[:5])
-        raise ConfigError(
-            f"{what}: {share:.1%} of the {layout.kind.name}'s parameter bytes are replicated on "
-            f"every chip of an fsdp={fsdp} mesh (at most {MAX_REPLICATED_PARAM_SHARE:.0%} may "
-            f"be); largest: {largest}. Fix: map these parameters' logical axes to a mesh axis "
-            "in config.mesh.logical_axis_rules (e.g. ('embed', 'fsdp')), and make "
-            "config.mesh.fsdp divide their sizes.")
-    return share
 
 
 def sharding_table(spec: str, topology_name: str) -> dict[str, Any]:

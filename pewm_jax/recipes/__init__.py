@@ -1,0 +1,1 @@
+"""The recipes layer: the concrete model kinds the generic trainer trains (`kinds`)."""
