@@ -33,6 +33,7 @@ TEST_REQUIRES = [
     "pytest>=8,<10",
     "pytest-timeout>=2.3,<3",
     "hypothesis>=6.100,<7",
+    "import-linter>=2.1,<3",  # the layer contracts in .importlinter (tests/test_layers.py)
     # The CPU build: on machines without a local CPU wheel use
     # `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu` first.
     "torch==2.13.0",

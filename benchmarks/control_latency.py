@@ -63,9 +63,9 @@ def random_models(batch: int):
 
 def trained_models(workdir: str, batch: int):
     """(policy, planner, config) restored from a run directory."""
-    from pewm_jax.evaluate.actions import load_action_decoder
-    from pewm_jax.evaluate.video_quality import load_world_model
-    from pewm_jax.vlm.evaluation import load_planner
+    from pewm_jax.recipes.action_scores import load_action_decoder
+    from pewm_jax.recipes.video_scores import load_world_model
+    from pewm_jax.recipes.planner_scores import load_planner
 
     world, config, tokenizer = load_world_model(workdir)
     decoder, _, stats = load_action_decoder(workdir)

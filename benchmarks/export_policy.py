@@ -32,12 +32,12 @@ import time
 import numpy as np
 
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
-from pewm_jax.evaluate.actions import load_action_decoder
-from pewm_jax.evaluate.video_quality import load_world_model
+from pewm_jax.recipes.action_scores import load_action_decoder
+from pewm_jax.recipes.video_scores import load_world_model
 from pewm_jax.export import bundle, runtime
 from pewm_jax.export.client import PolicyClient
 from pewm_jax.export.server import serve
-from pewm_jax.vlm.evaluation import load_planner
+from pewm_jax.recipes.planner_scores import load_planner
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from pewm_jax.config import load_config
 from pewm_jax.control.policy import PrimitiveCommand
 from pewm_jax.evaluate.closed_loop import RunModels
-from pewm_jax.metaworld import evaluate as mw_eval
+from pewm_jax.evaluate import metaworld as mw_eval
 from pewm_jax.metaworld.env import MetaWorldEnv
 
 AIM_SECONDS = 0.5

@@ -31,7 +31,7 @@ last axis: `observation/state[6]`, `observation/state[0:3]`. Fields (defaults in
     point_order          'xy' or 'yx': the order of the annotation's two numbers
     camera_intrinsics    optional 3x3 matrix (pixels of the camera image), or a key
     camera_extrinsics    optional 4x4 world-to-camera matrix (frame of ee_position), or a key
-    segmenter            SegmenterConfig thresholds (data_loaders/segmenter.py)
+    segmenter            SegmenterConfig thresholds (pewm_jax/segmenter.py)
     val_fraction         episodes held out for validation when the source has only 'train'
     split_seed           seed of that hold-out
 
@@ -72,7 +72,8 @@ from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
-from data_loaders import segmenter as segmenter_lib
+from pewm_jax import segmenter as segmenter_lib
+from pewm_jax.camera import project_points
 from data_loaders import transforms
 from data_loaders.clip_dataset import DatasetError, DatasetMeta, write_dataset
 from data_loaders.clips import Clip, clip_bounds, cut_clips
@@ -375,17 +376,6 @@ def square_frame(image: np.ndarray, size: int) -> np.ndarray:
 def square_point(xy: np.ndarray, height: int, width: int, size: int) -> np.ndarray:
     """Pixel (x, y) of the source image -> pixel of the square frame (same transform)."""
     return transforms.CropBox(*centre_crop_box(height, width)).map_points(xy, size)
-
-
-def project_points(points: np.ndarray, intrinsics: np.ndarray,
-                   extrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """World (N, 3) -> pixels (N, 2) (x, y; pixel centres at +0.5) and (N,) in-front mask."""
-    p = np.asarray(points, np.float64).reshape(-1, 3)
-    cam = (np.asarray(extrinsics) @ np.concatenate([p, np.ones((len(p), 1))], 1).T).T[:, :3]
-    in_front = cam[:, 2] > 1e-9
-    uvw = (np.asarray(intrinsics) @ cam.T).T
-    z = np.where(in_front, uvw[:, 2], 1.0)
-    return (uvw[:, :2] / z[:, None] + 0.5), in_front
 
 
 def relative_to_absolute_gripper(commands: np.ndarray) -> np.ndarray:

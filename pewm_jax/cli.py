@@ -292,7 +292,7 @@ def _train_and_score(config: ml_collections.ConfigDict, workdir: pathlib.Path, j
 def _planner_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                    job: str) -> bool:
     """Fine-tunes the planner, then scores its plans on config.planner.eval_splits."""
-    from pewm_jax.vlm import evaluation
+    from pewm_jax.recipes import planner_scores as evaluation
 
     def scorer(checkpoint_dir: pathlib.Path) -> Callable[[str], Any]:
         planner = evaluation.load_planner(checkpoint_dir)
@@ -308,7 +308,7 @@ def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                    job: str) -> bool:
     """Trains the action decoder, then scores it beside the mean action on
     config.action_decoder.eval_splits."""
-    from pewm_jax.evaluate import actions as actions_eval
+    from pewm_jax.recipes import action_scores as actions_eval
 
     def scorer(checkpoint_dir: pathlib.Path) -> Callable[[str], Any]:
         model, trained, _ = actions_eval.load_action_decoder(checkpoint_dir)
@@ -322,7 +322,7 @@ def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 def _eval_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: str) -> None:
     """Evaluates the run's checkpoints in closed loop and prints the headline numbers."""
     if config.data.generator == "metaworld":
-        from pewm_jax.metaworld import evaluate as metaworld_eval
+        from pewm_jax.evaluate import metaworld as metaworld_eval
 
         mw = config.metaworld
         print(f"[eval] Meta-World closed loop of {workdir}: {len(mw.eval_tasks)} tasks x "

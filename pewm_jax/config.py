@@ -48,7 +48,7 @@ METAWORLD_TASKS = ("door-open", "door-close", "basketball", "shelf-place", "butt
                    "button-press-topdown", "faucet-close", "faucet-open", "handle-press",
                    "hammer", "assembly")
 METAWORLD_CAMERAS = ("corner", "corner2", "corner3")
-# Meta-World closed-loop conditions (pewm_jax.metaworld.evaluate.CONDITIONS).
+# Meta-World closed-loop conditions (pewm_jax.evaluate.metaworld.CONDITIONS).
 METAWORLD_CONDITIONS = ("pewm", "open_loop", "no_sgg", "oracle_primitives", "true_video",
                         "replay", "expert")
 SAMPLERS = ("euler", "heun")

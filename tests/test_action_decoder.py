@@ -17,7 +17,7 @@ from pewm_jax.config import ConfigError
 from pewm_jax.control.controller import ControlSettings, Controller
 from pewm_jax.control.policy import PrimitivePolicy
 from pewm_jax.control.tabletop import TabletopControlEnv
-from pewm_jax.evaluate import actions as actions_eval
+from pewm_jax.recipes import action_scores as actions_eval
 from pewm_jax.evaluate import closed_loop
 from pewm_jax.models.action_decoder import ActionDecoder, ActionDecoderSpec, action_loss
 from pewm_jax.train import checkpoint as ckpt_lib

@@ -129,7 +129,7 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
     frame (PSNR), whose last frame shows the gripper at the goal point more often. SSIM is
     reported beside copying's (the still scene keeps a little sampling noise). 8 fake devices."""
     from data_loaders import tabletop
-    from pewm_jax.evaluate.video_quality import evaluate_video, load_world_model
+    from pewm_jax.recipes.video_scores import evaluate_video, load_world_model
     from pewm_jax.recipes import kinds
     from pewm_jax.train import loop
 

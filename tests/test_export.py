@@ -35,8 +35,8 @@ def test_exported_step_equals_the_training_code(exported, closed_loop_run, table
     """Same clips (uint8, exactly) and actions (within 1e-5) as `PrimitivePolicy.step` for the
     same observations, commands and step index, through the symbolic batch dimension."""
     from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
-    from pewm_jax.evaluate.actions import load_action_decoder
-    from pewm_jax.evaluate.video_quality import load_world_model
+    from pewm_jax.recipes.action_scores import load_action_decoder
+    from pewm_jax.recipes.video_scores import load_world_model
 
     world_model, config, tokenizer = load_world_model(closed_loop_run)
     decoder, _, stats = load_action_decoder(closed_loop_run)
@@ -70,9 +70,9 @@ def test_manifest_names_the_weights_and_every_platform(exported, closed_loop_run
 
 def _world(run: pathlib.Path):
     """(the world model's config, a fresh environment of its world, the planner)."""
-    from pewm_jax.evaluate.video_quality import load_world_model
+    from pewm_jax.recipes.video_scores import load_world_model
     from pewm_jax.sim import TabletopEnv
-    from pewm_jax.vlm.evaluation import load_planner
+    from pewm_jax.recipes.planner_scores import load_planner
 
     config = load_world_model(run)[1]
     w = config.world
@@ -116,8 +116,8 @@ def test_bundle_closed_loop_takes_the_controllers_actions(exported, closed_loop_
     from pewm_jax.control.controller import ControlSettings, Controller
     from pewm_jax.control.policy import PrimitivePolicy
     from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
-    from pewm_jax.evaluate.actions import load_action_decoder
-    from pewm_jax.evaluate.video_quality import load_world_model
+    from pewm_jax.recipes.action_scores import load_action_decoder
+    from pewm_jax.recipes.video_scores import load_world_model
     from pewm_jax.sim import TabletopEnv
 
     config, make_env, planner = _world(closed_loop_run)
@@ -165,8 +165,8 @@ def test_bundle_planner_round_trips_through_hugging_face(exported, closed_loop_r
     import transformers
     from flax import nnx
 
-    from pewm_jax.vlm import convert
-    from pewm_jax.vlm.evaluation import load_planner
+    from pewm_jax.recipes import paligemma_checkpoints as convert
+    from pewm_jax.recipes.planner_scores import load_planner
 
     planner = load_planner(closed_loop_run)
     hf_dir = exported / "planner_hf"

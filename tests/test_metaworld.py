@@ -241,15 +241,15 @@ def test_demo_collection_resumes_from_its_cache(tmp_path, monkeypatch):
     assert lost.exists()
 
 
-# Closed-loop evaluation (pewm_jax.metaworld.evaluate, pewm_jax.metaworld.control_env).
+# Closed-loop evaluation (pewm_jax.evaluate.metaworld, pewm_jax.control.metaworld).
 import dataclasses  # noqa: E402
 
 from data_loaders.clips import frame_indices  # noqa: E402
 from pewm_jax.control.controller import Controller  # noqa: E402
 from pewm_jax.control.policy import PolicyOutput, PrimitiveCommand, PrimitivePolicy  # noqa: E402
 from pewm_jax.evaluate.closed_loop import needs  # noqa: E402
-from pewm_jax.metaworld import evaluate as mw_eval  # noqa: E402
-from pewm_jax.metaworld.control_env import (EpisodeSpec, MetaWorldControlEnv,  # noqa: E402
+from pewm_jax.evaluate import metaworld as mw_eval  # noqa: E402
+from pewm_jax.control.metaworld import (EpisodeSpec, MetaWorldControlEnv,  # noqa: E402
                                             oracle_plan)
 from pewm_jax.text.plan import Plan, PlanParseError, PlanStep  # noqa: E402
 from pewm_jax.vlm.planner import Planner  # noqa: E402

@@ -20,7 +20,7 @@ from pewm_jax.sim.primitives import all_primitives, primitive_from_text
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.recipes import kinds
 from pewm_jax.train import loop
-from pewm_jax.vlm import evaluation
+from pewm_jax.recipes import planner_scores as evaluation
 from pewm_jax.vlm.finetune import plan_loss, planner_flops, planner_spec
 from pewm_jax.vlm.paligemma import PaliGemma
 from pewm_jax.text.plan import Plan, PlanStep, parse_plan, prompt_ids
@@ -326,7 +326,7 @@ def test_scores_match_words_that_name_no_built_in_primitive():
 def test_init_from_a_converted_hugging_face_checkpoint(tabletop_dataset, tmp_path):
     import vlm_fixtures
 
-    from pewm_jax.vlm.convert import convert_checkpoint, restore_paligemma
+    from pewm_jax.recipes.paligemma_checkpoints import convert_checkpoint, restore_paligemma
 
     tokenizer = tabletop_dataset / "tokenizer.json"
     vocab = load_tokenizer(tokenizer).get_vocab_size()

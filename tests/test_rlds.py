@@ -1,5 +1,5 @@
 """RLDS ingestion (data_loaders/rlds.py) on tiny Bridge- and fractal-layout datasets, and the
-shared segmenter (data_loaders/segmenter.py)."""
+shared segmenter (pewm_jax/segmenter.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 
 import rlds_fixtures as F
 from data_loaders import clip_dataset, rlds
-from data_loaders import segmenter as S
+from pewm_jax import segmenter as S
+from pewm_jax.camera import project_points
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 H, STRIDE, CTX, SIZE = 4, 2, 1, 32
@@ -443,7 +444,7 @@ def test_square_frame_and_point_move_together():
     assert frame.shape == (40, 40, 3) and frame[10, 15, 0] == 255  # crop starts at x=10
     np.testing.assert_allclose(rlds.square_point([25.5, 10.5], 40, 60, 40), [15.5, 10.5])
     np.testing.assert_allclose(rlds.square_point([25.5, 10.5], 40, 60, 20), [7.75, 5.25])
-    uv, front = rlds.project_points(np.array([[0.0, 0.0, 2.0], [0, 0, -1]]), np.array(K),
+    uv, front = project_points(np.array([[0.0, 0.0, 2.0], [0, 0, -1]]), np.array(K),
                                     np.eye(4))
     np.testing.assert_allclose(uv[0], [32.5, 32.5])
     assert front.tolist() == [True, False]

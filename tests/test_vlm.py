@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from pewm_jax.config import default_config
 from pewm_jax.train.checkpoint import find_checkpoint
-from pewm_jax.vlm import convert
+from pewm_jax.recipes import paligemma_checkpoints as convert
 from pewm_jax.vlm import paligemma as pg
 import vlm_fixtures as fx
 

@@ -2,7 +2,7 @@
 
 One controller for every world: it drives environments through `ControlEnv`, which the
 built-in world (`pewm_jax.control.tabletop.TabletopControlEnv`) and Meta-World
-(`pewm_jax.metaworld.control_env.MetaWorldControlEnv`) each implement. Many environments run
+(`pewm_jax.control.metaworld.MetaWorldControlEnv`) each implement. Many environments run
 in lockstep, one round at a time, so every model call is one batch:
 
     observations ─► planner ─► next primitive per env (words + start/goal points)

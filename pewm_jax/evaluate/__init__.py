@@ -1,2 +1,2 @@
-"""Scoring from checkpoints: the closed loop and its report (`closed_loop`), sampled clips
-against the truth (`video_quality`), the action decoder on held-out clips (`actions`)."""
+"""Closed-loop evaluation from checkpoints: the built-in world's conditions and report
+(`closed_loop`); Meta-World's is `pewm_jax.evaluate.metaworld`."""

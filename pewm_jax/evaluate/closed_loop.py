@@ -54,12 +54,12 @@ from data_loaders.clip_dataset import DatasetError
 from pewm_jax.control.controller import ControlSettings, Controller, EpisodeResult
 from pewm_jax.control.policy import PrimitivePolicy
 from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
-from pewm_jax.evaluate import actions as actions_eval
-from pewm_jax.evaluate import video_quality
+from pewm_jax.recipes import action_scores as actions_eval
+from pewm_jax.recipes import video_scores as video_quality
 from pewm_jax.sim.tasks import TEMPLATE_NAMES
 from pewm_jax.train.checkpoint import CheckpointError, find_checkpoint
 from pewm_jax.train.metrics import MetricWriter
-from pewm_jax.vlm import evaluation as planner_eval
+from pewm_jax.recipes import planner_scores as planner_eval
 
 CONDITIONS: dict[str, ControlSettings] = {
     "pewm": ControlSettings("vlm", "decoded", "closed"),

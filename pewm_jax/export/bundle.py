@@ -57,14 +57,14 @@ from jax import export
 
 import pewm_jax
 from pewm_jax.diffusion.samplers import sample_from_config
-from pewm_jax.evaluate.actions import load_action_decoder
-from pewm_jax.evaluate.video_quality import load_world_model
+from pewm_jax.recipes.action_scores import load_action_decoder
+from pewm_jax.recipes.video_scores import load_world_model
 from pewm_jax.export.runtime import (BUNDLE_FORMAT, CONFIG, MANIFEST, PLANNER_DECODE,
                                      PLANNER_HF, PLANNER_PREFILL, PLANNER_TOKENIZER, STATS, STEP,
                                      TOKENIZER, WEIGHTS, file_sha256, manifest_sha256)
 from pewm_jax.train.checkpoint import CheckpointError, find_checkpoint
-from pewm_jax.vlm.convert import export_hf
-from pewm_jax.vlm.evaluation import load_planner
+from pewm_jax.recipes.paligemma_checkpoints import export_hf
+from pewm_jax.recipes.planner_scores import load_planner
 from pewm_jax.vlm.paligemma import KVCache, decode_step, prefill
 from pewm_jax.vlm.planner import Planner, unit_pixels
 

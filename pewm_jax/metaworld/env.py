@@ -34,7 +34,7 @@ import mujoco  # after pewm_jax.metaworld/__init__ chose the EGL backend
 import numpy as np
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
-from data_loaders.rlds import project_points
+from pewm_jax.camera import project_points
 from pewm_jax.sim.world import ActionError
 
 CAMERAS = ("corner", "corner2", "corner3")  # the AVDC protocol's cameras

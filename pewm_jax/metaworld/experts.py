@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from metaworld.policies import ENV_POLICY_MAP
 
-from data_loaders.segmenter import merge_short
+from pewm_jax.segmenter import merge_short
 from pewm_jax.metaworld.env import CAMERAS, MAX_EPISODE_STEPS, MetaWorldEnv
 
 

@@ -1,7 +1,7 @@
 """Reading Hugging Face safetensors checkpoints from a local directory into our NNX variables.
 
 Shared by the SigLIP text tower (`models/text_encoder.py`) and the PaliGemma planner
-(`vlm/convert.py`): each declares a table from our parameter paths to checkpoint tensor names
+(`recipes/paligemma_checkpoints.py`): each declares a table from our parameter paths to checkpoint tensor names
 and a conversion kind; `SafetensorsIndex.load` checks the whole table against the checkpoint
 (every missing, unexpected or mis-shaped tensor named in one error) and then streams the
 tensors in one at a time, so peak host memory stays near one copy of the weights.

@@ -31,7 +31,7 @@ from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop, whole_
 from data_loaders.batch_spec import BatchSpec, PlanBatchSpec
 from pewm_jax.text import tokenizer as tokenizer_lib
 from pewm_jax.diffusion import loss_fn, sample_from_config
-from pewm_jax.evaluate import actions as actions_eval
+from pewm_jax.recipes import action_scores as actions_eval
 from pewm_jax.models import WorldModel, action_decoder
 from pewm_jax.models.flops import world_model_flops
 from pewm_jax.models.text_encoder import (SiglipTextEncoder, load_siglip_text_encoder,
@@ -41,7 +41,8 @@ from pewm_jax.train import metrics as metrics_lib
 from pewm_jax.train.metrics import log
 from pewm_jax.train.kind import ModelKind, Previews
 from pewm_jax.train.state import StateLayout, TrainState, copy_tree
-from pewm_jax.vlm import evaluation, finetune
+from pewm_jax.recipes import planner_scores as evaluation
+from pewm_jax.vlm import finetune
 
 def clip_tokenizer_path(config: ml_collections.ConfigDict) -> str:
     """config.data.tokenizer, else the (first) clip dataset's own tokenizer."""

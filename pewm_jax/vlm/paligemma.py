@@ -459,7 +459,7 @@ class GemmaDecoder(nnx.Module):
 class PaliGemma(nnx.Module):
     """PaliGemma / PaliGemma 2: `model(image, tokens, prefix_len)` -> logits (B, N + L, V).
 
-    Build it with `pewm_jax.vlm.convert.load_paligemma` for pretrained weights; constructing it
+    Build it with `pewm_jax.recipes.paligemma_checkpoints.load_paligemma` for pretrained weights; constructing it
     directly gives random weights of the right shapes.
     """
 

@@ -52,7 +52,7 @@ from pewm_jax.config import METAWORLD_CONDITIONS
 from pewm_jax.control.controller import ControlSettings, Controller, EpisodeResult
 from pewm_jax.evaluate import closed_loop
 from pewm_jax.evaluate.closed_loop import RunModels, clip_model, needs, success_rate
-from pewm_jax.metaworld.control_env import EpisodeSpec, MetaWorldControlEnv
+from pewm_jax.control.metaworld import EpisodeSpec, MetaWorldControlEnv
 from pewm_jax.metaworld.env import MAX_EPISODE_STEPS
 
 # The built-in world's conditions where they mean the same; the world's own decomposition is
