@@ -63,14 +63,13 @@ def random_models(batch: int):
 
 def trained_models(workdir: str, batch: int):
     """(policy, planner, config) restored from a run directory."""
-    from pewm_jax.recipes.action_scores import load_action_decoder
-    from pewm_jax.recipes.video_scores import load_world_model
-    from pewm_jax.recipes.planner_scores import load_planner
+    from pewm_jax.recipes.restore import restore
 
-    world, config, tokenizer = load_world_model(workdir)
-    decoder, _, stats = load_action_decoder(workdir)
-    policy = PrimitivePolicy(world, config, tokenizer, decoder, stats[0], batch_size=batch)
-    return policy, load_planner(workdir), config
+    world, decoder = restore(workdir, "world_model"), restore(workdir, "action_decoder")
+    planner = restore(workdir, "planner")
+    policy = PrimitivePolicy(world.model, world.config, world.tokenizer, decoder.model,
+                             decoder.stats[0], batch_size=batch)
+    return policy, make_planner(planner.model, planner.tokenizer, planner.config), world.config
 
 
 def _timed(fn):

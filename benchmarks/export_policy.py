@@ -32,12 +32,11 @@ import time
 import numpy as np
 
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
-from pewm_jax.recipes.action_scores import load_action_decoder
-from pewm_jax.recipes.video_scores import load_world_model
 from pewm_jax.export import bundle, runtime
 from pewm_jax.export.client import PolicyClient
 from pewm_jax.export.server import serve
-from pewm_jax.recipes.planner_scores import load_planner
+from pewm_jax.recipes.restore import restore
+from pewm_jax.vlm.finetune import make_planner
 
 
 def main() -> None:
@@ -48,10 +47,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed policy steps")
     args = parser.parse_args()
 
-    world_model, config, tokenizer = load_world_model(args.workdir)
-    decoder, _, stats = load_action_decoder(args.workdir)
-    framework = PrimitivePolicy(world_model, config, tokenizer, decoder, stats[0],
-                                batch_size=args.batch)
+    world, decoder = restore(args.workdir, "world_model"), restore(args.workdir, "action_decoder")
+    config = world.config
+    framework = PrimitivePolicy(world.model, config, world.tokenizer, decoder.model,
+                                decoder.stats[0], batch_size=args.batch)
     n = framework.image_size
     rng = np.random.default_rng(0)
     observations = rng.integers(0, 256, (args.batch, n, n, 3), dtype=np.uint8)
@@ -83,7 +82,9 @@ def main() -> None:
           f"ratio {ours / theirs:.2f} (exported / in-framework)")
     print(f"same clips: {np.array_equal(ours_clips, their_clips)}")
     if loaded.has_planner:
-        bundle_planner, planner = runtime.BundlePlanner(loaded), load_planner(args.workdir)
+        trained = restore(args.workdir, "planner")
+        bundle_planner = runtime.BundlePlanner(loaded)
+        planner = make_planner(trained.model, trained.tokenizer, trained.config)
         tasks = ["put the red cube in the left bin"] * args.batch
         ours, ours_plans = timed(lambda i: bundle_planner.plan(observations, tasks))
         theirs, their_plans = timed(lambda i: planner.plan(observations, tasks))

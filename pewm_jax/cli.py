@@ -293,9 +293,12 @@ def _planner_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                    job: str) -> bool:
     """Fine-tunes the planner, then scores its plans on config.planner.eval_splits."""
     from pewm_jax.recipes import planner_scores as evaluation
+    from pewm_jax.recipes.restore import restore
+    from pewm_jax.vlm.finetune import make_planner
 
     def scorer(checkpoint_dir: pathlib.Path) -> Callable[[str], Any]:
-        planner = evaluation.load_planner(checkpoint_dir)
+        trained = restore(checkpoint_dir, "planner")
+        planner = make_planner(trained.model, trained.tokenizer, trained.config)
         return lambda split: evaluation.evaluate_planner(planner, dataset_dir(config, workdir),
                                                          split)
 
@@ -309,10 +312,12 @@ def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     """Trains the action decoder, then scores it beside the mean action on
     config.action_decoder.eval_splits."""
     from pewm_jax.recipes import action_scores as actions_eval
+    from pewm_jax.recipes.restore import restore
 
     def scorer(checkpoint_dir: pathlib.Path) -> Callable[[str], Any]:
-        model, trained, _ = actions_eval.load_action_decoder(checkpoint_dir)
-        return lambda split: actions_eval.evaluate_action_decoder(model, trained, split)
+        decoder = restore(checkpoint_dir, "action_decoder")
+        return lambda split: actions_eval.evaluate_action_decoder(decoder.model, decoder.config,
+                                                                  split)
 
     return _train_and_score(config, workdir, job, stage="actions", model="action_decoder",
                             splits=config.action_decoder.eval_splits, scorer=scorer,

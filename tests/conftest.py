@@ -125,6 +125,7 @@ def train_overrides(dataset: pathlib.Path, *overrides: str) -> list[str]:
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, tabletop_dataset):
     """An uninterrupted 2k-step tiny run (checkpoints every k), trained once per session."""
+    from pewm_jax.recipes import kinds
     from pewm_jax.train import loop
 
     workdir = tmp_path_factory.mktemp("reference_run")
@@ -141,7 +142,6 @@ def closed_loop_run(tmp_path_factory, tabletop_dataset, reference_run):
     import shutil
 
     from pewm_jax.recipes import kinds
-
     from pewm_jax.train import loop
 
     workdir = tmp_path_factory.mktemp("closed_loop_run")

@@ -18,6 +18,7 @@ from pewm_jax.control.controller import ControlSettings, Controller
 from pewm_jax.control.policy import PrimitivePolicy
 from pewm_jax.control.tabletop import TabletopControlEnv
 from pewm_jax.recipes import action_scores as actions_eval
+from pewm_jax.recipes.restore import restore
 from pewm_jax.evaluate import closed_loop
 from pewm_jax.models.action_decoder import ActionDecoder, ActionDecoderSpec, action_loss
 from pewm_jax.train import checkpoint as ckpt_lib
@@ -148,7 +149,8 @@ def test_restored_decoder_is_the_ema_and_scores_beside_the_mean_action(decoder_r
     step beside the train split's mean action (normalised like the targets) and its commoner
     gripper command."""
     workdir, config, result = decoder_run
-    model, saved_config, stats = actions_eval.load_action_decoder(workdir)
+    trained = restore(workdir, "action_decoder")
+    model, saved_config, stats = trained.model, trained.config, trained.stats
     assert saved_config.action_decoder.width == 32 and len(stats) == 1
     restored = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     assert all(a.sharding.device_set == {jax.devices()[0]} for a in jax.tree.leaves(restored))
@@ -208,7 +210,8 @@ def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
                          "action_decoder.train.sample_clips=0")
     workdir = tmp_path_factory.mktemp("decoder_run")
     loop.train(config, workdir, kind=kinds.ACTION_DECODER)
-    model, trained, stats = actions_eval.load_action_decoder(workdir)
+    restored = restore(workdir, "action_decoder")
+    model, trained, stats = restored.model, restored.config, restored.stats
     scores = actions_eval.evaluate_action_decoder(model, config, "test")
     print(actions_eval.scores_table([scores]), json.dumps(scores.per_dim_mse))
     assert scores.mse < 0.2 * scores.mean_action_mse and scores.gripper_accuracy > 0.95

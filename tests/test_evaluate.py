@@ -129,7 +129,8 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
     frame (PSNR), whose last frame shows the gripper at the goal point more often. SSIM is
     reported beside copying's (the still scene keeps a little sampling noise). 8 fake devices."""
     from data_loaders import tabletop
-    from pewm_jax.recipes.video_scores import evaluate_video, load_world_model
+    from pewm_jax.recipes.restore import restore
+    from pewm_jax.recipes.video_scores import evaluate_video
     from pewm_jax.recipes import kinds
     from pewm_jax.train import loop
 
@@ -139,7 +140,8 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
                          "train.log_every=100", f"data.dataset_dir={root / 'data'}")
     tabletop.generate_dataset(config, root / "data")
     loop.train(config, root / "run", kind=kinds.WORLD_MODEL)
-    model, trained, _ = load_world_model(root / "run")
+    restored = restore(root / "run", "world_model")
+    model, trained = restored.model, restored.config
     scores = evaluate_video(model, trained, "test", max_clips=64, batch_size=16,
                             goal_reach_px=4.0)
     print(scores)

@@ -35,11 +35,12 @@ def test_exported_step_equals_the_training_code(exported, closed_loop_run, table
     """Same clips (uint8, exactly) and actions (within 1e-5) as `PrimitivePolicy.step` for the
     same observations, commands and step index, through the symbolic batch dimension."""
     from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
-    from pewm_jax.recipes.action_scores import load_action_decoder
-    from pewm_jax.recipes.video_scores import load_world_model
+    from pewm_jax.recipes.restore import restore
 
-    world_model, config, tokenizer = load_world_model(closed_loop_run)
-    decoder, _, stats = load_action_decoder(closed_loop_run)
+    world, trained = restore(closed_loop_run, "world_model"), restore(closed_loop_run,
+                                                                     "action_decoder")
+    world_model, config, tokenizer = world.model, world.config, world.tokenizer
+    decoder, stats = trained.model, trained.stats
     commands = [PrimitiveCommand(*c) for c in COMMANDS[:batch]]
     observations = _observations(tabletop_dataset, batch)
     reference = PrimitivePolicy(world_model, config, tokenizer, decoder, stats[0],
@@ -70,14 +71,15 @@ def test_manifest_names_the_weights_and_every_platform(exported, closed_loop_run
 
 def _world(run: pathlib.Path):
     """(the world model's config, a fresh environment of its world, the planner)."""
-    from pewm_jax.recipes.video_scores import load_world_model
+    from pewm_jax.recipes.restore import restore
     from pewm_jax.sim import TabletopEnv
-    from pewm_jax.recipes.planner_scores import load_planner
+    from pewm_jax.vlm.finetune import make_planner
 
-    config = load_world_model(run)[1]
+    config, planner = restore(run, "world_model").config, restore(run, "planner")
     w = config.world
     return config, lambda: TabletopEnv(w.image_size, (w.num_objects_min, w.num_objects_max),
-                                       w.max_delta, w.primitive_max_steps), load_planner(run)
+                                       w.max_delta, w.primitive_max_steps), make_planner(
+        planner.model, planner.tokenizer, planner.config)
 
 
 def test_bundle_planner_writes_the_planners_plans(exported, closed_loop_run):
@@ -116,13 +118,14 @@ def test_bundle_closed_loop_takes_the_controllers_actions(exported, closed_loop_
     from pewm_jax.control.controller import ControlSettings, Controller
     from pewm_jax.control.policy import PrimitivePolicy
     from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
-    from pewm_jax.recipes.action_scores import load_action_decoder
-    from pewm_jax.recipes.video_scores import load_world_model
+    from pewm_jax.recipes.restore import restore
     from pewm_jax.sim import TabletopEnv
 
     config, make_env, planner = _world(closed_loop_run)
-    world_model, _, tokenizer = load_world_model(closed_loop_run)
-    decoder, _, stats = load_action_decoder(closed_loop_run)
+    world, trained = restore(closed_loop_run, "world_model"), restore(closed_loop_run,
+                                                                     "action_decoder")
+    world_model, tokenizer, decoder, stats = world.model, world.tokenizer, trained.model, \
+        trained.stats
     taken: list[np.ndarray] = []
     env_step = TabletopEnv.step
     monkeypatch.setattr(TabletopEnv, "step",
@@ -166,9 +169,11 @@ def test_bundle_planner_round_trips_through_hugging_face(exported, closed_loop_r
     from flax import nnx
 
     from pewm_jax.recipes import paligemma_checkpoints as convert
-    from pewm_jax.recipes.planner_scores import load_planner
+    from pewm_jax.recipes.restore import restore
+    from pewm_jax.vlm.finetune import make_planner
 
-    planner = load_planner(closed_loop_run)
+    trained = restore(closed_loop_run, "planner")
+    planner = make_planner(trained.model, trained.tokenizer, trained.config)
     hf_dir = exported / "planner_hf"
     back = convert.load_paligemma(hf_dir)
     ours = dict(nnx.to_flat_state(nnx.state(planner.model, nnx.Param)))

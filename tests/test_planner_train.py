@@ -21,7 +21,8 @@ from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.recipes import kinds
 from pewm_jax.train import loop
 from pewm_jax.recipes import planner_scores as evaluation
-from pewm_jax.vlm.finetune import plan_loss, planner_flops, planner_spec
+from pewm_jax.recipes.restore import restore
+from pewm_jax.vlm.finetune import make_planner, plan_loss, planner_flops, planner_spec
 from pewm_jax.vlm.paligemma import PaliGemma
 from pewm_jax.text.plan import Plan, PlanStep, parse_plan, prompt_ids
 from pewm_jax.vlm.planner import tiny_planner_spec, unit_pixels
@@ -287,7 +288,8 @@ def test_world_model_settings_do_not_block_a_planner_resume(planner_run, tmp_pat
 
 def test_load_planner_and_evaluate(planner_run, tabletop_dataset):
     workdir, config, result = planner_run
-    planner = evaluation.load_planner(workdir)
+    trained = restore(workdir, "planner")
+    planner = make_planner(trained.model, trained.tokenizer, trained.config)
     ema = jax.device_get(nnx.to_pure_dict(nnx.state(planner.model, nnx.Param)))
     jax.tree.map(np.testing.assert_array_equal, ema, jax.device_get(result.state.ema_params))
     scores = evaluation.evaluate_planner(planner, tabletop_dataset, "test")
@@ -364,7 +366,8 @@ def test_fine_tuned_planner_plans_held_out_scenes(tmp_path_factory):
     assert config.planner.train.steps == 1500 and config.planner.train.global_batch_size == 16
     workdir = tmp_path_factory.mktemp("planner_fine_tune")
     loop.train(config, workdir, kind=kinds.PLANNER)
-    planner = evaluation.load_planner(workdir)
+    trained = restore(workdir, "planner")
+    planner = make_planner(trained.model, trained.tokenizer, trained.config)
     scores = [evaluation.evaluate_planner(planner, dataset, split)
               for split in ("test", "holdout_composition")]
     print("\n" + evaluation.scores_table(scores))

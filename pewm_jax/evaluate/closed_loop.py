@@ -57,9 +57,12 @@ from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
 from pewm_jax.recipes import action_scores as actions_eval
 from pewm_jax.recipes import video_scores as video_quality
 from pewm_jax.sim.tasks import TEMPLATE_NAMES
-from pewm_jax.train.checkpoint import CheckpointError, find_checkpoint
+from pewm_jax.train.checkpoint import CheckpointError
 from pewm_jax.train.metrics import MetricWriter
 from pewm_jax.recipes import planner_scores as planner_eval
+from pewm_jax.recipes.restore import Trained, restore
+from pewm_jax.vlm.finetune import make_planner
+from pewm_jax.vlm.planner import Planner
 
 CONDITIONS: dict[str, ControlSettings] = {
     "pewm": ControlSettings("vlm", "decoded", "closed"),
@@ -181,15 +184,12 @@ class RunModels:
                                       "--workdir")
         return self._loaded.get(name)
 
-    def _load(self, name: str):
-        checkpoints, step = find_checkpoint(self.workdir, model=name)
-        checkpoints.close()
-        self.steps[name] = step
-        if name in ("world_model", "whole_task"):
-            return video_quality.load_world_model(self.workdir, model=name)
-        if name == "action_decoder":
-            return actions_eval.load_action_decoder(self.workdir)
-        return planner_eval.load_planner(self.workdir)
+    def _load(self, name: str) -> Trained | Planner:
+        trained = restore(self.workdir, name)
+        self.steps[name] = trained.step
+        if name == "planner":
+            return make_planner(trained.model, trained.tokenizer, trained.config)
+        return trained
 
     def policy(self, clips: str | None) -> PrimitivePolicy | None:
         """The policy around the `clips` model (world_model or whole_task; None: the decoder
@@ -199,10 +199,10 @@ class RunModels:
         if decoder is None or (clips and world is None):
             return None
         if f"policy/{clips}" not in self._loaded:
-            model, config, tokenizer = world if world is not None else (None, decoder[1], None)
             self._loaded[f"policy/{clips}"] = PrimitivePolicy(
-                model, config, tokenizer, decoder[0], decoder[2][0], batch_size=self.parallel,
-                seed=self.seed)
+                world.model if world else None, world.config if world else decoder.config,
+                world.tokenizer if world else None, decoder.model, decoder.stats[0],
+                batch_size=self.parallel, seed=self.seed)
         return self._loaded[f"policy/{clips}"]
 
 
@@ -216,7 +216,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     models = RunModels(workdir, e.parallel_envs, e.seed)
     world_model = models.get("world_model")
     # The world and clip settings the models saw (the given config when there is no model).
-    trained = world_model[1] if world_model is not None else config
+    trained = world_model.config if world_model is not None else config
     world = trained.world
     specs = episode_specs(e)
     report: dict = {
@@ -278,7 +278,7 @@ def _component_scores(config: ml_collections.ConfigDict, models: RunModels,
     if world is not None and e.video_clips:
         try:
             out["video_quality"] = dataclasses.asdict(video_quality.evaluate_video(
-                world[0], world[1], e.video_split, max_clips=e.video_clips,
+                world.model, world.config, e.video_split, max_clips=e.video_clips,
                 batch_size=e.parallel_envs, goal_reach_px=e.goal_reach_px, seed=e.seed))
         except DatasetError as err:
             out["video_quality"] = {"skipped": str(err)}
@@ -286,7 +286,7 @@ def _component_scores(config: ml_collections.ConfigDict, models: RunModels,
     if decoder is not None and e.video_clips:
         try:
             out["actions"] = dataclasses.asdict(actions_eval.evaluate_action_decoder(
-                decoder[0], decoder[1], e.video_split, batch_size=e.parallel_envs,
+                decoder.model, decoder.config, e.video_split, batch_size=e.parallel_envs,
                 max_clips=e.video_clips))
         except DatasetError as err:
             out["actions"] = {"skipped": str(err)}

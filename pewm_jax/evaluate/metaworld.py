@@ -104,7 +104,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path)
     mw, e = config.metaworld, config.eval
     models = RunModels(workdir, e.parallel_envs, e.seed)
     world_model = models.get("world_model")
-    trained = world_model[1] if world_model is not None else config
+    trained = world_model.config if world_model is not None else config
     image_size = int(trained.world.image_size)
     specs = protocol_specs(mw)
     report: dict = {

@@ -57,14 +57,13 @@ from jax import export
 
 import pewm_jax
 from pewm_jax.diffusion.samplers import sample_from_config
-from pewm_jax.recipes.action_scores import load_action_decoder
-from pewm_jax.recipes.video_scores import load_world_model
 from pewm_jax.export.runtime import (BUNDLE_FORMAT, CONFIG, MANIFEST, PLANNER_DECODE,
                                      PLANNER_HF, PLANNER_PREFILL, PLANNER_TOKENIZER, STATS, STEP,
                                      TOKENIZER, WEIGHTS, file_sha256, manifest_sha256)
 from pewm_jax.train.checkpoint import CheckpointError, find_checkpoint
 from pewm_jax.recipes.paligemma_checkpoints import export_hf
-from pewm_jax.recipes.planner_scores import load_planner
+from pewm_jax.recipes.restore import restore
+from pewm_jax.vlm.finetune import make_planner
 from pewm_jax.vlm.paligemma import KVCache, decode_step, prefill
 from pewm_jax.vlm.planner import Planner, unit_pixels
 
@@ -219,8 +218,10 @@ def export_bundle(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
                               "world model (`pewm train`) and the action decoder (`pewm "
                               "actions`) into this --workdir first.") from None
         checkpoints.close()
-    world_model, config, tokenizer = load_world_model(paths["world_model"], use_ema=use_ema)
-    decoder, _, stats = load_action_decoder(paths["action_decoder"], use_ema=use_ema)
+    world = restore(paths["world_model"], "world_model", use_ema=use_ema)
+    world_model, config, tokenizer = world.model, world.config, world.tokenizer
+    trained_decoder = restore(paths["action_decoder"], "action_decoder", use_ema=use_ema)
+    decoder, stats = trained_decoder.model, trained_decoder.stats
     if decoder.spec.image_size != config.world.image_size:
         raise ExportError(f"the action decoder reads {decoder.spec.image_size}-pixel frames but "
                           f"the world model makes {config.world.image_size}-pixel ones. Fix: "
@@ -229,7 +230,9 @@ def export_bundle(workdir: str | pathlib.Path, out: str | pathlib.Path, *,
     exported = export_policy_step(step_fn, weights, config, platforms)
     planner_files, planner_shapes = {}, None
     if "planner" in paths:
-        vlm = load_planner(paths["planner"], use_ema=use_ema)
+        trained_planner = restore(paths["planner"], "planner", use_ema=use_ema)
+        vlm = make_planner(trained_planner.model, trained_planner.tokenizer,
+                           trained_planner.config)
         prefill_fn, decode_fn, planner_weights, planner_shapes = planner_functions(vlm)
         prefill_exp, decode_exp = export_planner_steps(prefill_fn, decode_fn, planner_weights,
                                                        planner_shapes, platforms)

@@ -14,8 +14,7 @@ split's mean action and majority gripper command:
     per_dim_mse, per_dim_mean_action_mse
                                 `mse` of each continuous dimension of the first dataset
 
-`load_action_decoder` restores a trained decoder (EMA weights) from a run directory onto the
-default device, with its config and dataset statistics taken from the checkpoint.
+Models come from `pewm_jax.recipes.restore.restore`.
 """
 
 from __future__ import annotations
@@ -25,13 +24,11 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from data_loaders import pipeline
 from data_loaders.clips import ActionStats
-from pewm_jax.models.action_decoder import ActionDecoder, build_action_decoder, decode_batch
-from pewm_jax.train.checkpoint import find_checkpoint
+from pewm_jax.models.action_decoder import ActionDecoder, decode_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,24 +115,6 @@ def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigD
     steps = int(count * config.data.horizon * config.data.frame_stride)
     return ActionScores(split, steps, mse, base_mse, accuracy, base_accuracy,
                         tuple(per_dim[0, dims].tolist()), tuple(per_dim[1, dims].tolist()))
-
-
-def load_action_decoder(path: str | epath.PathLike, *, use_ema: bool = True
-                        ) -> tuple[ActionDecoder, ml_collections.ConfigDict, list[ActionStats]]:
-    """(decoder, its config, the statistics of each dataset it was trained on) from a run's
-    workdir, its action_decoder/ directory or one step directory."""
-    checkpoints, step = find_checkpoint(path, model="action_decoder")
-    try:
-        config = ml_collections.ConfigDict(checkpoints.read_json(step, "config"))
-        stats = [ActionStats.from_json(d["statistics"])
-                 for d in checkpoints.read_json(step, "dataset_stats")["datasets"]]
-        action_dim = max(len(s.mean) for s in stats)
-        model = checkpoints.restore_module(
-            step, nnx.eval_shape(lambda: build_action_decoder(config, action_dim, nnx.Rngs(0))),
-            item="ema_params" if use_ema else "params")
-    finally:
-        checkpoints.close()
-    return model, config, stats
 
 
 def scores_table(scores: Sequence[ActionScores]) -> str:

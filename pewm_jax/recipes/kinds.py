@@ -18,7 +18,6 @@ below control and evaluation. What a kind says:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -239,6 +238,9 @@ class ActionDecoderKind(ModelKind):
                  "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens")
 
 
+
+    def build_restored(self, config, vocab_size, stats, rngs):
+        return action_decoder.build_action_decoder(config, max(len(x.mean) for x in stats), rngs)
     def batch_shapes(self, config, vocab_size):
         return BatchSpec.from_config(config, STAND_IN_ACTION_DIM).shapes(
             self.train(config).global_batch_size)
@@ -305,6 +307,9 @@ class WholeTaskKind(WorldModelKind):
     unrelated = ("planner.", "action_decoder.")
 
 
+
+    def trained_config(self, config):
+        return whole_task_pipeline.whole_task_config(config)
     def batch_shapes(self, config, vocab_size):
         return BatchSpec.from_config(whole_task_pipeline.whole_task_config(config),
                                      STAND_IN_ACTION_DIM).shapes(self.train(config).global_batch_size)

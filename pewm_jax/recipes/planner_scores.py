@@ -13,26 +13,20 @@ For every stored episode of a split, the planner plans from the first frame and 
     unparsed        plans the token budget cut off before <eos> (misses; constrained decoding
                     writes nothing else that fails to parse)
 
-`load_planner` restores a fine-tuned planner (EMA weights) from a run directory.
+Models come from `pewm_jax.recipes.restore.restore`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 
-import ml_collections
 import numpy as np
-import tokenizers
 from etils import epath
-from flax import nnx
 
 from data_loaders import tabletop
 from data_loaders.plan_pipeline import EpisodePlan, episode_plan
 from pewm_jax.sim.primitives import Primitive, primitive_from_text
-from pewm_jax.train.checkpoint import find_checkpoint
-from pewm_jax.vlm.finetune import build_planner, make_planner
 from pewm_jax.text.plan import Plan
 from pewm_jax.vlm.planner import Planner
 
@@ -99,23 +93,6 @@ def evaluate_planner(planner: Planner, dataset_dir: str | epath.PathLike, split:
 def plan_episodes(planner: Planner, episodes: Sequence[EpisodePlan]) -> list[Plan | None]:
     """`Planner.plan_batch` of the episodes' first frames and tasks (one batch)."""
     return planner.plan_batch(np.stack([e.image for e in episodes]), [e.task for e in episodes])
-
-
-def load_planner(path: str | epath.PathLike, *, use_ema: bool = True) -> Planner:
-    """The planner of a fine-tuning run: `path` is its workdir, its planner/ directory or one
-    step directory. Its config and tokenizer come from the checkpoint itself."""
-    checkpoints, step = find_checkpoint(path, model="planner")
-    try:
-        config = ml_collections.ConfigDict(checkpoints.read_json(step, "config"))
-        tokenizer = tokenizers.Tokenizer.from_str(
-            json.dumps(checkpoints.read_json(step, "tokenizer")))
-        model = checkpoints.restore_module(
-            step, nnx.eval_shape(lambda: build_planner(config, tokenizer.get_vocab_size(),
-                                                       nnx.Rngs(0))),
-            item="ema_params" if use_ema else "params")
-    finally:
-        checkpoints.close()
-    return make_planner(model, tokenizer, config)
 
 
 def scores_table(scores: Sequence[PlanScores]) -> str:

@@ -10,31 +10,23 @@ future frame = the context frame, what a model that imagines no motion would sco
                         `goal_reach_px` of the goal point (`sim.render.locate_gripper`)
     copy_goal_reach, true_goal_reach    the same for the context frame and the true last frame
 
-`load_world_model` restores the world model (EMA weights) from a run directory onto the default
-device, with its config and tokenizer taken from the checkpoint.
+Models come from `pewm_jax.recipes.restore.restore`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import dm_pix
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tokenizers
-from etils import epath
-from flax import nnx
 
 from data_loaders import pipeline
-from data_loaders.whole_task_pipeline import whole_task_config
 from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.video_dit import WorldModel
 from pewm_jax.sim.render import gripper_at
-from pewm_jax.train.checkpoint import find_checkpoint
-from pewm_jax.recipes.kinds import KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,30 +42,6 @@ class VideoScores:
     goal_reach: float
     copy_goal_reach: float
     true_goal_reach: float
-
-
-def load_world_model(path: str | epath.PathLike, *, use_ema: bool = True,
-                     model: str = "world_model"
-                     ) -> tuple[WorldModel, ml_collections.ConfigDict, tokenizers.Tokenizer]:
-    """(world model, its config, its tokenizer) from a run's workdir, its `model` directory
-    (world_model/, or whole_task/ for the whole-task baseline, whose config comes back with
-    its clip horizon as data.horizon) or one step directory."""
-    kind = KINDS[model]
-    checkpoints, step = find_checkpoint(path, model=model)
-    try:
-        config = ml_collections.ConfigDict(checkpoints.read_json(step, "config"))
-        tokenizer = tokenizers.Tokenizer.from_str(
-            json.dumps(checkpoints.read_json(step, "tokenizer")))
-        vocab = tokenizer.get_vocab_size()
-        with nnx.use_eager_sharding(False):  # no mesh: restore_module places the arrays
-            abstract = nnx.eval_shape(lambda: kind.build(config, vocab, nnx.Rngs(0)))
-        restored = checkpoints.restore_module(step, abstract,
-                                              item="ema_params" if use_ema else "params")
-    finally:
-        checkpoints.close()
-    if model == "whole_task":
-        config = whole_task_config(config)
-    return restored, config, tokenizer
 
 
 def reaches_goal(frames: np.ndarray, goal_xy: np.ndarray, radius_px: float) -> np.ndarray:

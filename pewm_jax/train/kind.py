@@ -17,7 +17,7 @@ says what differs between the models (the concrete kinds live in `pewm_jax.recip
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -58,6 +58,18 @@ class ModelKind(abc.ABC):
     def loss(self, model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array,
              config: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(loss, metrics holding 'loss') of one global batch; `rng` is the step's key."""
+
+    def build_restored(self, config: ml_collections.ConfigDict, vocab_size: int,
+                       stats: Sequence[Any], rngs: nnx.Rngs) -> nnx.Module:
+        """The model to restore a checkpoint into, from what the checkpoint holds (its config,
+        its tokenizer's size, its datasets' action statistics): `build` unless the kind needs
+        the statistics (the action decoder's action size)."""
+        del stats
+        return self.build(config, vocab_size, rngs)
+
+    def trained_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The config a restored model is used with (default: the saved one)."""
+        return config
 
     def load_pretrained(self, config: ml_collections.ConfigDict, state: TrainState,
                         layout: StateLayout) -> TrainState:
