@@ -41,7 +41,7 @@ TEST_REQUIRES = [
 
 setup(
     name="pewm-jax",
-    version="0.1.0",
+    version="0.2.0",
     description="Primitive Embodied World Models: short-horizon video world models for robots in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

@@ -1,3 +1,3 @@
 """pewm-jax: Primitive Embodied World Models in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -350,3 +350,26 @@ def test_a_nan_loss_stops_the_run_without_saving_that_state(tabletop_dataset, tm
     for result in (loop.train(lower, tmp_path / "new", init_from=init_from, kind=kinds.WORLD_MODEL),
                    loop.train(lower, tmp_path, overwrite=True, kind=kinds.WORLD_MODEL)):
         assert result.status == "completed" and all(np.isfinite(list(result.losses.values())))
+
+
+@pytest.mark.parametrize("writer", ["0.0.9", None])
+def test_a_tree_that_does_not_fit_names_the_version_that_wrote_it(tmp_path, monkeypatch, writer):
+    # Parameter layouts change between versions (0.2.0 moved the text tower onto the shared
+    # SigLIP block): the error says which pewm-jax to load a checkpoint of another one with.
+    ours = ckpt_lib.versions()
+    if writer is not None:
+        monkeypatch.setattr(ckpt_lib, "versions", lambda: {**ours, "pewm-jax": writer})
+    checkpoints = ckpt_lib.RunCheckpoints(tmp_path / "model")
+    checkpoints.save_params(0, {"blocks": {"fc1": np.zeros(3, np.float32)}}, {"seed": 0})
+    monkeypatch.setattr(ckpt_lib, "versions", lambda: ours)
+    target = {"blocks": {"mlp": jax.ShapeDtypeStruct((3,), np.float32)}}
+    with pytest.raises(ckpt_lib.CheckpointError) as error:
+        checkpoints.restore_params(0, target)
+    message = str(error.value)
+    assert "params/blocks/fc1 is in the checkpoint but not in the model" in message
+    if writer is None:
+        assert "pewm-jax" not in message and "use the config it was trained with" in message
+    else:
+        assert (f"written by pewm-jax {writer} and this is {ours['pewm-jax']}" in message
+                and f"load it with pewm-jax {writer}" in message)
+    checkpoints.close()

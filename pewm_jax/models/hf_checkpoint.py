@@ -38,6 +38,28 @@ CONVERSIONS: dict[str, tuple[Callable[[Shape], Shape], Callable[[Any, Shape], An
 }
 
 
+# A SigLIP encoder layer (`layers.EncoderBlock`, in both towers): our path inside the block ->
+# (Hugging Face tensor name inside `encoder.layers.{i}.`, conversion).
+SIGLIP_ENCODER_LAYER: dict[tuple[str, ...], tuple[str, str]] = {
+    ("norm1", "scale"): ("layer_norm1.weight", "copy"),
+    ("norm1", "bias"): ("layer_norm1.bias", "copy"),
+    ("norm2", "scale"): ("layer_norm2.weight", "copy"),
+    ("norm2", "bias"): ("layer_norm2.bias", "copy"),
+    ("attn", "query", "kernel"): ("self_attn.q_proj.weight", "linear_to_heads"),
+    ("attn", "query", "bias"): ("self_attn.q_proj.bias", "bias_to_heads"),
+    ("attn", "key", "kernel"): ("self_attn.k_proj.weight", "linear_to_heads"),
+    ("attn", "key", "bias"): ("self_attn.k_proj.bias", "bias_to_heads"),
+    ("attn", "value", "kernel"): ("self_attn.v_proj.weight", "linear_to_heads"),
+    ("attn", "value", "bias"): ("self_attn.v_proj.bias", "bias_to_heads"),
+    ("attn", "out", "kernel"): ("self_attn.out_proj.weight", "linear_from_heads"),
+    ("attn", "out", "bias"): ("self_attn.out_proj.bias", "copy"),
+    ("mlp", "up", "kernel"): ("mlp.fc1.weight", "linear"),
+    ("mlp", "up", "bias"): ("mlp.fc1.bias", "copy"),
+    ("mlp", "down", "kernel"): ("mlp.fc2.weight", "linear"),
+    ("mlp", "down", "bias"): ("mlp.fc2.bias", "copy"),
+}
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint lacks tensors the model needs, has ones it does not know, or mis-shaped ones."""
 

@@ -169,18 +169,45 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Two-layer GELU MLP, width -> hidden -> width."""
+    """Two-layer GELU MLP, width -> hidden -> width (tanh-approximated GELU unless
+    `approximate_gelu` is False)."""
 
-    def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs,
+    def __init__(self, width: int, hidden: int, *, rngs: nnx.Rngs, approximate_gelu: bool = True,
                  dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.up = Dense(width, hidden, ("embed", "mlp"), **kw)
         self.down = Dense(hidden, width, ("mlp", "embed"), **kw)
+        self.approximate_gelu = approximate_gelu
 
     def __call__(self, x: jax.Array, names: Names) -> jax.Array:
         """x (..., D) with logical `names` for its leading axes -> (..., D)."""
-        h = constrain(jax.nn.gelu(self.up(x)), (*names, "mlp"))  # (..., M)
-        return self.down(h)  # (..., D)
+        h = jax.nn.gelu(self.up(x), approximate=self.approximate_gelu)
+        return self.down(constrain(h, (*names, "mlp")))  # (..., M) -> (..., D)
+
+
+class EncoderBlock(nnx.Module):
+    """SigLIP's pre-LN encoder layer: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    The one block of both SigLIP towers (PaliGemma's vision tower, the world model's text
+    encoders), so a checkpoint's tensors map onto the same module paths in both.
+    """
+
+    def __init__(self, width: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs,
+                 eps: float = 1e-6, approximate_gelu: bool = True,
+                 dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.norm1 = LayerNorm(width, eps=eps, **kw)
+        self.attn = Attention(width, num_heads, rngs=rngs, **kw)
+        self.norm2 = LayerNorm(width, eps=eps, **kw)
+        self.mlp = MLP(width, mlp_dim, rngs=rngs, approximate_gelu=approximate_gelu, **kw)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x (B, L, D), mask (B, L) bool of the keys to attend to, or None (all) -> (B, L, D).
+
+        A query whose keys are all masked attends uniformly (never NaN).
+        """
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x), ("batch", "tokens"))
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:

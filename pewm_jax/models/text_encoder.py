@@ -9,16 +9,14 @@ Two encoders, chosen by `config.model.text_encoder` in `make_text_encoder`:
   local Hugging Face checkpoint by `load_siglip_text_encoder`. Its tokenizer loads from the same
   directory (`load_siglip_tokenizer`, `encode_siglip_text`).
 
-Both share one block design (SigLIP's): LayerNorm -> multi-head self-attention -> residual,
-LayerNorm -> MLP (tanh-approximated GELU) -> residual, and a final LayerNorm.
+Both are built from the shared layers (`pewm_jax.models.layers.EncoderBlock`, the block of
+PaliGemma's SigLIP vision tower too): LayerNorm -> multi-head self-attention -> residual,
+LayerNorm -> MLP (GELU) -> residual, and a final LayerNorm.
 
-Freezing. The SigLIP tower is frozen twice over: (1) its parameters are `FrozenParam`, a
-subclass of `nnx.Param`, so they are saved, sharded and exported like every other parameter but
-the trainer can leave them out of the update, either by labelling them for
-`optax.multi_transform` with `param_labels` (`'frozen'` -> `optax.set_to_zero()`, so no weight
-decay touches them either) or by filtering `nnx.Optimizer(..., wrt=nnx.All(nnx.Param,
-nnx.Not(FrozenParam)))`; (2) its output passes through `jax.lax.stop_gradient`, so no gradient
-is computed through the tower.
+Freezing is the trainer's job, not the model's: the parameters are plain `nnx.Param`s, and the
+world-model kind declares the SigLIP tower frozen (`ModelKind.frozen`: `text_encoder/.*`),
+which the trainer adds to the train section's `frozen` patterns (`optax.set_to_zero()` for
+them, and no gradient computed through them).
 
 Sharding. Every parameter names logical axes (`embed`, `mlp`, `heads`, `kv`, `vocab`; position
 tables leave their position axis unnamed) with `nnx.with_partitioning`; loaded weights keep the
@@ -36,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -45,137 +43,33 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from pewm_jax.models.hf_checkpoint import CheckpointMismatchError, SafetensorsIndex
+from pewm_jax.models.hf_checkpoint import SIGLIP_ENCODER_LAYER, SafetensorsIndex
+from pewm_jax.models.layers import EncoderBlock, LayerNorm, constrain, make_param
 
 Array = jax.Array
 LN_EPS = 1e-6  # SigLIP's layer_norm_eps; the trainable encoder uses the same
 
 
-class FrozenParam(nnx.Param):
-    """A parameter the optimizer must not update (pretrained, frozen weights).
-
-    A subclass of `nnx.Param`, so every `nnx.Param` filter (checkpoint, export, sharding)
-    still includes it; see the module docstring for how the trainer freezes it.
-    """
-
-
-def param_labels(params: nnx.State) -> nnx.State:
-    """'frozen' for each `FrozenParam` of `params`, 'trainable' for the rest.
-
-    The `param_labels` argument of `optax.multi_transform` (same tree as `params`, e.g.
-    `nnx.state(model, nnx.Param)`), so frozen weights get `optax.set_to_zero()`.
-    """
-    return jax.tree.map(lambda v: "frozen" if isinstance(v, FrozenParam) else "trainable",
-                        params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks.
-
-
-def _param(param_type: type[nnx.Param], init: Callable, axes: tuple, shape: tuple, dtype: Any,
-           rngs: nnx.Rngs) -> nnx.Param:
-    """A parameter of `param_type` initialised by `init`, carrying logical axis names `axes`."""
-    return param_type(nnx.with_partitioning(init, axes)(rngs.params(), shape, dtype))
-
-
-class _Dense(nnx.Module):
-    """x (..., *in_dims) -> (..., *out_dims): a kernel (*in_dims, *out_dims) plus a bias.
-
-    Multi-dimensional sides keep heads their own axis, so `heads` and `kv` can be named.
-    """
-
-    def __init__(self, in_dims: tuple[int, ...], out_dims: tuple[int, ...], axes: tuple, *,
-                 param_type: type[nnx.Param], dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        n_in = len(in_dims)
-        init = nnx.initializers.variance_scaling(
-            1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)),
-            out_axis=tuple(range(n_in, n_in + len(out_dims))))
-        self.kernel = _param(param_type, init, axes, in_dims + out_dims, param_dtype, rngs)
-        self.bias = _param(param_type, nnx.initializers.zeros, axes[n_in:], out_dims, param_dtype,
-                           rngs)
-        self.n_in = n_in
-        self.dtype = dtype
-
-    def __call__(self, x: Array) -> Array:
-        kernel = self.kernel[...].astype(self.dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
-        return y + self.bias[...].astype(self.dtype)
-
-
-class _LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, computed in float32 (PyTorch's: biased variance)."""
-
-    def __init__(self, width: int, eps: float, *, param_type: type[nnx.Param], param_dtype: Any,
-                 rngs: nnx.Rngs):
-        self.scale = _param(param_type, nnx.initializers.ones, ("embed",), (width,), param_dtype,
-                            rngs)
-        self.bias = _param(param_type, nnx.initializers.zeros, ("embed",), (width,), param_dtype,
-                           rngs)
-        self.eps = eps
-
-    def __call__(self, x: Array) -> Array:
-        x = x.astype(jnp.float32)
-        mean = x.mean(-1, keepdims=True)
-        var = jnp.square(x - mean).mean(-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-
-
-class _Block(nnx.Module):
-    """Pre-LN encoder layer: x + Attn(LN(x)), then x + MLP(LN(x)) (SigLIP's encoder layer)."""
-
-    def __init__(self, width: int, num_heads: int, mlp_dim: int, eps: float, approximate_gelu: bool,
-                 *, param_type: type[nnx.Param], dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        head_dim = width // num_heads
-        kw = dict(param_type=param_type, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = _LayerNorm(width, eps, param_type=param_type, param_dtype=param_dtype,
-                                rngs=rngs)
-        self.query = _Dense((width,), (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.key = _Dense((width,), (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.value = _Dense((width,), (num_heads, head_dim), ("embed", "heads", "kv"), **kw)
-        self.out = _Dense((num_heads, head_dim), (width,), ("heads", "kv", "embed"), **kw)
-        self.norm2 = _LayerNorm(width, eps, param_type=param_type, param_dtype=param_dtype,
-                                rngs=rngs)
-        self.fc1 = _Dense((width,), (mlp_dim,), ("embed", "mlp"), **kw)
-        self.fc2 = _Dense((mlp_dim,), (width,), ("mlp", "embed"), **kw)
-        self.scale = head_dim ** -0.5
-        self.approximate_gelu = approximate_gelu
-        self.dtype = dtype
-
-    def __call__(self, x: Array, key_mask: Array | None) -> Array:
-        """x (B, L, D) float32, key_mask (B, L) bool or None (attend everywhere) -> (B, L, D)."""
-        h = self.norm1(x)
-        q, k, v = self.query(h), self.key(h), self.value(h)  # (B, L, H, K) each
-        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) * self.scale
-        if key_mask is not None:  # a fully masked row attends uniformly, never NaN
-            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # (B, H, L, L)
-        x = x + self.out(jnp.einsum("bhqs,bshk->bqhk", weights, v)).astype(jnp.float32)
-        h = jax.nn.gelu(self.fc1(self.norm2(x)), approximate=self.approximate_gelu)  # (B, L, F)
-        return x + self.fc2(h).astype(jnp.float32)
-
-
 class _TextTransformer(nnx.Module):
-    """Token + learned position embeddings, `depth` pre-LN blocks, final LayerNorm."""
+    """Token + learned position embeddings, `depth` pre-LN encoder blocks, final LayerNorm."""
 
     def __init__(self, *, vocab_size: int, max_len: int, width: int, depth: int, num_heads: int,
-                 mlp_dim: int, eps: float, approximate_gelu: bool, param_type: type[nnx.Param],
-                 dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+                 mlp_dim: int, eps: float, approximate_gelu: bool, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs):
         if width % num_heads:
             raise ValueError(f"text width {width} is not divisible by {num_heads} heads")
         embed_init = nnx.initializers.normal(0.02)
-        self.token_embed = _param(param_type, embed_init, ("vocab", "embed"), (vocab_size, width),
-                                  param_dtype, rngs)  # (V, D)
-        self.pos_embed = _param(param_type, embed_init, (None, "embed"), (max_len, width),
-                                param_dtype, rngs)  # (max_len, D)
+        self.token_embed = make_param(embed_init, ("vocab", "embed"), rngs.params(),
+                                      (vocab_size, width), param_dtype)  # (V, D)
+        self.pos_embed = make_param(embed_init, (None, "embed"), rngs.params(),
+                                    (max_len, width), param_dtype)  # (max_len, D)
         self.blocks = nnx.List([
-            _Block(width, num_heads, mlp_dim, eps, approximate_gelu, param_type=param_type,
-                   dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(depth)])
-        self.final_norm = _LayerNorm(width, eps, param_type=param_type, param_dtype=param_dtype,
-                                     rngs=rngs)
+            EncoderBlock(width, num_heads, mlp_dim, eps=eps, approximate_gelu=approximate_gelu,
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(depth)])
+        self.final_norm = LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype)
         self.max_len = max_len
         self.width = width
+        self.dtype = dtype
 
     @property
     def text_width(self) -> int:
@@ -189,10 +83,10 @@ class _TextTransformer(nnx.Module):
             raise ValueError(f"text has {length} tokens but the encoder has only {self.max_len} "
                              "positions; truncate it (config.data.max_text_tokens)")
         x = self.token_embed[...][tokens] + self.pos_embed[...][None, :length]  # (B, L, D)
-        x = x.astype(jnp.float32)
+        x = constrain(x.astype(self.dtype), ("batch", "tokens", "embed"))
         for block in self.blocks:
             x = block(x, key_mask)
-        return self.final_norm(x)
+        return self.final_norm(x).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +101,7 @@ class TrainableTextEncoder(_TextTransformer):
                  param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         super().__init__(vocab_size=vocab_size, max_len=max_len, width=width, depth=depth,
                          num_heads=num_heads, mlp_dim=int(width * mlp_ratio), eps=LN_EPS,
-                         approximate_gelu=True, param_type=nnx.Param, dtype=dtype,
+                         approximate_gelu=True, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
@@ -239,7 +133,7 @@ _GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu_fast": T
 
 
 class SiglipTextEncoder(_TextTransformer):
-    """Our flax.nnx SigLIP text tower: `SiglipTextModel(...).last_hidden_state`, frozen.
+    """Our flax.nnx SigLIP text tower: `SiglipTextModel(...).last_hidden_state`.
 
     Build it with `load_siglip_text_encoder` (weights from a checkpoint); constructing it
     directly gives random weights of the right shapes. `mask_padding=False` (the default) runs
@@ -257,14 +151,13 @@ class SiglipTextEncoder(_TextTransformer):
                          num_heads=spec.num_attention_heads, mlp_dim=spec.intermediate_size,
                          eps=spec.layer_norm_eps,
                          approximate_gelu=_GELU_APPROXIMATE[spec.hidden_act],
-                         param_type=FrozenParam, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.spec = spec
         self.mask_padding = mask_padding
 
     def __call__(self, tokens: Array, mask: Array) -> Array:
-        """tokens (B, L) int32 SigLIP ids, mask (B, L) bool -> (B, L, D) float32, no gradient."""
-        out = self._encode(tokens, mask if self.mask_padding else None)
-        return jax.lax.stop_gradient(out)
+        """tokens (B, L) int32 SigLIP ids, mask (B, L) bool -> (B, L, D)."""
+        return self._encode(tokens, mask if self.mask_padding else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,26 +179,8 @@ def _siglip_name_table(num_layers: int) -> dict[tuple, tuple[str, str]]:
         ("final_norm", "scale"): ("final_layer_norm.weight", "copy"),
         ("final_norm", "bias"): ("final_layer_norm.bias", "copy"),
     }
-    per_layer = {
-        ("norm1", "scale"): ("layer_norm1.weight", "copy"),
-        ("norm1", "bias"): ("layer_norm1.bias", "copy"),
-        ("norm2", "scale"): ("layer_norm2.weight", "copy"),
-        ("norm2", "bias"): ("layer_norm2.bias", "copy"),
-        ("query", "kernel"): ("self_attn.q_proj.weight", "linear_to_heads"),
-        ("query", "bias"): ("self_attn.q_proj.bias", "bias_to_heads"),
-        ("key", "kernel"): ("self_attn.k_proj.weight", "linear_to_heads"),
-        ("key", "bias"): ("self_attn.k_proj.bias", "bias_to_heads"),
-        ("value", "kernel"): ("self_attn.v_proj.weight", "linear_to_heads"),
-        ("value", "bias"): ("self_attn.v_proj.bias", "bias_to_heads"),
-        ("out", "kernel"): ("self_attn.out_proj.weight", "linear_from_heads"),
-        ("out", "bias"): ("self_attn.out_proj.bias", "copy"),
-        ("fc1", "kernel"): ("mlp.fc1.weight", "linear"),
-        ("fc1", "bias"): ("mlp.fc1.bias", "copy"),
-        ("fc2", "kernel"): ("mlp.fc2.weight", "linear"),
-        ("fc2", "bias"): ("mlp.fc2.bias", "copy"),
-    }
     for i in range(num_layers):
-        for path, (name, conversion) in per_layer.items():
+        for path, (name, conversion) in SIGLIP_ENCODER_LAYER.items():
             table[("blocks", i, *path)] = (f"encoder.layers.{i}.{name}", conversion)
     return table
 
@@ -351,7 +226,7 @@ def load_siglip_text_encoder(path: str | pathlib.Path, *, mask_padding: bool = F
             spec, mask_padding=mask_padding, dtype=dtype, param_dtype=param_dtype,
             rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    variables = dict(nnx.to_flat_state(state))  # our path -> abstract FrozenParam
+    variables = dict(nnx.to_flat_state(state))  # our path -> abstract nnx.Param
     table = {path: (prefix + name, kind) for path, (name, kind)
              in _siglip_name_table(spec.num_hidden_layers).items()}
     index.load(variables, table, skipped=skipped, param_dtype=param_dtype,

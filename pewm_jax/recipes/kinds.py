@@ -103,6 +103,10 @@ class WorldModelKind(ModelKind):
     def loss(self, model, batch, rng, config):
         return loss_fn(model, batch, rng, config)
 
+    def frozen(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """A pretrained SigLIP text tower stays as its checkpoint has it."""
+        return (r"text_encoder/.*",) if config.model.text_encoder == "siglip" else ()
+
     def load_pretrained(self, config: ml_collections.ConfigDict, state: TrainState,
                         layout: StateLayout) -> TrainState:
         """With a SigLIP text tower: its checkpoint weights in params and ema_params."""

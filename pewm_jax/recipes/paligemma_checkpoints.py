@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pewm_jax.models.hf_checkpoint import (CONVERSIONS, CheckpointMismatchError,
-                                           SafetensorsIndex)
+from pewm_jax.models.hf_checkpoint import (CONVERSIONS, SIGLIP_ENCODER_LAYER,
+                                           CheckpointMismatchError, SafetensorsIndex)
 from pewm_jax.train.checkpoint import RunCheckpoints, find_checkpoint
 from pewm_jax.vlm.paligemma import PaliGemma, PaliGemmaSpec, read_paligemma_config
 
@@ -68,26 +68,8 @@ def _name_table(spec: PaliGemmaSpec) -> dict[tuple, tuple[str, str, str]]:
     }
     if not spec.tie_word_embeddings:
         table[("text", "lm_head")] = ("head", "weight", "linear")
-    vision_layer = {
-        ("norm1", "scale"): ("layer_norm1.weight", "copy"),
-        ("norm1", "bias"): ("layer_norm1.bias", "copy"),
-        ("norm2", "scale"): ("layer_norm2.weight", "copy"),
-        ("norm2", "bias"): ("layer_norm2.bias", "copy"),
-        ("attn", "query", "kernel"): ("self_attn.q_proj.weight", "linear_to_heads"),
-        ("attn", "query", "bias"): ("self_attn.q_proj.bias", "bias_to_heads"),
-        ("attn", "key", "kernel"): ("self_attn.k_proj.weight", "linear_to_heads"),
-        ("attn", "key", "bias"): ("self_attn.k_proj.bias", "bias_to_heads"),
-        ("attn", "value", "kernel"): ("self_attn.v_proj.weight", "linear_to_heads"),
-        ("attn", "value", "bias"): ("self_attn.v_proj.bias", "bias_to_heads"),
-        ("attn", "out", "kernel"): ("self_attn.out_proj.weight", "linear_from_heads"),
-        ("attn", "out", "bias"): ("self_attn.out_proj.bias", "copy"),
-        ("mlp", "up", "kernel"): ("mlp.fc1.weight", "linear"),
-        ("mlp", "up", "bias"): ("mlp.fc1.bias", "copy"),
-        ("mlp", "down", "kernel"): ("mlp.fc2.weight", "linear"),
-        ("mlp", "down", "bias"): ("mlp.fc2.bias", "copy"),
-    }
     for i in range(spec.vision_layers):
-        for path, (name, kind) in vision_layer.items():
+        for path, (name, kind) in SIGLIP_ENCODER_LAYER.items():
             table[("vision", "blocks", i, *path)] = ("vision", f"encoder.layers.{i}.{name}", kind)
     text_layer = {
         ("input_norm", "scale"): ("input_layernorm.weight", "copy"),

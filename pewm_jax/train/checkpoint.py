@@ -428,8 +428,22 @@ class RunCheckpoints:
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise CheckpointError(
                 f"checkpoint {self.step_path(step)} does not fit this model:\n  {shown}{more}\n"
-                "Fix: use the config it was trained with (its config item), or a matching "
-                "checkpoint.")
+                f"Fix: {self._layout_fix(step)}")
+
+    def _layout_fix(self, step: int) -> str:
+        """How to load a checkpoint whose parameter tree differs from the model's: the saved
+        config, unless another pewm-jax wrote it (parameter layouts change between versions)."""
+        fix = "use the config it was trained with (its config item), or a matching checkpoint."
+        try:
+            saved = self.read_json(step, "meta", check_others=False)["versions"]["pewm-jax"]
+        except (CheckpointError, KeyError, TypeError):
+            return fix
+        ours = versions()["pewm-jax"]
+        if saved == ours:
+            return fix
+        return (f"it was written by pewm-jax {saved} and this is {ours}, whose parameter layout "
+                f"may differ: load it with pewm-jax {saved}, or train it again with this one. "
+                f"Otherwise {fix}")
 
     def _unreadable(self, step: int, what: str, cause: Exception) -> CheckpointError:
         """The error for a committed checkpoint that cannot be read: the fix first, then the

@@ -67,6 +67,12 @@ class ModelKind(abc.ABC):
         del stats
         return self.build(config, vocab_size, rngs)
 
+    def frozen(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """Patterns of parameters that always stay fixed (pretrained parts), added to the train
+        section's `frozen` patterns (default: none)."""
+        del config
+        return ()
+
     def trained_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """The config a restored model is used with (default: the saved one)."""
         return config

@@ -14,7 +14,7 @@ its shards (no host or single-device copy of the full model). `TrainStep` is one
 with explicit in/out shardings and the state donated.
 
 Optimizer: AdamW with linear warmup and cosine decay, global-norm clipping, decoupled weight
-decay on matrices only, inside `optax.multi_transform` so frozen parameters (pretrained SigLIP,
+decay on matrices only, inside `optax.multi_transform` so frozen parameters (the kind's `frozen`,
 the train section's `frozen` patterns) get `optax.set_to_zero()` and no gradient is computed for
 them. Gradient accumulation runs `grad_accum_steps` microbatches in a `lax.scan` inside the
 step; mixed precision is the model's compute dtype over its parameter dtype, with the loss and
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.struct
@@ -37,7 +37,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pewm_jax.config import ConfigError
-from pewm_jax.models.text_encoder import param_labels
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.parallel.global_batch import batch_sharding
 
@@ -75,26 +74,24 @@ def _path(keys: tuple) -> str:
 
 
 def frozen_labels(t: ml_collections.ConfigDict, abstract_params: nnx.State,
-                  section: str = "train") -> Params:
-    """'frozen' or 'trainable' per parameter (pure dict): FrozenParam types plus the patterns
-    of `t.frozen` (the train section `section`).
+                  section: str = "train", fixed: Sequence[str] = ()) -> Params:
+    """'frozen' or 'trainable' per parameter (pure dict): those matching the patterns of
+    `t.frozen` (the train section `section`) or the kind's always-`fixed` ones are frozen.
 
-    Raises ConfigError for a pattern that matches no parameter (a typo would otherwise silently
-    train everything).
+    Raises ConfigError for a pattern of `t.frozen` that matches no parameter (a typo would
+    otherwise silently train everything).
     """
-    labels = nnx.to_pure_dict(param_labels(abstract_params))
-    patterns = [re.compile(p) for p in t.frozen]
+    patterns = [re.compile(p) for p in (*t.frozen, *fixed)]
     hits = {p.pattern: 0 for p in patterns}
 
-    def label(keys: tuple, value: str) -> str:
-        path = _path(keys)
-        matched = [p for p in patterns if p.fullmatch(path)]
+    def label(keys: tuple, _) -> str:
+        matched = [p for p in patterns if p.fullmatch(_path(keys))]
         for p in matched:
             hits[p.pattern] += 1
-        return FROZEN if matched else value
+        return FROZEN if matched else TRAINABLE
 
-    labels = jax.tree_util.tree_map_with_path(label, labels)
-    unmatched = [p for p, n in hits.items() if n == 0]
+    labels = jax.tree_util.tree_map_with_path(label, nnx.to_pure_dict(abstract_params))
+    unmatched = [p for p in t.frozen if hits[p] == 0]
     if unmatched:
         some = ", ".join(_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(labels)[:6])
         raise ConfigError(f"config.{section}.frozen pattern {unmatched[0]!r} matches no parameter. "
@@ -146,7 +143,8 @@ def state_layout(config: ml_collections.ConfigDict, vocab_size: int, mesh: Mesh,
     if jax.tree.leaves(rest):
         raise ValueError(f"the {kind.name} holds non-parameter state {rest}; the train state "
                          "only carries nnx.Param")
-    labels = frozen_labels(kind.train(config), abstract_params, kind.section)
+    labels = frozen_labels(kind.train(config), abstract_params, kind.section,
+                           kind.frozen(config))
     optimizer = make_optimizer(kind.train(config), labels)
     param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh, rules))
     repl = mesh_lib.replicated(mesh)

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pewm_jax.models.layers import MLP, Attention, Dense, LayerNorm, constrain, make_param
+from pewm_jax.models.layers import Dense, EncoderBlock, LayerNorm, constrain, make_param
 
 Array = jax.Array
 # Hugging Face activation names -> whether jax.nn.gelu uses the tanh approximation.
@@ -189,22 +189,6 @@ def read_paligemma_config(path: str | pathlib.Path) -> dict[str, Any]:
 # Vision tower.
 
 
-class _VisionBlock(nnx.Module):
-    """SigLIP encoder layer: x + Attn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, spec: PaliGemmaSpec, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = LayerNorm(spec.vision_width, eps=spec.vision_eps, **kw)
-        self.attn = Attention(spec.vision_width, spec.vision_heads, rngs=rngs, **kw)
-        self.norm2 = LayerNorm(spec.vision_width, eps=spec.vision_eps, **kw)
-        self.mlp = MLP(spec.vision_width, spec.vision_mlp_dim, rngs=rngs, **kw)
-
-    def __call__(self, x: Array) -> Array:
-        """x (B, N, Dv) -> (B, N, Dv)."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x), ("batch", "tokens"))
-
-
 class SiglipVision(nnx.Module):
     """SigLIP vision tower without its pooling head: image -> (B, N, Dv) `last_hidden_state`."""
 
@@ -215,9 +199,10 @@ class SiglipVision(nnx.Module):
         self.pos_embed = make_param(nnx.initializers.normal(0.02), (None, "embed"),
                                     rngs.params(), (spec.num_image_tokens, spec.vision_width),
                                     param_dtype)  # (N, Dv)
-        self.blocks = nnx.List([_VisionBlock(spec, rngs=rngs, dtype=dtype,
-                                             param_dtype=param_dtype)
-                                for _ in range(spec.vision_layers)])
+        self.blocks = nnx.List([
+            EncoderBlock(spec.vision_width, spec.vision_heads, spec.vision_mlp_dim,
+                         eps=spec.vision_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(spec.vision_layers)])
         self.post_norm = LayerNorm(spec.vision_width, eps=spec.vision_eps, dtype=dtype,
                                    param_dtype=param_dtype)
         self.patch_size = p
