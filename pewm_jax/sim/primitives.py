@@ -16,12 +16,6 @@ Kinds and their plans (start is always the gripper's position when the primitive
 - push X D:  open, move behind X, close (lower), push X by `PUSH_DISTANCE` in direction D or up
              to zone Z's centre line, open.                goal = the gripper's final position,
              in contact behind X's target.
-
-The expert pushes with feedback, as a robot must: a disc pushed by a disc slides off sideways,
-and a push replayed open loop fails from a lowering point a pixel off its line
-(benchmarks/push_precision.py). Each step it aims the gripper behind X on the line from X to
-its target and advances at most `PUSH_SPEED`, so an offset where it was lowered is steered out
-instead of growing along the push.
 """
 
 from __future__ import annotations
@@ -39,8 +33,6 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 PUSH_DISTANCE = 0.2  # how far "push X left" moves X (workspace units)
 PUSH_BACKOFF = 0.03  # extra gap behind X where the gripper is lowered before pushing
-PUSH_SPEED = 0.04  # longest advance of a push per step: slow enough to steer behind X
-PUSH_DONE = 1e-3  # the expert's push ends with X this close to its target
 REACH_TOLERANCE = 0.02  # reach succeeds with the gripper this close to the object's centre
 PUSH_TOLERANCE = 0.04  # push succeeds with the object this close to its target
 CLEARANCE = 0.01  # free space a plan keeps from objects it does not manipulate
@@ -151,7 +143,7 @@ class Primitive:
                     or _segment_distance(others, lower_at, goal).min() < contact + CLEARANCE):
                 raise Infeasible(f"push {self.obj} {self.target}: another object is in the way")
         ops: list[tuple] = [("grip", False)] if state.closed else []
-        ops += [("move", lower_at), ("grip", True), ("push", target), ("grip", False)]
+        ops += [("move", lower_at), ("grip", True), ("move", goal), ("grip", False)]
         return PrimitivePlan(self, state.gripper.copy(), goal, ops, obj_index=i, target=target)
 
 
@@ -189,7 +181,7 @@ class PrimitivePlan:
     primitive: Primitive
     start: np.ndarray  # (2,) gripper position when the primitive begins (workspace units)
     goal: np.ndarray  # (2,) where the gripper must be when it ends (workspace units)
-    ops: list[tuple]  # ("move", xy), ("grip", closed) or ("push", X's target) for the expert
+    ops: list[tuple]  # ("move", xy) or ("grip", closed) for the scripted expert
     obj_index: int
     target: np.ndarray | None = None  # push: where the object must end
 
@@ -213,14 +205,12 @@ class PrimitivePlan:
 
 
 class Expert:
-    """Scripted expert: follows a plan's waypoints at full speed, ending exactly on them, and
-    steers pushes behind the object (module docstring)."""
+    """Scripted expert: follows a plan's waypoints at full speed, ending exactly on them."""
 
     def __init__(self, plan: PrimitivePlan, max_delta: float):
         self.plan = plan
         self.max_delta = max_delta
         self._op = 0
-        self._push_left: int | None = None  # steps the current push op may still take
 
     @property
     def done(self) -> bool:
@@ -234,12 +224,6 @@ class Expert:
             if op == "grip":
                 self._op += 1
                 return np.array([0.0, 0.0, 1.0 if arg else -1.0])
-            if op == "push":
-                step = self._push_step(state, arg)
-                if step is None:
-                    self._op += 1
-                    continue
-                return np.array([step[0], step[1], grip])
             delta = arg - state.gripper
             largest = np.max(np.abs(delta))
             if largest <= 1e-9:
@@ -250,24 +234,6 @@ class Expert:
                 self._op += 1
             return np.array([step[0], step[1], grip])
         raise RuntimeError("the expert has finished its plan; check `done` before `act`")
-
-    def _push_step(self, state: WorldState, target: np.ndarray) -> np.ndarray | None:
-        """The gripper's move this step of a push of the plan's object to `target`: to the
-        contact point behind it on the line to `target`, advanced by up to `PUSH_SPEED`; None
-        once it is there (or after twice the steps of a straight push, if it is lost)."""
-        obj = state.positions[self.plan.obj_index]
-        remaining = target - obj
-        distance = float(np.hypot(*remaining))
-        if self._push_left is None:
-            self._push_left = 2 * int(np.ceil(distance / PUSH_SPEED)) + 2
-        if distance <= PUSH_DONE or self._push_left <= 0:
-            self._push_left = None
-            return None
-        self._push_left -= 1
-        along = remaining / distance
-        aim = obj - along * (OBJECT_RADIUS + GRIPPER_RADIUS - min(PUSH_SPEED, distance))
-        delta = aim - state.gripper
-        return delta * min(1.0, self.max_delta / max(float(np.max(np.abs(delta))), 1e-12))
 
 
 def _free_spot(state: WorldState, zone, held: int) -> np.ndarray:
