@@ -70,6 +70,32 @@ def test_the_experts_actions_replayed_in_clip_form_equal_the_oracle(execute_fram
         "oracle": {"splits": {"train": closed_loop.split_scores(oracle)}},
         "replay": {"splits": {"train": closed_loop.split_scores(replay)}}}})
     assert "oracle" in table and "replay" in table and "100%" in table and "pick" in table
+    # Pushes report how far the object ended from its target, as the oracle's own pushes end.
+    def pushes(results):
+        return [p.outcome["object_error_px"] for r in results for p in r.primitives
+                if p.kind == "push"]
+
+    assert pushes(replay) and np.allclose(pushes(replay), pushes(oracle), atol=1e-6)
+    assert "push outcomes (median of attempts):" in table and "object_error_side_px" in table
+
+
+def test_a_push_outcome_splits_the_objects_miss_along_and_across_the_push():
+    env = TabletopControlEnv(64)
+    env.reset(EpisodeSpec(2 ** 40, "train", "push_two"))
+    expert = env.expert(env.world_command(0, fresh=False))
+    while (action := env.expert_action(expert)) is not None:
+        env.step(action)
+    assert env.outcome(expert)["object_error_px"] < 1e-4  # float32 actions
+    moves = [xy for op, xy in expert.plan.ops if op == "move"]
+    along = (moves[-1] - moves[-2]) / np.linalg.norm(moves[-1] - moves[-2])
+    side = np.array([-along[1], along[0]])
+    env.env.state.positions[expert.plan.obj_index] += (-1.5 * along + 2.0 * side) / 64
+    out = env.outcome(expert)
+    assert out["object_error_along_px"] == pytest.approx(-1.5)  # short of the target
+    assert out["object_error_side_px"] == pytest.approx(2.0)
+    assert out["object_error_px"] == pytest.approx(2.5)
+    env.reset(EpisodeSpec(2 ** 40, "train", "touch_two"))
+    assert env.outcome(env.expert(env.world_command(0, fresh=False))) == {}  # not a push
 
 
 def test_evaluation_seeds_are_fixed_distinct_and_outside_the_dataset_ranges():

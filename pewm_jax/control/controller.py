@@ -180,6 +180,13 @@ class ControlEnv(abc.ABC):
         """What the episode's result reports of the world: template, task, split and
         chain_length (primitives of the decomposition reached in order)."""
 
+    def outcome(self, expert: Any) -> dict[str, float]:
+        """How far the expert's primitive ended from its aim, in the world's own measures (a
+        pushed object's distance from its target, say), so a near miss reads apart from a wild
+        one; {} where the world has none."""
+        del expert
+        return {}
+
     def close(self) -> None:
         """Releases what the environment holds (renderers)."""
 
@@ -199,6 +206,8 @@ class PrimitiveRecord:
     rounds: int  # clips made for it
     goal_reached: bool | None  # the first clip's last frame shows the gripper within
     # goal_reach_px of the goal point; None where no clip was imagined
+    outcome: dict[str, float] = dataclasses.field(default_factory=dict)  # how far from its aim
+    # it ended, in the world's measures (`ControlEnv.outcome`)
 
 
 @dataclasses.dataclass
@@ -586,7 +595,8 @@ class Controller:
             kind, success, reached = "task", slot.end == "success", None  # judged as the task
         slot.primitives.append(PrimitiveRecord(
             attempt.command.text, kind, attempt.command.start_xy, attempt.command.goal_xy,
-            success, attempt.env_steps, attempt.rounds, reached))
+            success, attempt.env_steps, attempt.rounds, reached,
+            {} if attempt.expert is None else slot.env.outcome(attempt.expert)))
         slot.attempt = None
         slot.attempts += 1
         # The world planner moves on when the primitive succeeded (else retries it) in a world

@@ -131,11 +131,14 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
     n = len(results)
     per_template = defaultdict(list)
     per_kind = defaultdict(list)
+    outcomes: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     reach = []
     for r in results:
         per_template[r.template].append(r.success)
         for p in r.primitives:
             per_kind[p.kind or "unnamed"].append(bool(p.success))
+            for key, value in p.outcome.items():
+                outcomes[p.kind or "unnamed"][key].append(value)
             if p.goal_reached is not None:
                 reach.append(p.goal_reached)
     return {
@@ -144,7 +147,10 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
         "task_length": float(np.mean([r.task_length for r in results])) if n else 0.0,
         "primitives_run": float(np.mean([len(r.primitives) for r in results])) if n else 0.0,
         "per_template": {k: float(np.mean(v)) for k, v in sorted(per_template.items())},
-        "per_primitive": {k: {"success": float(np.mean(v)), "runs": len(v)}
+        "per_primitive": {k: {"success": float(np.mean(v)), "runs": len(v),
+                              **({"median": {m: float(np.median(x))
+                                             for m, x in sorted(outcomes[k].items())}}
+                                 if outcomes.get(k) else {})}
                           for k, v in sorted(per_kind.items())},
         "goal_reach": float(np.mean(reach)) if reach else None,
         "ends": dict(Counter(r.end for r in results)),
@@ -385,4 +391,21 @@ def chain_table(report: dict) -> str:
                             if k in s["per_primitive"] else f"{'-':>9}" for k in kinds)
             lines.append(f"{name:<12}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>12}"
                          + cells)
-    return "\n".join(lines)
+    return "\n".join(lines + _outcome_lines(conditions, ran))
+
+
+def _outcome_lines(conditions: dict, ran: Sequence[str]) -> list[str]:
+    """Per primitive kind with outcome measures (`ControlEnv.outcome`), their medians per link
+    and split: how far each link's attempts ended from their aim."""
+    lines = []
+    kinds = sorted({k for n in ran for s in conditions[n]["splits"].values()
+                    for k, v in s["per_primitive"].items() if "median" in v})
+    for kind in kinds:
+        lines.append(f"{kind} outcomes (median of attempts):")
+        for name in ran:
+            for split, s in conditions[name]["splits"].items():
+                median = s["per_primitive"].get(kind, {}).get("median")
+                if median:
+                    lines.append(f"  {name:<12}{split:<22}" + ", ".join(
+                        f"{m} {v:.2f}" for m, v in median.items()))
+    return lines
