@@ -38,7 +38,7 @@ from pewm_jax.models.flops import world_model_flops
 from pewm_jax.parallel import mesh as mesh_lib
 from pewm_jax.train import checkpoint as ckpt_lib
 from pewm_jax.recipes import kinds
-from pewm_jax.train import fingerprint, kinds, loop
+from pewm_jax.train import fingerprint, loop
 from pewm_jax.train import metrics
 from pewm_jax.train import state as state_lib
 
