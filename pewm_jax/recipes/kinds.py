@@ -1,23 +1,12 @@
-"""The concrete models the trainer trains, one `ModelKind` each (the protocol is
-`pewm_jax.train.kind`): the world model, the whole-task baseline, the action decoder and the
-planner, with their previews and evaluation hooks. The recipes layer: above the generic trainer,
-below control and evaluation. What a kind says:
-
-    name          its directory in the run (DESIGN.md "Run directory"; `whole_task/` holds the
-                  non-primitive baseline) and TensorBoard run
-    section       where its training settings live: config.train, config.planner.train,
-                  config.action_decoder.train
-    unrelated     config keys it does not depend on (they may change when it resumes)
-    build, loss   the randomly initialised nnx module; (module, batch, rng, config) ->
-                  (loss, metrics holding 'loss')
-    iterator      its Grain input pipeline (data-order contract) at a global step
-    previews      what it shows in TensorBoard every sample_every steps: sampled clips beside
-                  the truth (world model), decoded plans beside the truth (planner), the
-                  validation action error beside the mean action's (action decoder)
+"""The concrete models the trainer trains, one `ModelKind` each (the protocol and what a kind
+says are `pewm_jax.train.kind`'s): the world model, the whole-task baseline (its run directory
+is `whole_task/`), the action decoder and the planner. The recipes layer: above the generic
+trainer, below control and evaluation. Their previews in TensorBoard every sample_every steps:
+sampled clips beside the truth (world model), decoded plans beside the truth (planner), the
+validation action error beside the mean action's (action decoder).
 """
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
