@@ -238,6 +238,7 @@ class _RecordingDecoder:
 
     horizon, context_frames, batch_size = 8, 1, 2
     decode_interval = PrimitivePolicy.decode_interval  # the real window over `decode`
+    context = PrimitivePolicy.context
 
     def __init__(self):
         self.calls = []

@@ -261,6 +261,7 @@ class _StillPolicy:
 
     batch_size, image_size, horizon, context_frames = 4, 32, 2, 1
     decode_interval = PrimitivePolicy.decode_interval  # the real window over `decode`
+    context = PrimitivePolicy.context
 
     def __init__(self, frame_stride: int):
         self.frame_stride = frame_stride

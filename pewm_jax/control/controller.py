@@ -536,8 +536,7 @@ class Controller:
         """(B, H, s, A) decoded per-step actions of whole clips (B, H, N, N, 3), read from
         each slot's observation on (each clip decoded once, from its own frames)."""
         commands = [self._round_command(sl) for sl in slots]
-        context = np.repeat(np.stack([sl.env.image for sl in slots])[:, None],
-                            self.policy.context_frames, axis=1)
+        context = self.policy.context(np.stack([sl.env.image for sl in slots]))
         return self.policy.decode(context, frames,
                                   np.array([c.start_xy for c in commands], np.float32),
                                   np.array([c.goal_xy for c in commands], np.float32),

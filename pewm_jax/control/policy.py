@@ -110,7 +110,7 @@ class PrimitivePolicy:
                              f"{observations.dtype} {observations.shape}")
         if not 1 <= b <= self.batch_size:
             raise ValueError(f"a policy step takes 1 to {self.batch_size} commands, got {b}")
-        context = np.repeat(observations[:, None], self.context_frames, axis=1)  # (B, C, N, N, 3)
+        context = self.context(observations)
         tokens, mask = encode_batch(self.tokenizer, [c.text for c in commands],
                                     int(self.config.data.max_text_tokens))
         cond = {"context": context, "text_tokens": tokens, "text_mask": mask,
@@ -154,8 +154,12 @@ class PrimitivePolicy:
         it (frame j again at the clip's end, as in training), with start_xy (B, 2) where the
         gripper now is (a clip starts where the gripper is in its context frame)."""
         window = clips[:, [j, min(j + 1, clips.shape[1] - 1)]]  # (B, 2, N, N, 3)
-        context = np.repeat(np.asarray(observations)[:, None], self.context_frames, axis=1)
-        return self.decode(context, window, start_xy, goal_xy, sgg_valid)[:, 0]
+        return self.decode(self.context(observations), window, start_xy, goal_xy,
+                           sgg_valid)[:, 0]
+
+    def context(self, observations: np.ndarray) -> np.ndarray:
+        """(B, C, N, N, 3): observations (B, N, N, 3) as the models' C context frames."""
+        return np.repeat(np.asarray(observations)[:, None], self.context_frames, axis=1)
 
     def _padded(self, rows: np.ndarray) -> np.ndarray:
         """`rows` (B, ...) padded to the fixed batch size with copies of the first row, so the
