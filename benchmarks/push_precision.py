@@ -7,9 +7,10 @@ For each of --scenes push primitives (the first push of `push_two` tasks, seeded
 plan is run with the point where the gripper is lowered and the point where the push ends both
 moved sideways (perpendicular to the push) by each offset, in pixels of a 64-pixel frame. It
 prints, per offset, the median distance of the pushed object from its target and the push's
-success, beside the unmoved expert (offset 0). A disc pushed by a disc slides off sideways, so
-a small offset where the gripper is lowered grows along the push: this is the precision an
-action decoder needs for pushes to succeed (the README's action decoder section).
+success, beside the unmoved expert (offset 0): the precision an action decoder needs for pushes
+to succeed (the README's action decoder section). The lowered gripper pushes with a flat pad
+(`sim.world.GRIPPER_PAD_HALF`), so an object touching its face moves straight along the push
+and keeps only its sideways offset; past the face's half width it meets a corner and slides off.
 """
 
 from __future__ import annotations

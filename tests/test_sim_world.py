@@ -51,7 +51,29 @@ def test_open_gripper_passes_over_closed_gripper_pushes():
         W.step_state(s, np.array([0.08, 0.0, 1.0]))
     assert s.held == -1
     # Pushed ahead of the gripper, in contact, on the same line.
-    np.testing.assert_allclose(s.positions[0], [0.62 + W.OBJECT_RADIUS + W.GRIPPER_RADIUS, 0.5])
+    np.testing.assert_allclose(s.positions[0], [0.62 + W.contact_distance(np.array([1.0, 0.0])), 0.5])
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.02, -0.025])
+def test_flat_pad_pushes_straight_from_off_line(offset):
+    """A push a little off the object's line moves it straight along the push (stable pushing
+    by the pad's flat face): it keeps its sideways offset instead of sliding off."""
+    s = _state({"red disc": (0.5, 0.5 + offset)}, gripper=(0.3, 0.5), closed=True)
+    for _ in range(6):
+        W.step_state(s, np.array([0.05, 0.0, 1.0]))
+    np.testing.assert_allclose(s.positions[0],
+                               [0.6 + W.contact_distance(np.array([1.0, 0.0])), 0.5 + offset])
+
+
+def test_pad_is_the_closed_gripper_as_drawn():
+    """The pad's extent is the closed gripper's drawn footprint, so what a frame shows touching
+    is what touches."""
+    size = 256
+    image = render_lib.render(_state({}, gripper=(0.5, 0.5), closed=True), size).astype(int)
+    dark = np.all(image <= np.array(render_lib.FINGER_RGB) + 1, axis=-1)  # palm and fingers
+    rows, cols = np.nonzero(dark)
+    half_px = np.array([np.ptp(cols) + 1, np.ptp(rows) + 1]) / 2
+    np.testing.assert_allclose(half_px / size, W.GRIPPER_PAD_HALF, atol=1.5 / size)
 
 
 def test_objects_never_overlap_and_stay_on_table():

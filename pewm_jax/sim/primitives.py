@@ -25,8 +25,8 @@ import functools
 
 import numpy as np
 
-from pewm_jax.sim.world import (GRASP_RADIUS, GRIPPER_BOUNDS, GRIPPER_RADIUS, OBJECT_NAMES,
-                                OBJECT_RADIUS, ZONES, WorldState)
+from pewm_jax.sim.world import (GRASP_RADIUS, GRIPPER_BOUNDS, GRIPPER_PAD_HALF, OBJECT_NAMES,
+                                OBJECT_RADIUS, ZONES, WorldState, contact_distance)
 
 KINDS: tuple[str, ...] = ("reach", "grasp", "release", "pick", "place", "push")
 DIRECTIONS: dict[str, tuple[float, float]] = {
@@ -128,7 +128,7 @@ class Primitive:
             if abs(target[1] - obj[1]) < 1e-6:
                 raise Infeasible(f"push {self.obj}: it is already on the {self.target}")
             direction = np.sign(target - obj) * np.array([0.0, 1.0])
-        contact = OBJECT_RADIUS + GRIPPER_RADIUS
+        contact = contact_distance(direction)
         lower_at = obj - direction * (contact + PUSH_BACKOFF)
         goal = target - direction * contact
         lo, hi = GRIPPER_BOUNDS
@@ -138,9 +138,11 @@ class Primitive:
             raise Infeasible(f"push {self.obj} {self.target}: no room behind it for the gripper")
         others = np.delete(state.positions, i, axis=0)
         if others.size:
-            # The object sweeps obj->target and the lowered gripper sweeps lower_at->goal.
+            # The object sweeps obj->target and the lowered gripper sweeps lower_at->goal (its
+            # pad reaches out to its corners, hypot(GRIPPER_PAD_HALF) from its centre).
             if (_segment_distance(others, obj, target).min() < 2 * OBJECT_RADIUS + CLEARANCE
-                    or _segment_distance(others, lower_at, goal).min() < contact + CLEARANCE):
+                    or _segment_distance(others, lower_at, goal).min()
+                    < OBJECT_RADIUS + np.hypot(*GRIPPER_PAD_HALF) + CLEARANCE):
                 raise Infeasible(f"push {self.obj} {self.target}: another object is in the way")
         ops: list[tuple] = [("grip", False)] if state.closed else []
         ops += [("move", lower_at), ("grip", True), ("move", goal), ("grip", False)]

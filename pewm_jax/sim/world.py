@@ -12,8 +12,12 @@ Dynamics, applied by `World.step` in this order:
    - An open gripper travels above the objects and touches nothing.
    - A closed gripper holding an object lifts it: the object moves with the gripper, touching
      nothing until it is dropped.
-   - A closed, empty gripper is lowered onto the table and pushes every object it meets (the
-     motion is sub-stepped so nothing tunnels through).
+   - A closed, empty gripper is lowered onto the table and pushes every object it meets with a
+     flat pad, the closed gripper's drawn footprint (`GRIPPER_PAD_HALF`; the motion is
+     sub-stepped so nothing tunnels through). An object touching a face of the pad is pushed
+     straight along that face's normal, as a flat pusher pushes in the real world (stable
+     pushing): a push stays on its line when the gripper is a little off it, instead of
+     sliding the object off sideways as a round pusher would.
 3. Objects never overlap: every overlap is pushed apart along the line between the centres,
    and objects are kept on the table. Collision uses a disc of radius `OBJECT_RADIUS` for
    every shape.
@@ -37,12 +41,14 @@ OBJECT_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for s in SHAPES for c in COLORS
 MAX_OBJECTS = len(OBJECT_NAMES)
 
 OBJECT_RADIUS = 0.05  # collision radius of every object (workspace units)
-GRIPPER_RADIUS = 0.04  # contact radius of the lowered (closed, empty) gripper
+# Half extents (x, y) of the lowered (closed, empty) gripper's pad: the closed fingers and palm
+# as render.py draws them (fingers out to 0.034 + 0.010 across, palm radius 0.028 along).
+GRIPPER_PAD_HALF = np.array([0.044, 0.028])
 GRASP_RADIUS = 0.03  # closing this close to an object's centre grasps it
 GRIPPER_BOUNDS = (0.04, 0.96)  # the gripper's centre stays inside this square
 OBJECT_BOUNDS = (OBJECT_RADIUS, 1.0 - OBJECT_RADIUS)
 _CONTACT_SUBSTEP = 0.02  # longest gripper move between contact resolutions when lowered
-_SEPARATION_ITERS = 10
+_SEPARATION_ITERS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +112,12 @@ class WorldState:
 
 class ActionError(ValueError):
     """An action that cannot be applied: wrong shape or non-finite values."""
+
+
+def contact_distance(direction: np.ndarray) -> float:
+    """Centre distance of the lowered gripper and an object in flat contact, the gripper
+    pushing along the axis direction `direction` (a unit vector along x or y)."""
+    return OBJECT_RADIUS + float(np.abs(np.asarray(direction, float)) @ GRIPPER_PAD_HALF)
 
 
 def validate_action(action: object) -> np.ndarray:
@@ -186,17 +198,10 @@ def _separate(state: WorldState, pusher: np.ndarray | None) -> None:
     if state.held >= 0:
         movable[state.held] = False
     min_obj = 2 * OBJECT_RADIUS
-    min_grip = OBJECT_RADIUS + GRIPPER_RADIUS
     for _ in range(_SEPARATION_ITERS):
         moved = False
-        if pusher is not None:
-            d = pos - pusher
-            dist = np.hypot(d[:, 0], d[:, 1])
-            hit = (dist < min_grip - 1e-9) & movable
-            if np.any(hit):
-                normal = d[hit] / np.maximum(dist[hit], 1e-9)[:, None]
-                pos[hit] = pusher + normal * min_grip
-                moved = True
+        if pusher is not None and _push_out_of_pad(pos, pusher, movable):
+            moved = True
         d = pos[:, None, :] - pos[None, :, :]
         dist = np.hypot(d[..., 0], d[..., 1])
         np.fill_diagonal(dist, np.inf)
@@ -211,3 +216,24 @@ def _separate(state: WorldState, pusher: np.ndarray | None) -> None:
         pos[movable] = np.clip(pos[movable], lo, hi)
         if not moved:
             break
+
+
+def _push_out_of_pad(pos: np.ndarray, pusher: np.ndarray, movable: np.ndarray) -> bool:
+    """Moves every movable object overlapping the gripper's pad (centred at `pusher`) out of it,
+    along the normal of the pad's nearest face (or corner); True when one moved."""
+    half = GRIPPER_PAD_HALF
+    d = pos - pusher  # (n, 2) object centres relative to the pad's centre
+    nearest = np.clip(d, -half, half)  # the pad's point nearest each centre
+    gap = d - nearest
+    dist = np.hypot(gap[:, 0], gap[:, 1])
+    hit = (dist < OBJECT_RADIUS - 1e-9) & movable
+    if not np.any(hit):
+        return False
+    outside = hit & (dist > 1e-12)
+    pos[outside] = (pusher + nearest[outside]
+                    + gap[outside] / dist[outside, None] * OBJECT_RADIUS)
+    for i in np.flatnonzero(hit & ~outside):  # centre inside the pad: out by the nearest face
+        axis = int(np.argmin(half - np.abs(d[i])))
+        side = 1.0 if d[i, axis] >= 0 else -1.0
+        pos[i, axis] = pusher[axis] + side * (half[axis] + OBJECT_RADIUS)
+    return True
