@@ -95,7 +95,13 @@ def test_a_push_outcome_splits_the_objects_miss_along_and_across_the_push():
     assert out["object_error_side_px"] == pytest.approx(2.0)
     assert out["object_error_px"] == pytest.approx(2.5)
     env.reset(EpisodeSpec(2 ** 40, "train", "touch_two"))
-    assert env.outcome(env.expert(env.world_command(0, fresh=False))) == {}  # not a push
+    reach = env.expert(env.world_command(0, fresh=False))
+    goal_px = reach.plan.goal * 64
+    assert env.outcome(reach) == {  # not a push: the gripper's miss only
+        "gripper_error_px": pytest.approx(np.hypot(*(env.env.state.gripper * 64 - goal_px)))}
+    while (action := env.expert_action(reach)) is not None:
+        env.step(action)
+    assert env.outcome(reach)["gripper_error_px"] < 1e-4
 
 
 def test_evaluation_seeds_are_fixed_distinct_and_outside_the_dataset_ranges():

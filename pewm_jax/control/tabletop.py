@@ -107,16 +107,18 @@ class TabletopControlEnv(ControlEnv):
         return bool(expert.plan.success(self.env.state))
 
     def outcome(self, expert: Expert) -> dict[str, float]:
-        """For a push: the object's distance from its target (px), its part along the push
-        (negative: short of it) and its part to the side, whose growth along the push is what a
-        push lowered off its line suffers (benchmarks/push_precision.py)."""
+        """Every kind: the gripper's distance from the plan's goal point (px; a pick that closed
+        beside its object ends that far off). A push also: the object's distance from its
+        target (px), its part along the push (negative: short of it) and its part to the side."""
         plan = expert.plan
+        out = {"gripper_error_px": float(np.hypot(*(self.env.state.gripper - plan.goal))
+                                         * self.image_size)}
         if plan.primitive.kind != "push":
-            return {}
+            return out
         moves = [xy for op, xy in plan.ops if op == "move"]  # the lowering point, the push end
         along = (moves[-1] - moves[-2]) / np.linalg.norm(moves[-1] - moves[-2])
         miss = (self.env.state.positions[plan.obj_index] - plan.target) * self.image_size
-        return {"object_error_px": float(np.hypot(*miss)),
+        return {**out, "object_error_px": float(np.hypot(*miss)),
                 "object_error_along_px": float(miss @ along),
                 "object_error_side_px": float(abs(miss[0] * along[1] - miss[1] * along[0]))}
 
