@@ -176,8 +176,14 @@ def test_restored_decoder_is_the_ema_and_scores_beside_the_mean_action(decoder_r
                                        rel=1e-4)
     assert scores.gripper_accuracy == pytest.approx(
         float(np.mean((out[..., 2] > 0) == (targets[..., 2] > 0.5))))
+    flat_out = out[..., 2].reshape(len(out), -1) > 0  # (M, H * s): the clip's steps in order
+    command = targets[..., 2].reshape(len(out), -1) > 0.5
+    change = command[:, 1:] != command[:, :-1]  # closes and opens
+    assert scores.gripper_changes == int(change.sum()) > 0
+    assert scores.gripper_change_accuracy == pytest.approx(
+        float(np.mean(flat_out[:, 1:][change] == command[:, 1:][change])))
     assert len(scores.per_dim_mse) == 2
-    assert "gripper acc" in actions_eval.scores_table([scores])
+    assert "acc at changes" in actions_eval.scores_table([scores])
 
 
 @pytest.mark.parametrize("override, key", [

@@ -357,7 +357,8 @@ def headline(report: dict) -> str:
     if "mse" in a:
         lines.append(f"actions ({a['split']}, per step): mse {a['mse']:.3f} vs mean action "
                      f"{a['mean_action_mse']:.3f}; gripper commands {a['gripper_accuracy']:.1%} "
-                     f"vs majority {a['majority_gripper_accuracy']:.1%}")
+                     f"vs majority {a['majority_gripper_accuracy']:.1%}, "
+                     f"{a['gripper_change_accuracy']:.1%} of {a['gripper_changes']} changes")
     p = report.get("planner", {})
     if "exact_match" in p:
         lines.append(f"planner ({p['split']}): exact match {p['exact_match']:.0%}; point error "

@@ -11,6 +11,11 @@ split's mean action and majority gripper command:
                                 actions follow the train statistics)
     gripper_accuracy            decoded gripper commands equal to the true ones
     majority_gripper_accuracy   the same of always giving the train split's commoner command
+    gripper_change_accuracy     `gripper_accuracy` on the steps where the true command changes
+                                (a clip's closes and opens, its previous step the other
+                                command): a close one step early or late misses a grasp, which
+                                the overall accuracy, dominated by steady steps, hides
+    gripper_changes             how many such steps were scored
     per_dim_mse, per_dim_mean_action_mse
                                 `mse` of each continuous dimension of the first dataset
 
@@ -41,6 +46,8 @@ class ActionScores:
     mean_action_mse: float
     gripper_accuracy: float
     majority_gripper_accuracy: float
+    gripper_change_accuracy: float
+    gripper_changes: int
     per_dim_mse: tuple[float, ...]
     per_dim_mean_action_mse: tuple[float, ...]
 
@@ -55,14 +62,20 @@ def mean_actions(stats: Sequence[ActionStats], action_dim: int) -> np.ndarray:
 
 
 def _sums(predicted: np.ndarray, batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """(3, A): squared error, right gripper commands and counted steps per dimension, over the
-    real dimensions of (B, H, s, A) outputs (gripper dimensions: logits)."""
+    """(5, A): squared error, right gripper commands, counted steps, right gripper commands at
+    a change of the true command and such changes, per dimension, over the real dimensions of
+    (B, H, s, A) outputs (gripper dimensions: logits)."""
     predicted, target = np.asarray(predicted), np.asarray(batch["actions"])
     real = np.broadcast_to(np.asarray(batch["action_mask"])[:, None, None, :], target.shape)
     grip = np.broadcast_to(np.asarray(batch["gripper_mask"])[:, None, None, :], target.shape)
     squared = np.where(real & ~grip, np.square(predicted - target), 0.0)
     right = np.where(grip, (predicted > 0) == (target > 0.5), False)
-    return np.stack([squared.sum((0, 1, 2)), right.sum((0, 1, 2)), real.sum((0, 1, 2))])
+    steps = target.shape[0], -1, target.shape[-1]  # (B, H * s, A): the clip's steps in order
+    command = (target > 0.5).reshape(steps)
+    change = grip.reshape(steps)[:, 1:] & (command[:, 1:] != command[:, :-1])
+    right_at_change = right.reshape(steps)[:, 1:] & change
+    return np.stack([squared.sum((0, 1, 2)), right.sum((0, 1, 2)), real.sum((0, 1, 2)),
+                     right_at_change.sum((0, 1)), change.sum((0, 1))])
 
 
 def _baseline(batch: Mapping[str, np.ndarray], stats: Sequence[ActionStats]) -> np.ndarray:
@@ -99,7 +112,7 @@ def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigD
     count = total if max_clips is None else min(max_clips, total)
     decode = nnx.jit(decode_batch)
     keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid")
-    sums = np.zeros((2, 3, clips.mixture.action_dim))  # model, baseline
+    sums = np.zeros((2, 5, clips.mixture.action_dim))  # model, baseline
     gripper = np.zeros(clips.mixture.action_dim, bool)
     for first in range(0, count, batch_size):
         examples = [clips.element(p) for p in range(first, min(first + batch_size, count))]
@@ -113,16 +126,20 @@ def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigD
     dims = np.flatnonzero(clips.mixture.stats[0].normalize_mask)
     per_dim = sums[:, 0] / np.maximum(sums[:, 2], 1)
     steps = int(count * config.data.horizon * config.data.frame_stride)
-    return ActionScores(split, steps, mse, base_mse, accuracy, base_accuracy,
-                        tuple(per_dim[0, dims].tolist()), tuple(per_dim[1, dims].tolist()))
+    changes = int(sums[0, 4].sum())
+    change_accuracy = float(sums[0, 3].sum() / changes) if changes else float("nan")
+    return ActionScores(split, steps, mse, base_mse, accuracy, base_accuracy, change_accuracy,
+                        changes, tuple(per_dim[0, dims].tolist()),
+                        tuple(per_dim[1, dims].tolist()))
 
 
 def scores_table(scores: Sequence[ActionScores]) -> str:
     """The scores as a small fixed-width table for the terminal."""
     lines = [f"{'split':<22}{'steps':>8}{'action mse':>12}{'mean-action mse':>17}"
-             f"{'gripper acc':>13}{'majority acc':>14}"]
+             f"{'gripper acc':>13}{'majority acc':>14}{'acc at changes':>16}"]
     lines += [f"{s.split:<22}{s.steps:>8}{s.mse:>12.4f}{s.mean_action_mse:>17.4f}"
               f"{s.gripper_accuracy:>13.1%}{s.majority_gripper_accuracy:>14.1%}"
+              f"{s.gripper_change_accuracy:>10.1%} of {s.gripper_changes:<3d}"
               for s in scores]
     return "\n".join(lines)
 
