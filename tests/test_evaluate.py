@@ -124,10 +124,11 @@ def test_eval_job_runs_on_one_device_from_an_eight_device_run(tmp_path, closed_l
 
 @pytest.mark.slow
 def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_factory):
-    """The quickstart world model (width 64, 300 steps of 8 clips, about a minute), trained on
-    300 episodes, samples held-out clips closer to the true future than copying the context
-    frame (PSNR), whose last frame shows the gripper at the goal point more often. SSIM is
-    reported beside copying's (the still scene keeps a little sampling noise). 8 fake devices."""
+    """The quickstart world model (width 64, 600 steps of 8 clips, about two minutes), trained
+    on 300 episodes, samples held-out clips closer to the true future than copying the context
+    frame (PSNR), whose last frame shows the gripper at the goal point in at least 5 points more
+    of them (measured 20% against 7%; at 300 steps the two tied at 7%). SSIM is reported beside
+    copying's (the still scene keeps a little sampling noise). 8 fake devices."""
     from data_loaders import tabletop
     from pewm_jax.recipes.restore import restore
     from pewm_jax.recipes.video_scores import evaluate_video
@@ -136,7 +137,7 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
 
     root = tmp_path_factory.mktemp("clip_quality")
     config = tiny_config("data.num_train_episodes=300", "data.num_test_episodes=20",
-                         "train.checkpoint_every=300", "train.sample_clips=0",
+                         "train.steps=600", "train.checkpoint_every=600", "train.sample_clips=0",
                          "train.log_every=100", f"data.dataset_dir={root / 'data'}")
     tabletop.generate_dataset(config, root / "data")
     loop.train(config, root / "run", kind=kinds.WORLD_MODEL)
@@ -147,4 +148,4 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
     print(scores)
     assert scores.true_goal_reach >= 0.9
     assert scores.psnr >= scores.copy_psnr + 1.0, scores
-    assert scores.goal_reach > scores.copy_goal_reach, scores
+    assert scores.goal_reach >= scores.copy_goal_reach + 0.05, scores
