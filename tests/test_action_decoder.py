@@ -201,9 +201,9 @@ def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
     """The decoder's link of the evaluation chain, trained within the slow budget (500
     episodes, DECODER_STEPS steps of 16 clips): on held-out clips its per-step error is far
     below the mean action's; the expert's true future frames, decoded and played (tracked),
-    run every kind of primitive, pushes included, in >= 80% of attempts (measured 86-100%) and
-    solve at least TRUE_VIDEO_SHARE of what the oracle solves on the same seeds (measured 90%;
-    issue 24 asks for 90% on the main job's models)."""
+    run every kind of primitive in >= 90% of attempts and pushes in >= 80% (measured: pick
+    91%, push 86%, the others 100%) and solve at least TRUE_VIDEO_SHARE of what the oracle
+    solves on the same seeds (measured 90%; issue 24 asks for 90% on the main job's models)."""
     dataset = tmp_path_factory.mktemp("decoder_data") / "data"
     overrides = [*TINY_DATA, "data.num_train_episodes=500", "data.num_test_episodes=10",
                  f"data.dataset_dir={dataset}"]
@@ -234,4 +234,5 @@ def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
         "true_video": {"splits": {"train": closed_loop.split_scores(video)}}}}))
     assert sum(r.success for r in video) >= TRUE_VIDEO_SHARE * sum(r.success for r in oracle)
     kinds_run = closed_loop.split_scores(video)["per_primitive"]
-    assert all(v["success"] >= 0.8 for v in kinds_run.values()), kinds_run
+    assert all(v["success"] >= (0.8 if k == "push" else 0.9) for k, v in kinds_run.items()), \
+        kinds_run

@@ -136,7 +136,7 @@ def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigD
 def scores_table(scores: Sequence[ActionScores]) -> str:
     """The scores as a small fixed-width table for the terminal."""
     lines = [f"{'split':<22}{'steps':>8}{'action mse':>12}{'mean-action mse':>17}"
-             f"{'gripper acc':>13}{'majority acc':>14}{'acc at changes':>16}"]
+             f"{'gripper acc':>13}{'majority acc':>14}{'acc at changes':>17}"]
     lines += [f"{s.split:<22}{s.steps:>8}{s.mse:>12.4f}{s.mean_action_mse:>17.4f}"
               f"{s.gripper_accuracy:>13.1%}{s.majority_gripper_accuracy:>14.1%}"
               f"{s.gripper_change_accuracy:>10.1%} of {s.gripper_changes:<3d}"
