@@ -238,29 +238,64 @@ def test_policy_step_is_repeatable_and_rows_do_not_depend_on_padding(random_poli
         policy.step(obs[:, :8, :8], commands, step_index=0)
 
 
+def test_tracked_decoding_of_an_interval_equals_decoding_its_clip_with_the_live_frame(
+        random_policy):
+    """Interval j decoded from a live observation is what the decoder gives, as in training,
+    for the whole clip after the observation it was imagined from with frame j - 1 (the
+    interval's first frame) swapped for the live one; rows do not depend on padding."""
+    policy, config = random_policy
+    rng = np.random.default_rng(3)
+    h = config.data.horizon
+    first = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    clips = rng.integers(0, 256, (2, h, 16, 16, 3), dtype=np.uint8)
+    live = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    start, goal = np.array([[3, 4], [8, 8]], np.float32), np.array([[12, 9], [2, 2]], np.float32)
+    valid = np.array([True, False])
+    codes = policy.encode_clips(first, clips)
+    for j in (0, 1, h - 1):
+        observed = first if j == 0 else live  # the clip starts at the observation
+        frames = clips.copy()
+        if j:
+            frames[:, j - 1] = live
+        want = policy.decode(policy.context(first), frames, start, goal, valid)[:, j]
+        got = policy.decode_interval(codes, observed, j, start, goal, valid)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        one = policy.decode_interval(codes[1:], observed[1:], j, start[1:], goal[1:], valid[1:])
+        np.testing.assert_allclose(one, want[1:], rtol=1e-5, atol=1e-5)
+
+
 class _RecordingDecoder:
-    """A policy double for the true-video executor: every decode call is recorded, and each
-    step moves the gripper 0.01 to the right with the gripper open."""
+    """A policy double for the true-video executor: each clip's "encoding" is its frames after
+    the observation it starts from, every call is recorded, and each step moves the gripper
+    0.01 to the right with the gripper open."""
 
     horizon, context_frames, batch_size = 8, 1, 2
-    decode_interval = PrimitivePolicy.decode_interval  # the real window over `decode`
     context = PrimitivePolicy.context
 
     def __init__(self):
         self.calls = []
 
+    def encode_clips(self, first, clips):
+        return np.concatenate([first[:, None], clips], axis=1)  # (B, H + 1, N, N, 3)
+
+    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid):
+        self.calls.append((codes.copy(), observations.copy(), j, start_xy.copy()))
+        actions = np.zeros((len(codes), 4, 3), np.float32)  # (B, s, A)
+        actions[..., 0], actions[..., 2] = 0.01, -1.0
+        return actions
+
     def decode(self, context, frames, start_xy, goal_xy, sgg_valid):
-        self.calls.append((context.copy(), frames.copy(), start_xy.copy()))
-        actions = np.zeros((len(frames), frames.shape[1], 4, 3), np.float32)  # (B, H', s, A)
+        self.calls.append((context.copy(), frames.copy(), None, start_xy.copy()))
+        actions = np.zeros((len(frames), frames.shape[1], 4, 3), np.float32)  # (B, H, s, A)
         actions[..., 0], actions[..., 2] = 0.01, -1.0
         return actions
 
 
 @pytest.mark.parametrize("track, execute_frames", [(True, 3), (True, None), (False, 3)])
 def test_tracking_decodes_each_interval_from_the_live_observation(track, execute_frames):
-    """With tracking, interval j is decoded after the live observation (not the clip's frame
-    j - 1), from the true clip's frames j and j + 1 (the last frame twice at the clip's end)
-    and the gripper's live start point; without, the whole clip is decoded once from the first
+    """With tracking, interval j is decoded from the live observation (not the clip's frame
+    j - 1) within the true clip after the round's first observation, with that observation's
+    gripper as the start point; without, the whole clip is decoded once from the first
     observation."""
     spec = EpisodeSpec(2 ** 40 + 3, "train", "bin_one")
     policy = _RecordingDecoder()
@@ -273,16 +308,19 @@ def test_tracking_decodes_each_interval_from_the_live_observation(track, execute
     truth = roll.frames[frame_indices(0, len(roll.actions), 8, 4)]  # (8, 64, 64, 3)
     controller.run([spec], parallel=1)
     first_round = policy.calls[:execute_frames or 8] if track else policy.calls[:1]
-    for j, (context, frames, start_xy) in enumerate(first_round):
-        x, y = env.gripper_xy()
-        np.testing.assert_allclose(start_xy[0], [x + j * 4 * 0.01 * 64, y], atol=1e-3)
-        expected = truth[[j, min(j + 1, 7)]] if track else truth
-        np.testing.assert_array_equal(frames[0], expected)
+    for j, (clip, observed, index, start_xy) in enumerate(first_round):
+        np.testing.assert_allclose(start_xy[0], env.gripper_xy(), atol=1e-3)
+        if not track:  # (context, frames): the clip decoded once
+            np.testing.assert_array_equal(clip[0, 0], env.image)
+            np.testing.assert_array_equal(observed[0], truth)
+            continue
+        assert index == j
+        np.testing.assert_array_equal(clip[0], np.concatenate([env.image[None], truth]))
         if j == 0:
-            np.testing.assert_array_equal(context[0, 0], env.image)
+            np.testing.assert_array_equal(observed[0], env.image)
         else:  # the live world after j intervals of 0.01-steps, not the expert's frame
-            assert not np.array_equal(context[0, 0], truth[j - 1])
-            assert not np.array_equal(context[0, 0], first_round[j - 1][0][0, 0])
+            assert not np.array_equal(observed[0], truth[j - 1])
+            assert not np.array_equal(observed[0], first_round[j - 1][1][0])
     assert len(policy.calls) > len(first_round)
 
 

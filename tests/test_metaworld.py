@@ -260,7 +260,6 @@ class _StillPolicy:
     commands it imagines for and the true clips it decodes."""
 
     batch_size, image_size, horizon, context_frames = 4, 32, 2, 1
-    decode_interval = PrimitivePolicy.decode_interval  # the real window over `decode`
     context = PrimitivePolicy.context
 
     def __init__(self, frame_stride: int):
@@ -277,6 +276,13 @@ class _StillPolicy:
     def decode(self, context, frames, start_xy, goal_xy, sgg_valid):
         self.decoded.append((context, frames))  # (B, C, N, N, 3), (B, H, N, N, 3)
         return np.zeros((len(frames), self.horizon, self.frame_stride, 4), np.float32)
+
+    def encode_clips(self, first, clips):  # tracked decoding: the clip, with what it follows
+        self.decoded.append((first[:, None], clips))  # (B, 1, N, N, 3), (B, H, N, N, 3)
+        return np.zeros((len(clips), self.horizon + 1, 1), np.float32)
+
+    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid):
+        return np.zeros((len(codes), self.frame_stride, 4), np.float32)
 
 
 class _FixedPlanner:

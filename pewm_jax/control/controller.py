@@ -28,7 +28,9 @@ Choices (`ControlSettings`), each feeding one link of the chain with truth (DESI
             within a primitive); None plays all H.
 - track     True: the decoder reads each frame interval from the live observation, not the
             clip's previous frame (closed-loop tracking of the clip: the gripper's error stays
-            one interval's decoding error instead of adding up over the clip); False decodes
+            one interval's decoding error instead of adding up over the clip). The rest of its
+            input is as in training: the whole clip after the observation it was imagined
+            from, with only the interval's first frame swapped for the live one. False decodes
             the whole clip once, open loop, from its own frames.
 
 Rounds and attempts: a round plans (as the loop asks), makes one clip per environment and
@@ -448,6 +450,7 @@ class Controller:
             self.latency.env.append((time.perf_counter() - start, len(slots)))
             return
         experts: list[list[Any]] = [[] for _ in slots]
+        commands = [self._round_command(sl) for sl in slots]
         tracking = self.settings.track and self.settings.uses_decoder
         if executor in ("replay", "true_video"):
             futures = [self._future(slot) for slot in slots]
@@ -460,7 +463,7 @@ class Controller:
                 self.latency.action_decoding.append((time.perf_counter() - start, len(slots)))
         else:
             out = self.policy.step(np.stack([sl.env.image for sl in slots]),
-                                   [self._round_command(sl) for sl in slots],
+                                   commands,
                                    step_index=self._round, use_sgg=self.settings.sgg,
                                    decode=not tracking)
             self.latency.generation.append((out.generate_s, len(slots)))
@@ -476,14 +479,19 @@ class Controller:
                   for sl in slots]
         played = [0] * len(slots)
         decode_s = env_s = 0.0
+        if tracking:  # each clip with the observation it was imagined from, encoded once
+            start = time.perf_counter()
+            codes = self.policy.encode_clips(np.stack([sl.env.image for sl in slots]),
+                                             np.stack(imagined))
+            decode_s += time.perf_counter() - start
         for j in range(max(frames)):
             rows = [r for r, sl in enumerate(slots) if j < frames[r] and sl.end is None]
             if not rows:
                 break
             start = time.perf_counter()
             if tracking:
-                interval = self._decode_interval([slots[r] for r in rows],
-                                                 np.stack([imagined[r] for r in rows]), j)
+                interval = self._decode_interval([slots[r] for r in rows], codes[rows],
+                                                 [commands[r] for r in rows], j)
             decode_s += time.perf_counter() - start
             start = time.perf_counter()
             for n, r in enumerate(rows):
@@ -542,14 +550,14 @@ class Controller:
                                   np.array([c.goal_xy for c in commands], np.float32),
                                   np.full((len(slots),), self.settings.sgg))
 
-    def _decode_interval(self, slots: list[_Slot], frames: np.ndarray, j: int) -> np.ndarray:
+    def _decode_interval(self, slots: list[_Slot], codes: np.ndarray, commands: list,
+                         j: int) -> np.ndarray:
         """(B, s, A) per-step actions from each slot's live observation to frame j of its
-        clip (B, H, N, N, 3), from the gripper's live position
+        clip, encoded with the observation it was imagined from (B, H + 1, E), for `commands`
         (`PrimitivePolicy.decode_interval`)."""
-        commands = [self._round_command(sl) for sl in slots]
         return self.policy.decode_interval(
-            np.stack([sl.env.image for sl in slots]), frames, j,
-            np.array([sl.env.gripper_xy() for sl in slots], np.float32),
+            codes, np.stack([sl.env.image for sl in slots]), j,
+            np.array([c.start_xy for c in commands], np.float32),
             np.array([c.goal_xy for c in commands], np.float32),
             np.full((len(slots),), self.settings.sgg))
 

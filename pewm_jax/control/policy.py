@@ -66,6 +66,23 @@ def _decode(model: ActionDecoder, context: jax.Array, frames: jax.Array, start_x
     return model(context, frames, start_xy, goal_xy, sgg_valid)  # (B, H, s, A) model units
 
 
+@nnx.jit
+def _encode(model: ActionDecoder, video: jax.Array) -> jax.Array:
+    return model.encode(video)  # (B, H + 1, E)
+
+
+@nnx.jit
+def _decode_interval(model: ActionDecoder, codes: jax.Array, observations: jax.Array,
+                     j: jax.Array, start_xy: jax.Array, goal_xy: jax.Array,
+                     sgg_valid: jax.Array) -> jax.Array:
+    """(B, s, A) model units: interval j of the clip whose encodings (B, H + 1, E) have entry j
+    (the frame before interval j) replaced by the observations' (B, N, N, 3)."""
+    live = model.encode(observations[:, None])  # (B, 1, E)
+    codes = jax.lax.dynamic_update_slice_in_dim(codes, live.astype(codes.dtype), j, axis=1)
+    actions, _ = model.read(codes, start_xy, goal_xy, sgg_valid)  # (B, H, s, A)
+    return jax.lax.dynamic_index_in_dim(actions, j, axis=1, keepdims=False)
+
+
 class PrimitivePolicy:
     """World model + action decoder + tokenizer + action statistics (module docstring)."""
 
@@ -146,16 +163,27 @@ class PrimitivePolicy:
         out = np.asarray(jax.device_get(_decode(self.action_decoder, *inputs)))  # (B', H, s, A')
         return self.stats.from_model(out[:b, ..., :self.action_dim])
 
-    def decode_interval(self, observations: np.ndarray, clips: np.ndarray, j: int,
+    def encode_clips(self, first: np.ndarray, clips: np.ndarray) -> np.ndarray:
+        """(B, H + 1, E) the action decoder's encodings of uint8 observations (B, N, N, 3) and
+        the clips (B, H, N, N, 3) imagined from them, for `decode_interval`."""
+        b = len(clips)
+        video = np.concatenate([np.asarray(first)[:, None], clips], axis=1)
+        return np.asarray(jax.device_get(_encode(self.action_decoder, self._padded(video))))[:b]
+
+    def decode_interval(self, codes: np.ndarray, observations: np.ndarray, j: int,
                         start_xy: np.ndarray, goal_xy: np.ndarray,
                         sgg_valid: np.ndarray) -> np.ndarray:
         """(B, s, A) per-step actions from live uint8 observations (B, N, N, 3) to frame j of
-        clips (B, H, N, N, 3): the decoder reads the observation, frame j and the frame after
-        it (frame j again at the clip's end, as in training), with start_xy (B, 2) where the
-        gripper now is (a clip starts where the gripper is in its context frame)."""
-        window = clips[:, [j, min(j + 1, clips.shape[1] - 1)]]  # (B, 2, N, N, 3)
-        return self.decode(self.context(observations), window, start_xy, goal_xy,
-                           sgg_valid)[:, 0]
+        clips encoded by `encode_clips` (B, H + 1, E), with start_xy (B, 2) the gripper's place
+        in the observation each clip was imagined from. Decoded as in training, from the whole
+        clip, with the frame before interval j swapped for the live observation (the world may
+        have drifted from the clip): what `decode` gives for that clip, at interval j."""
+        b = len(codes)
+        inputs = [self._padded(np.asarray(x)) for x in (codes, observations, start_xy, goal_xy,
+                                                          sgg_valid)]
+        out = np.asarray(jax.device_get(_decode_interval(
+            self.action_decoder, inputs[0], inputs[1], np.int32(j), *inputs[2:])))  # (B', s, A')
+        return self.stats.from_model(out[:b, ..., :self.action_dim])
 
     def context(self, observations: np.ndarray) -> np.ndarray:
         """(B, C, N, N, 3): observations (B, N, N, 3) as the models' C context frames."""

@@ -144,9 +144,19 @@ class ActionDecoder(nnx.Module):
                goal_xy: jax.Array, sgg_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
         """`__call__`'s actions (B, H, s, A) and the gripper keypoint of every frame (B, H + 1, 2)
         in pixels (frame 0 the last context frame), which training ties to the start point."""
-        b, h, s = frames.shape[0], frames.shape[1], self.spec.image_size
-        video = _unit(jnp.concatenate([context[:, -1:], frames], axis=1))  # (B, H + 1, S, S, 3)
-        codes = self.encoder(video.reshape(b * (h + 1), s, s, 3)).reshape(b, h + 1, -1)
+        video = jnp.concatenate([_unit(context[:, -1:]), _unit(frames)], axis=1)
+        return self.read(self.encode(video), start_xy, goal_xy, sgg_valid)
+
+    def encode(self, video: jax.Array) -> jax.Array:
+        """(B, F, S, S, 3) frames, uint8 or [-1, 1] floats -> (B, F, E) encodings, each frame
+        on its own (so a controller can swap one frame's encoding for a live observation's)."""
+        b, f, s = video.shape[0], video.shape[1], self.spec.image_size
+        return self.encoder(_unit(video).reshape(b * f, s, s, 3)).reshape(b, f, -1)
+
+    def read(self, codes: jax.Array, start_xy: jax.Array, goal_xy: jax.Array,
+             sgg_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`decode` from the encodings (B, H + 1, E) of the context frame and the H frames."""
+        b, h, s = codes.shape[0], codes.shape[1] - 1, self.spec.image_size
         gripper = codes[..., :2]  # (B, H + 1, 2) keypoint 0, in [-1, 1]
         before, after = codes[:, :-1], codes[:, 1:]  # (B, H, E) each
         following = jnp.concatenate([codes[:, 2:], codes[:, -1:]], axis=1)  # (B, H, E)
