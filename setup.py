@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "einops>=0.8,<1",
     "tqdm>=4.66,<5",
     "dm-pix>=0.4.5,<0.5",  # PSNR / SSIM of sampled clips (evaluation)
+    "matplotlib>=3.8,<4",  # learning-curve plots (`pewm curves`)
     "flatbuffers>=24,<27",
     "importlib_resources>=6,<7",  # tensorflow-datasets needs it for builders defined in packages
     # TFRecord payload checksums at C speed (RLDS ingestion): Google's maintained CRC-32C.

@@ -56,6 +56,10 @@ JOBS: dict[str, str] = {
             "oracle and ablations, clip quality, latency (<workdir>/eval/report.json, GIFs); "
             "for Meta-World, the AVDC protocol of config.metaworld "
             "(<workdir>/eval/metaworld_report.json)",
+    "curves": "learning curves of the world model: every kept checkpoint of <workdir>/"
+              "world_model (config.train.keep_period) scored for goal reach of imagined "
+              "held-out clips and closed-loop success of config.curves.conditions, against "
+              "steps and FLOPs (<workdir>/curves/curves.json and curves.png, TensorBoard)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
     "export": "export the run's world model, action decoder and planner as a bundle for "
               "robots (safetensors weights, StableHLO policy and planner steps for "
@@ -346,6 +350,26 @@ def _eval_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: s
           f"{', '.join(report['rollouts']) or 'none'}")
 
 
+def _curves_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: str) -> None:
+    """Scores the run's kept world-model checkpoints and draws the learning curves."""
+    from pewm_jax.evaluate import curves
+    from pewm_jax.train.checkpoint import CheckpointError
+
+    if config.data.generator == "metaworld":
+        _fail("pewm curves scores the built-in world's closed loop; Meta-World runs have none "
+              "(set data.generator='tabletop')")
+    try:
+        steps = config.curves.steps or curves.saved_steps(workdir)
+        print(f"[curves] world-model steps {tuple(steps)} of {workdir}: goal reach on "
+              f"{config.eval.video_clips} {config.eval.video_split} clips, closed loop "
+              f"{tuple(config.curves.conditions)}")
+        curves.learning_curves(config, workdir)
+    except CheckpointError as e:
+        _fail(str(e))
+    print(f"[curves] {workdir / 'curves' / 'curves.png'}, {workdir / 'curves' / 'curves.json'};"
+          f" TensorBoard: {workdir / 'tensorboard' / 'curves'}")
+
+
 def _export_job(workdir: pathlib.Path) -> None:
     """Writes the run's export bundle and prints where and what it holds."""
     from pewm_jax.export import bundle
@@ -385,7 +409,8 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.P
 
 _STAGES = {"preview": _preview_stage, "data": _data_stage, "train": _train_stage,
            "whole_task": _whole_task_stage,
-           "actions": _actions_stage, "planner": _planner_stage, "eval": _eval_stage}
+           "actions": _actions_stage, "planner": _planner_stage, "eval": _eval_stage,
+           "curves": _curves_stage}
 
 
 def _job(job: str, overrides: list[str]):

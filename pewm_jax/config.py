@@ -34,12 +34,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis names models put on params and activations; every one needs a rule.
 LOGICAL_AXES = ("batch", "frames", "tokens", "embed", "heads", "mlp", "vocab", "kv")
 # The stages a `pewm run` can execute, in pipeline order.
-RUN_STAGES = ("preview", "data", "train", "whole_task", "actions", "planner", "eval", "export")
+RUN_STAGES = ("preview", "data", "train", "whole_task", "actions", "planner", "eval", "curves",
+              "export")
 DTYPES = ("float32", "bfloat16")
 # Closed-loop evaluation conditions (pewm_jax.evaluate.closed_loop.CONDITIONS) and task splits
 # of the built-in world (pewm_jax.sim.tasks.SPLITS; 'train' = seen compositions, new scenes).
 EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "true_video", "replay",
                    "vlm_scripted", "oracle", "whole_task")
+# Conditions whose clips the world model imagines: what a learning curve can follow.
+CURVE_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan")
 EVAL_SPLITS = ("train", "holdout_primitive", "holdout_composition")
 REMAT_POLICIES = ("none", "full", "dots")
 DATA_GENERATORS = ("tabletop", "metaworld")
@@ -399,6 +402,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.video_clips = 64  # held-out clips sampled for PSNR / SSIM (0: none)
     c.eval.rollout_videos = 3  # episodes of the first condition saved as GIFs
 
+    # Learning curves (`pewm curves`, the run stage 'curves'): every kept world-model checkpoint
+    # (train.keep_period) scored for goal reach of imagined clips and the closed-loop success of
+    # these conditions (from CURVE_CONDITIONS; empty: clips only) on config.eval's episodes.
+    c.curves = ml_collections.ConfigDict()
+    c.curves.conditions = ("world_plan", "pewm")
+    c.curves.steps = ()  # world-model steps to score; empty: every saved one
+
     # Meta-World demonstrations (data.generator 'metaworld'), rendered at world.image_size.
     c.metaworld = ml_collections.ConfigDict()
     c.metaworld.tasks = METAWORLD_TASKS  # tasks to demonstrate
@@ -488,6 +498,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _check_names("run.stages", config.run.stages, RUN_STAGES, "stage")
     _check_names("eval.conditions", config.eval.conditions, EVAL_CONDITIONS, "condition")
     _check_names("eval.splits", config.eval.splits, EVAL_SPLITS, "split")
+    if config.curves.conditions:
+        _check_names("curves.conditions", config.curves.conditions, CURVE_CONDITIONS,
+                     "condition")
+    if any(not isinstance(v, int) or v < 1 for v in config.curves.steps):
+        raise _error("curves.steps", tuple(config.curves.steps), "must be positive step numbers",
+                     "name saved world-model steps, or () for all of them")
     _check_names("metaworld.tasks", config.metaworld.tasks, METAWORLD_TASKS, "task")
     _check_names("metaworld.cameras", config.metaworld.cameras, METAWORLD_CAMERAS, "camera")
     _check_names("metaworld.eval_tasks", config.metaworld.eval_tasks, METAWORLD_TASKS, "task")

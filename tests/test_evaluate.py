@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -149,3 +150,43 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
     assert scores.true_goal_reach >= 0.9
     assert scores.psnr >= scores.copy_psnr + 1.0, scores
     assert scores.goal_reach >= scores.copy_goal_reach + 0.05, scores
+
+
+def test_learning_curves_score_every_kept_checkpoint_as_eval_does(tmp_path, closed_loop_run,
+                                                                  tabletop_dataset):
+    """`pewm curves` scores each saved world-model step; its newest point equals `pewm eval`'s
+    goal reach and success on the same run, and the PNG and TensorBoard scalars hold every
+    step. Steps the run did not keep get an error naming the saved ones."""
+    from PIL import Image
+
+    from pewm_jax.evaluate import curves
+    from pewm_jax.train.checkpoint import CheckpointError
+    from pewm_jax.train.metrics import read_metrics
+
+    for model in ("world_model", "action_decoder"):
+        shutil.copytree(closed_loop_run / model, tmp_path / model)
+    config = tiny_config(*EVAL, "eval.conditions=('world_plan',)", "eval.rollout_videos=0",
+                         "curves.conditions=('world_plan',)",
+                         f"data.dataset_dir={tabletop_dataset}")
+    steps = curves.saved_steps(tmp_path)
+    assert len(steps) >= 2
+    result = curves.learning_curves(config, tmp_path)
+    points = result["points"]
+    assert [p["step"] for p in points] == steps
+    per_step = points[0]["train_flops"] / steps[0]
+    assert per_step > 0 and points[-1]["train_flops"] == pytest.approx(per_step * steps[-1])
+    report = closed_loop.evaluate_run(config, tmp_path, tabletop_dataset)
+    newest = points[-1]
+    assert newest["goal_reach"] == report["video_quality"]["goal_reach"]
+    assert newest["psnr"] == pytest.approx(report["video_quality"]["psnr"])
+    assert newest["world_plan/train/success"] == (
+        report["conditions"]["world_plan"]["splits"]["train"]["success"])
+    with Image.open(tmp_path / "curves" / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1]
+    scalars = read_metrics(tmp_path / "tensorboard" / "curves")
+    assert sorted(scalars) == steps
+    assert all("curves/goal_reach" in scalars[s] for s in steps)
+    assert json.loads((tmp_path / "curves" / "curves.json").read_text())["points"] == points
+    bad = tiny_config(*EVAL, "curves.steps=(999,)", f"data.dataset_dir={tabletop_dataset}")
+    with pytest.raises(CheckpointError, match=re.escape(f"saved: {steps}")):
+        curves.learning_curves(bad, tmp_path)

@@ -174,8 +174,11 @@ def verdict(name: str, splits: dict, oracle: dict | None) -> str:
 class RunModels:
     """The run directory's models, each restored on first use (only what conditions need)."""
 
-    def __init__(self, workdir: pathlib.Path, parallel: int, seed: int):
+    def __init__(self, workdir: pathlib.Path, parallel: int, seed: int, *,
+                 steps: dict[str, int] | None = None):
+        """`steps` picks a saved step of a model (e.g. {"world_model": 500}); others: newest."""
         self.workdir, self.parallel, self.seed = workdir, parallel, seed
+        self._pinned = dict(steps or {})
         self._loaded: dict[str, object] = {}
         self.missing: dict[str, str] = {}
         self.steps: dict[str, int] = {}
@@ -191,7 +194,12 @@ class RunModels:
         return self._loaded.get(name)
 
     def _load(self, name: str) -> Trained | Planner:
-        trained = restore(self.workdir, name)
+        path = self.workdir
+        if name in self._pinned:
+            path = self.workdir / name / str(self._pinned[name])
+            if not path.is_dir():
+                raise CheckpointError(f"{self.workdir / name} has no step {self._pinned[name]}")
+        trained = restore(path, name)
         self.steps[name] = trained.step
         if name == "planner":
             return make_planner(trained.model, trained.tokenizer, trained.config)
@@ -232,35 +240,10 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         "settings": e.to_dict(), "world": world.to_dict(), "conditions": {}}
     frames_of: list[EpisodeResult] = []
     for name in e.conditions:
-        settings = CONDITIONS[name]
-        for model in needs(settings):
-            models.get(model)
-        lacking = [m for m in needs(settings) if m in models.missing]
-        if lacking:
-            report["conditions"][name] = {"settings": dataclasses.asdict(settings),
-                                          "skipped": "; ".join(models.missing[m] for m in lacking)}
-            continue
-        controller = Controller(
-            dataclasses.replace(settings, max_replans=e.max_replans,
-                                execute_frames=e.execute_frames or None, track=e.track),
-            lambda: TabletopControlEnv(world.image_size,
-                                       (world.num_objects_min, world.num_objects_max),
-                                       world.max_delta, world.primitive_max_steps),
-            horizon=int(trained.data.horizon), frame_stride=int(trained.data.frame_stride),
-            policy=models.policy(clip_model(settings)) if settings.uses_decoder else None,
-            planner=models.get("planner") if settings.planner == "vlm" else None,
-            goal_reach_px=e.goal_reach_px)
-        start = time.perf_counter()
-        results = controller.run(specs, parallel=e.parallel_envs,
-                                 record=0 if frames_of else e.rollout_videos)
+        report["conditions"][name], results = run_condition(
+            name, config, models, specs, trained, record=0 if frames_of else e.rollout_videos)
         if not frames_of:
             frames_of = [r for r in results if r.frames]
-        report["conditions"][name] = {
-            "settings": dataclasses.asdict(controller.settings),
-            "splits": {split: split_scores([r for r in results if r.spec.split == split])
-                       for split in e.splits},
-            "latency": controller.latency.summary(),
-            "seconds": round(time.perf_counter() - start, 2)}
     oracle = report["conditions"].get("oracle", {}).get("splits")
     for name, cond in report["conditions"].items():
         if "splits" in cond:
@@ -273,6 +256,39 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     _write_tensorboard(report, workdir / "tensorboard" / "eval",
                        models.steps.get("world_model", 0))
     return report
+
+
+def run_condition(name: str, config: ml_collections.ConfigDict, models: RunModels,
+                  specs: Sequence[EpisodeSpec], trained: ml_collections.ConfigDict, *,
+                  record: int = 0) -> tuple[dict, list[EpisodeResult]]:
+    """Condition `name`'s report entry (or why it was skipped) on `specs` under config.eval,
+    in the world and clip settings `trained` (the world model's training config), and its
+    episodes (the first `record` with frames)."""
+    e, world = config.eval, trained.world
+    settings = CONDITIONS[name]
+    for model in needs(settings):
+        models.get(model)
+    lacking = [m for m in needs(settings) if m in models.missing]
+    if lacking:
+        return {"settings": dataclasses.asdict(settings),
+                "skipped": "; ".join(models.missing[m] for m in lacking)}, []
+    controller = Controller(
+        dataclasses.replace(settings, max_replans=e.max_replans,
+                            execute_frames=e.execute_frames or None, track=e.track),
+        lambda: TabletopControlEnv(world.image_size,
+                                   (world.num_objects_min, world.num_objects_max),
+                                   world.max_delta, world.primitive_max_steps),
+        horizon=int(trained.data.horizon), frame_stride=int(trained.data.frame_stride),
+        policy=models.policy(clip_model(settings)) if settings.uses_decoder else None,
+        planner=models.get("planner") if settings.planner == "vlm" else None,
+        goal_reach_px=e.goal_reach_px)
+    start = time.perf_counter()
+    results = controller.run(specs, parallel=e.parallel_envs, record=record)
+    return {"settings": dataclasses.asdict(controller.settings),
+            "splits": {split: split_scores([r for r in results if r.spec.split == split])
+                       for split in e.splits},
+            "latency": controller.latency.summary(),
+            "seconds": round(time.perf_counter() - start, 2)}, results
 
 
 def _component_scores(config: ml_collections.ConfigDict, models: RunModels,
