@@ -190,3 +190,17 @@ def test_learning_curves_score_every_kept_checkpoint_as_eval_does(tmp_path, clos
     bad = tiny_config(*EVAL, "curves.steps=(999,)", f"data.dataset_dir={tabletop_dataset}")
     with pytest.raises(CheckpointError, match=re.escape(f"saved: {steps}")):
         curves.learning_curves(bad, tmp_path)
+
+
+def test_evaluation_samples_with_the_given_sampler_settings(closed_loop_run):
+    """The sampler, its steps and the guidance scales are the evaluation config's, whatever
+    the world model was trained with; without one, the trained settings stay."""
+    given = tiny_config("diffusion.num_steps=3", "diffusion.sgg_guidance=2.5",
+                        "diffusion.text_guidance=1.5", "diffusion.sampler=heun")
+    models = closed_loop.RunModels(closed_loop_run, 2, 0, sampler=given.diffusion)
+    policy = models.policy("world_model")
+    for key in closed_loop.SAMPLING_KEYS:
+        assert policy.config.diffusion[key] == given.diffusion[key]
+        assert models.get("world_model").config.diffusion[key] == given.diffusion[key]
+    trained = closed_loop.RunModels(closed_loop_run, 2, 0).get("world_model").config.diffusion
+    assert (trained.num_steps, trained.sgg_guidance) != (3, 2.5)

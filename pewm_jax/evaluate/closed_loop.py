@@ -24,7 +24,9 @@ model's output at each step (DESIGN.md "Evaluation chain"); `chain_table` prints
 intervals and per-primitive success, so the first link that breaks is plain.
 `config.eval.execute_frames` (k) plays k frames of each clip, then observes and imagines again;
 `config.eval.track` decodes each frame interval from the live observation (the default) or each
-clip once from its own frames. A condition whose models are missing from the run directory is listed as skipped, with the
+clip once from its own frames. The clip models sample as the given config's `diffusion` says
+(`SAMPLING_KEYS`: sampler, steps, text and SGG guidance scales are evaluation choices, so one
+trained model serves every sampler ablation). A condition whose models are missing from the run directory is listed as skipped, with the
 command that trains them. Every figure sits beside its baseline: success beside the oracle's,
 sampled clips beside copying the context frame (PSNR, SSIM, goal reach), decoded actions beside
 the mean action, planned points beside the image-centre guess.
@@ -80,6 +82,8 @@ CHAIN = ("oracle", "replay", "true_video", "world_plan", "pewm")
 # The command that trains each model into a run directory.
 TRAIN_COMMAND = {"world_model": "pewm train", "action_decoder": "pewm actions",
                  "planner": "pewm planner", "whole_task": "pewm whole_task"}
+# config.diffusion keys that evaluation sets on the restored clip models (RunModels).
+SAMPLING_KEYS = ("sampler", "num_steps", "text_guidance", "sgg_guidance")
 _SEED_BASE = 2 ** 40
 _GIF_SCALE = 3
 
@@ -175,10 +179,15 @@ class RunModels:
     """The run directory's models, each restored on first use (only what conditions need)."""
 
     def __init__(self, workdir: pathlib.Path, parallel: int, seed: int, *,
-                 steps: dict[str, int] | None = None):
-        """`steps` picks a saved step of a model (e.g. {"world_model": 500}); others: newest."""
+                 steps: dict[str, int] | None = None,
+                 sampler: ml_collections.ConfigDict | None = None):
+        """`steps` picks a saved step of a model (e.g. {"world_model": 500}); others: newest.
+        `sampler` (a config.diffusion) sets how the clip models sample (SAMPLING_KEYS: the
+        sampler, its steps and guidance scales are choices of evaluation, not of training);
+        None keeps what each model was trained with."""
         self.workdir, self.parallel, self.seed = workdir, parallel, seed
         self._pinned = dict(steps or {})
+        self._sampler = sampler
         self._loaded: dict[str, object] = {}
         self.missing: dict[str, str] = {}
         self.steps: dict[str, int] = {}
@@ -201,6 +210,11 @@ class RunModels:
                 raise CheckpointError(f"{self.workdir / name} has no step {self._pinned[name]}")
         trained = restore(path, name)
         self.steps[name] = trained.step
+        if self._sampler is not None and name in ("world_model", "whole_task"):
+            config = ml_collections.ConfigDict(trained.config.to_dict())
+            for key in SAMPLING_KEYS:
+                config.diffusion[key] = self._sampler[key]
+            trained = dataclasses.replace(trained, config=config)
         if name == "planner":
             return make_planner(trained.model, trained.tokenizer, trained.config)
         return trained
@@ -227,7 +241,7 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     out = workdir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     e = config.eval
-    models = RunModels(workdir, e.parallel_envs, e.seed)
+    models = RunModels(workdir, e.parallel_envs, e.seed, sampler=config.diffusion)
     world_model = models.get("world_model")
     # The world and clip settings the models saw (the given config when there is no model).
     trained = world_model.config if world_model is not None else config
@@ -237,7 +251,8 @@ def evaluate_run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         "workdir": str(workdir), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "settings": e.to_dict(), "world": world.to_dict(), "conditions": {}}
+        "settings": e.to_dict(), "world": world.to_dict(),
+        "sampler": {k: config.diffusion[k] for k in SAMPLING_KEYS}, "conditions": {}}
     frames_of: list[EpisodeResult] = []
     for name in e.conditions:
         report["conditions"][name], results = run_condition(

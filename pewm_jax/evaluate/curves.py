@@ -67,7 +67,8 @@ def learning_curves(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     specs = episode_specs(e)
     points = []
     for step in steps:
-        models = RunModels(workdir, e.parallel_envs, e.seed, steps={"world_model": step})
+        models = RunModels(workdir, e.parallel_envs, e.seed, steps={"world_model": step},
+                           sampler=config.diffusion)
         world = models.get("world_model")
         if world is None:
             raise CheckpointError(models.missing["world_model"])
@@ -121,6 +122,7 @@ def plot_curves(points: list[dict], path: pathlib.Path) -> None:
                 label="copy the context frame")
         ax.set_title(title)
         ax.legend(fontsize=8)
+    axes[0].set_ylim(-0.02, 1.02)
     for ax, name in zip(axes[2:], success):
         for split in sorted({k.split("/")[1] for p in points for k in p
                              if k.startswith(name + "/")}):
