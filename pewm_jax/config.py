@@ -136,6 +136,7 @@ _NON_NEGATIVE = (
     "train.keep_period",
     "train.peak_flops_per_device",
     "diffusion.text_guidance",
+    "diffusion.motion_weight",
     "diffusion.sgg_guidance",
     "eval.seed",
     "eval.max_replans",
@@ -282,6 +283,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.residual_scale = 1.0  # > 0; scales the residual towards unit variance
     # What the network outputs: 'velocity' or 'clean' (the target x0; best for pixel models).
     c.diffusion.prediction = "clean"
+    # Loss weight of the pixels a clip changes (flow.motion_weights): 1 + this where a future
+    # frame differs from the context frame, 1 elsewhere; 0 weighs every pixel alike.
+    c.diffusion.motion_weight = 0.0
 
     c.train = train_defaults()  # the world model's optimisation, checkpoints and logging
 

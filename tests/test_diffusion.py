@@ -102,6 +102,32 @@ def test_condition_dropout_rates_and_invalid_sgg():
     assert np.isfinite(float(metrics["loss"]))
 
 
+def test_motion_weight_weighs_the_pixels_a_clip_changes():
+    """motion_weight w gives the changed pixels w + 1 times the weight of still ones in the
+    loss, normalised per clip; 0 is the plain mean, so the loss is unchanged."""
+    from pewm_jax.diffusion.flow import motion_weights
+
+    clips = moving_square_clips(4, 16, 4, seed=2)
+    weights = np.asarray(motion_weights(clips["frames"], clips["context"], 9.0))
+    moved = np.any(np.abs(clips["frames"].astype(int) - clips["context"][:, -1:].astype(int))
+                   > 16, axis=-1)
+    assert 0 < moved.mean() < 0.5
+    np.testing.assert_array_equal(weights[..., 0], np.where(moved, 10.0, 1.0))
+    plain, weighted = small_config(), small_config("diffusion.motion_weight=9.0")
+    graphdef, state = nnx.split(make_model(plain))
+    losses = {}
+    for name, config in (("plain", plain), ("weighted", weighted)):
+        _, metrics = jax.jit(lambda s, b, k, c=config: loss_fn(nnx.merge(graphdef, s), b, k, c))(
+            state, clips, jax.random.key(3))
+        losses[name] = float(metrics["loss"])
+    # The same draws with per-pixel errors e: plain = mean(e), weighted = mean(w e) / mean(w).
+    assert losses["weighted"] != pytest.approx(losses["plain"], rel=1e-3)
+    zero = small_config("diffusion.motion_weight=0.0")
+    _, metrics = jax.jit(lambda s, b, k: loss_fn(nnx.merge(graphdef, s), b, k, zero))(
+        state, clips, jax.random.key(3))
+    assert float(metrics["loss"]) == pytest.approx(losses["plain"], rel=1e-6)
+
+
 def test_guidance_scale_one_is_conditional_and_zero_unconditional():
     config = small_config()
     model = make_model(config)

@@ -135,7 +135,9 @@ def loss_fn(model: WorldModel, batch: Mapping[str, jax.Array], rng: jax.Array,
 
     out = model(x_t, t, context, text, text_mask & keep_text[:, None], heatmaps, keep_sgg)
     v = output_to_velocity(out, x_t, t, settings["prediction"])  # (B, T, N, N, 3)
-    err = jnp.mean(jnp.square(v - velocity_target(x0, noise)), axis=(1, 2, 3, 4))  # (B,)
+    weight = motion_weights(batch["frames"], batch["context"], d.motion_weight)  # (B, T, N, N, 1)
+    err = (jnp.mean(weight * jnp.square(v - velocity_target(x0, noise)), axis=(1, 2, 3, 4))
+           / jnp.mean(weight, axis=(1, 2, 3, 4)))  # (B,)
     loss = jnp.mean(err)
     metrics = {"loss": loss,
                "loss_t_low": _masked_mean(err, t < 0.5),  # mostly-data half of the path
@@ -143,6 +145,17 @@ def loss_fn(model: WorldModel, batch: Mapping[str, jax.Array], rng: jax.Array,
                "text_kept": jnp.mean(keep_text.astype(jnp.float32)),
                "sgg_kept": jnp.mean(keep_sgg.astype(jnp.float32))}
     return loss, metrics
+
+
+def motion_weights(frames: jax.Array, context: jax.Array, motion_weight: float) -> jax.Array:
+    """(B, T, N, N, 1) per-pixel loss weights: 1 + motion_weight where a future frame differs
+    from the last context frame (by more than 1/16 of the range in any channel), else 1.
+
+    What a primitive clip must get right, the gripper's and the objects' new places and the
+    background they uncover, is a few percent of its pixels; the weight keeps the still rest
+    from drowning them out (0: the plain mean over pixels)."""
+    moved = jnp.abs(frames.astype(jnp.float32) - context[:, -1:].astype(jnp.float32)) > 16.0
+    return 1.0 + motion_weight * jnp.any(moved, axis=-1, keepdims=True).astype(jnp.float32)
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
