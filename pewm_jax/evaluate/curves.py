@@ -1,6 +1,6 @@
 """Learning curves of the world model: what more training buys, read from one run's checkpoints.
 
-`learning_curves(config, workdir, dataset_dir)` restores each world-model checkpoint the run
+`learning_curves(config, workdir)` restores each world-model checkpoint the run
 kept (`config.train.keep_period` keeps them beyond the newest few; `config.curves.steps` picks
 some) and scores it as `pewm eval` does, with the run's newest action decoder and planner:
 
