@@ -85,11 +85,19 @@ TINY_DECODER = ["action_decoder.channels=8", "action_decoder.keypoints=4",
                 f"action_decoder.train.checkpoint_every={K}"]
 
 
+# Tests sample their briefly trained models unguided: SGG guidance (the quickstart samples with
+# 3.0) doubles the model evaluations of every sampler step, and the guidance tests
+# (test_diffusion.py) check it on models trained for it.
+UNGUIDED = ["diffusion.sgg_guidance=1.0"]
+
+
 def tiny_config(*overrides: str):
-    """The quickstart config with a tiny dataset (plus `overrides`), validated and locked."""
+    """The quickstart config with a tiny dataset, sampled unguided (plus `overrides`),
+    validated and locked."""
     from pewm_jax.config import load_config
 
-    return load_config(str(ROOT / "configs" / "quickstart.py"), [*TINY_DATA, *overrides])
+    return load_config(str(ROOT / "configs" / "quickstart.py"),
+                       [*TINY_DATA, *UNGUIDED, *overrides])
 
 
 @pytest.fixture(scope="session")
