@@ -41,6 +41,9 @@ DTYPES = ("float32", "bfloat16")
 # of the built-in world (pewm_jax.sim.tasks.SPLITS; 'train' = seen compositions, new scenes).
 EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "true_video", "replay",
                    "vlm_scripted", "oracle", "whole_task")
+# config.diffusion keys that are choices of sampling, not of training: evaluation sets them on
+# the restored clip models, and a run may change them on resume.
+SAMPLING_KEYS = ("sampler", "num_steps", "text_guidance", "sgg_guidance")
 # Conditions whose clips the world model imagines: what a learning curve can follow.
 CURVE_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan")
 EVAL_SPLITS = ("train", "holdout_primitive", "holdout_composition")

@@ -277,7 +277,9 @@ def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference
     same = tiny_config(*train_overrides(tabletop_dataset))
     assert loop.train(same, workdir, kind=kinds.WORLD_MODEL).status == "reused"
     changed = tiny_config(*train_overrides(tabletop_dataset, "train.learning_rate=0.5",
-                                           "model.mlp_ratio=2.0", "train.log_every=7"))
+                                           "model.mlp_ratio=2.0", "train.log_every=7",
+                                           "diffusion.sgg_guidance=2.0",
+                                           "diffusion.num_steps=3"))
     events = sorted((workdir / loop.TENSORBOARD_DIR / kinds.WORLD_MODEL.name).iterdir())
     with pytest.raises(ckpt_lib.CheckpointError) as error:
         loop.train(changed, workdir, resume=True, kind=kinds.WORLD_MODEL)
@@ -287,6 +289,8 @@ def test_existing_runs_need_resume_or_overwrite_and_configs_must_match(reference
     assert f"train.learning_rate: {same.train.learning_rate} -> 0.5" in message
     assert "model.mlp_ratio" in message
     assert "train.log_every" not in message.split("Keys that may change")[0]
+    # how clips are sampled is not what training computes
+    assert "diffusion." not in message.split("Keys that may change")[0]
     with pytest.raises(ckpt_lib.CheckpointError, match=r"--resume_step 3: no committed .*\[2, 4\]"):
         loop.train(same, workdir, resume_step=3, kind=kinds.WORLD_MODEL)
     # --overwrite cannot be combined with flags that need the old run; nothing is deleted

@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from data_loaders.clip_dataset import DatasetError
+from pewm_jax.config import SAMPLING_KEYS
 from pewm_jax.control.controller import ControlSettings, Controller, EpisodeResult
 from pewm_jax.control.policy import PrimitivePolicy
 from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
@@ -82,8 +83,6 @@ CHAIN = ("oracle", "replay", "true_video", "world_plan", "pewm")
 # The command that trains each model into a run directory.
 TRAIN_COMMAND = {"world_model": "pewm train", "action_decoder": "pewm actions",
                  "planner": "pewm planner", "whole_task": "pewm whole_task"}
-# config.diffusion keys that evaluation sets on the restored clip models (RunModels).
-SAMPLING_KEYS = ("sampler", "num_steps", "text_guidance", "sgg_guidance")
 _SEED_BASE = 2 ** 40
 _GIF_SCALE = 3
 

@@ -49,7 +49,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pewm_jax.config import TRAIN_SECTIONS
+from pewm_jax.config import SAMPLING_KEYS, TRAIN_SECTIONS
 from pewm_jax.train import fingerprint
 from pewm_jax.train.state import StateLayout, TrainState
 
@@ -73,7 +73,9 @@ RESUMABLE_KEYS = (
     # fingerprint), the tokenizer (compared with the checkpoint's), the SigLIP weights (the
     # checkpoint holds them).
     "data.dataset_dir", "data.tokenizer", "model.text_encoder_path", "planner.tokenizer",
-    "run.", "eval.", "planner.eval_splits",
+    "run.", "eval.", "curves.", "planner.eval_splits",
+    # How clips are sampled (previews only; evaluation sets its own).
+    *(f"diffusion.{key}" for key in SAMPLING_KEYS),
 )
 _VERSIONED = ("jax", "flax", "optax", "orbax-checkpoint", "grain", "pewm-jax")
 
