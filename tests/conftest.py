@@ -60,10 +60,15 @@ TINY_DATA = ["data.num_train_episodes=12", "data.num_val_episodes=3", "data.num_
              "data.num_holdout_episodes=3", "data.generation_workers=2"]
 
 
-# A world model small enough to train a few steps in seconds on 8 fake CPU devices.
+# Tests sample their briefly trained models unguided: SGG guidance (the quickstart samples with
+# 3.0) doubles the model evaluations of every sampler step, and the guidance tests
+# (test_diffusion.py) check it on models trained for it.
+UNGUIDED = ["diffusion.sgg_guidance=1.0"]
+# A world model small enough to train a few steps in seconds on 8 fake CPU devices, sampled
+# unguided (also in the jobs that subprocess tests run with configs/quickstart.py).
 TINY_TRAIN = ["model.width=32", "model.depth=1", "model.num_heads=2", "model.text_width=32",
               "model.text_num_heads=2", "train.log_every=1", "train.sample_clips=0",
-              "train.peak_flops_per_device=1e11", "train.warmup_steps=2"]
+              "train.peak_flops_per_device=1e11", "train.warmup_steps=2", *UNGUIDED]
 # Resume tests: 2k steps with a checkpoint every k.
 K = 2
 RUN_STEPS = [f"train.steps={2 * K}", f"train.checkpoint_every={K}", "train.keep_checkpoints=3"]
@@ -83,12 +88,6 @@ TINY_DECODER = ["action_decoder.channels=8", "action_decoder.keypoints=4",
                 "action_decoder.train.warmup_steps=2", "action_decoder.train.global_batch_size=8",
                 f"action_decoder.train.steps={2 * K}",
                 f"action_decoder.train.checkpoint_every={K}"]
-
-
-# Tests sample their briefly trained models unguided: SGG guidance (the quickstart samples with
-# 3.0) doubles the model evaluations of every sampler step, and the guidance tests
-# (test_diffusion.py) check it on models trained for it.
-UNGUIDED = ["diffusion.sgg_guidance=1.0"]
 
 
 def tiny_config(*overrides: str):
