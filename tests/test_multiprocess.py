@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import K, ROOT, TINY_DATA, train_overrides
 
@@ -44,6 +45,9 @@ def test_two_processes_train_together_and_match_one(reference_run, tabletop_data
     assert {p.name for p in data_iter.iterdir()} >= {"process_0-of-2.json", "process_1-of-2.json"}
 
 
+# Slow (30 s): two processes train, are signalled and save; the default suite keeps the
+# two-process training test and the one-process SIGTERM test (tests/test_checkpoint.py).
+@pytest.mark.slow
 def test_sigterm_reaches_both_processes_which_save_the_same_step_and_exit_0(tabletop_dataset,
                                                                             tmp_path):
     workdir = tmp_path / "preempted"

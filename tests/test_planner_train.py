@@ -325,6 +325,9 @@ def test_scores_match_words_that_name_no_built_in_primitive():
     assert scores.exact_match == 0.5 and scores.point_error_px == 0.0
 
 
+# Slow (25 s): converts, saves and trains from a Hugging Face checkpoint; the default suite
+# keeps the conversion round trip (tests/test_export.py, tests/test_vlm.py).
+@pytest.mark.slow
 def test_init_from_a_converted_hugging_face_checkpoint(tabletop_dataset, tmp_path):
     import vlm_fixtures
 
