@@ -60,6 +60,10 @@ JOBS: dict[str, str] = {
               "world_model (config.train.keep_period) scored for goal reach of imagined "
               "held-out clips and closed-loop success of config.curves.conditions, against "
               "steps and FLOPs (<workdir>/curves/curves.json and curves.png, TensorBoard)",
+    "ablations": "closed-loop conditions config.ablations.conditions under each variant of "
+                 "the evaluation's choices in config.ablations.variants (guidance, sampler "
+                 "steps, receding horizon, tracking, another run's decoder), same models and "
+                 "episodes, as one table (<workdir>/eval/ablations.md and ablations.json)",
     "ingest": "convert an RLDS / Open X-Embodiment dataset into primitive clips (--spec, --source)",
     "export": "export the run's world model, action decoder and planner as a bundle for "
               "robots (safetensors weights, StableHLO policy and planner steps for "
@@ -313,10 +317,14 @@ def _planner_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                    job: str) -> bool:
-    """Trains the action decoder, then scores it beside the mean action on
+    """Trains the action decoder (after sampling the world model's imagined clips when
+    config.action_decoder.imagined_weight > 0), then scores it beside the mean action on
     config.action_decoder.eval_splits."""
     from pewm_jax.recipes import action_scores as actions_eval
     from pewm_jax.recipes.restore import restore
+
+    if config.action_decoder.imagined_weight > 0:
+        config = _imagine(config, workdir)
 
     def scorer(checkpoint_dir: pathlib.Path) -> Callable[[str], Any]:
         decoder = restore(checkpoint_dir, "action_decoder")
@@ -326,6 +334,34 @@ def _actions_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     return _train_and_score(config, workdir, job, stage="actions", model="action_decoder",
                             splits=config.action_decoder.eval_splits, scorer=scorer,
                             table=actions_eval.scores_table)
+
+
+def _imagine(config: ml_collections.ConfigDict, workdir: pathlib.Path
+             ) -> ml_collections.ConfigDict:
+    """`config` naming the run's imagined clips (action_decoder.imagined_dir), sampled by its
+    world model into them first unless already there (process 0 writes; the others wait)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from data_loaders.clip_dataset import DatasetError
+    from pewm_jax.recipes import imagined_clips
+    from pewm_jax.train.checkpoint import CheckpointError
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.dataset_dir = str(dataset_dir(config, workdir))
+    config.action_decoder.imagined_dir = str(imagined_clips.imagined_dir(config, workdir))
+    if jax.process_index() == 0:
+        try:
+            meta, made = imagined_clips.ensure_imagined_dataset(config, workdir,
+                                                               flags.FLAGS.overwrite)
+        except (CheckpointError, DatasetError) as e:
+            _fail(f"action_decoder.imagined_weight > 0 needs the world model's imagined clips: "
+                  f"{e}")
+        print(f"[actions] imagined clips ({'sampled' if made else 'reused'}): "
+              f"{meta.splits['train']} in {config.action_decoder.imagined_dir}, "
+              f"{config.action_decoder.imagined_weight:.0%} of the decoder's training clips")
+    multihost_utils.sync_global_devices("pewm_imagined_clips")
+    return config
 
 
 def _eval_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job: str) -> None:
@@ -370,6 +406,27 @@ def _curves_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job:
           f" TensorBoard: {workdir / 'tensorboard' / 'curves'}")
 
 
+def _ablations_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                     job: str) -> None:
+    """Runs the evaluation's ablations on the run's models and prints their table."""
+    from pewm_jax.evaluate import ablations
+    from pewm_jax.train.checkpoint import CheckpointError
+
+    if config.data.generator == "metaworld":
+        _fail("pewm ablations runs the built-in world's closed loop; for Meta-World use pewm "
+              "eval with --config.metaworld.eval_conditions (set data.generator='tabletop')")
+    print(f"[ablations] {len(config.ablations.variants)} variants x "
+          f"{tuple(config.ablations.conditions)} on {config.eval.splits} "
+          f"({config.eval.episodes_per_template} episodes per template and split)")
+    try:
+        report = ablations.run_ablations(config, workdir)
+    except CheckpointError as e:
+        _fail(str(e))
+    print(ablations.ablation_table(report))
+    print(f"[ablations] {workdir / 'eval' / 'ablations.md'}, "
+          f"{workdir / 'eval' / 'ablations.json'}")
+
+
 def _export_job(workdir: pathlib.Path) -> None:
     """Writes the run's export bundle and prints where and what it holds."""
     from pewm_jax.export import bundle
@@ -410,7 +467,7 @@ def _run_stage(stage: str, config: ml_collections.ConfigDict, workdir: pathlib.P
 _STAGES = {"preview": _preview_stage, "data": _data_stage, "train": _train_stage,
            "whole_task": _whole_task_stage,
            "actions": _actions_stage, "planner": _planner_stage, "eval": _eval_stage,
-           "curves": _curves_stage}
+           "curves": _curves_stage, "ablations": _ablations_stage}
 
 
 def _job(job: str, overrides: list[str]):

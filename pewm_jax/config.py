@@ -35,7 +35,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "frames", "tokens", "embed", "heads", "mlp", "vocab", "kv")
 # The stages a `pewm run` can execute, in pipeline order.
 RUN_STAGES = ("preview", "data", "train", "whole_task", "actions", "planner", "eval", "curves",
-              "export")
+              "ablations", "export")
 DTYPES = ("float32", "bfloat16")
 # Closed-loop evaluation conditions (pewm_jax.evaluate.closed_loop.CONDITIONS) and task splits
 # of the built-in world (pewm_jax.sim.tasks.SPLITS; 'train' = seen compositions, new scenes).
@@ -46,6 +46,24 @@ EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "true_video", "r
 SAMPLING_KEYS = ("sampler", "num_steps", "text_guidance", "sgg_guidance")
 # Conditions whose clips the world model imagines: what a learning curve can follow.
 CURVE_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan")
+# Ablations (`pewm ablations`): a variant is "name: key=value, key=value", the keys evaluation
+# choices (ABLATION_KEYS) or a model restored from another run directory (ABLATION_MODELS,
+# e.g. "action_decoder=runs/other"); "name:" alone is the run as configured.
+ABLATION_KEYS = (*(f"diffusion.{key}" for key in SAMPLING_KEYS), "eval.execute_frames",
+                 "eval.track")
+ABLATION_MODELS = ("world_model", "action_decoder", "planner")
+ABLATION_VARIANTS = (
+    "as configured:",
+    "SGG guidance off: diffusion.sgg_guidance=1.0",
+    "SGG guidance 2: diffusion.sgg_guidance=2.0",
+    "SGG guidance 4: diffusion.sgg_guidance=4.0",
+    "text guidance 2: diffusion.text_guidance=2.0",
+    "4 sampler steps: diffusion.num_steps=4",
+    "16 sampler steps: diffusion.num_steps=16",
+    "Heun sampler: diffusion.sampler=heun",
+    "receding horizon, 2 frames: eval.execute_frames=2",
+    "untracked decoding: eval.track=False",
+)
 EVAL_SPLITS = ("train", "holdout_primitive", "holdout_composition")
 REMAT_POLICIES = ("none", "full", "dots")
 DATA_GENERATORS = ("tabletop", "metaworld")
@@ -128,6 +146,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "eval.execute_frames",
     "action_decoder.locate_weight",
+    "action_decoder.imagined_clips",
     "data.generation_workers",
     "data.color_jitter",
     "data.prefetch",
@@ -174,6 +193,7 @@ _INTERVALS = (
     ("data.crop_scale_min", 0.0, False, 1.0, True),
     ("world.max_delta", 0.0, False, 1.0, True),
     ("diffusion.cond_dropout", 0.0, True, 1.0, False),
+    ("action_decoder.imagined_weight", 0.0, True, 1.0, False),
     ("train.ema_decay", 0.0, True, 1.0, False),
     ("train.final_lr_fraction", 0.0, True, 1.0, True),
     ("train.adam_b2", 0.0, True, 1.0, False),
@@ -350,6 +370,13 @@ def default_config() -> ml_collections.ConfigDict:
     # Weight of the gripper keypoint's squared pixel error against the start point (the
     # gripper's place in the context frame): it teaches the encoder to find the gripper.
     c.action_decoder.locate_weight = 0.1
+    # Share of its training clips that are the world model's own samples of train clips,
+    # labelled with their true actions (pewm_jax/recipes/imagined_clips.py; `pewm actions`
+    # samples them first, with config.diffusion's sampling settings), so that it learns to read
+    # the frames the world model draws; 0: rendered clips only. In [0, 1).
+    c.action_decoder.imagined_weight = 0.0
+    c.action_decoder.imagined_clips = 0  # train clips imagined (the first ones); 0: all
+    c.action_decoder.imagined_dir = ""  # where they are written; '': <workdir>/imagined
     c.action_decoder.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
     c.action_decoder.param_dtype = "float32"  # stored parameter dtype
     c.action_decoder.train = train_defaults()  # its optimisation, checkpoints and logging
@@ -415,6 +442,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.curves = ml_collections.ConfigDict()
     c.curves.conditions = ("world_plan", "pewm")
     c.curves.steps = ()  # world-model steps to score; empty: every saved one
+
+    # Ablations (`pewm ablations`, the run stage 'ablations'): these conditions (from
+    # EVAL_CONDITIONS) on config.eval's episodes, same models and seeds, under each variant of
+    # the evaluation's choices (ABLATION_VARIANTS' syntax), as one table.
+    c.ablations = ml_collections.ConfigDict()
+    c.ablations.conditions = ("world_plan", "pewm")
+    c.ablations.variants = ABLATION_VARIANTS
 
     # Meta-World demonstrations (data.generator 'metaworld'), rendered at world.image_size.
     c.metaworld = ml_collections.ConfigDict()
@@ -511,6 +545,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if any(not isinstance(v, int) or v < 1 for v in config.curves.steps):
         raise _error("curves.steps", tuple(config.curves.steps), "must be positive step numbers",
                      "name saved world-model steps, or () for all of them")
+    _check_names("ablations.conditions", config.ablations.conditions, EVAL_CONDITIONS,
+                 "condition")
+    _check_ablation_variants(config, num_devices)
     _check_names("metaworld.tasks", config.metaworld.tasks, METAWORLD_TASKS, "task")
     _check_names("metaworld.cameras", config.metaworld.cameras, METAWORLD_CAMERAS, "camera")
     _check_names("metaworld.eval_tasks", config.metaworld.eval_tasks, METAWORLD_TASKS, "task")
@@ -518,6 +555,58 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                  "camera")
     _check_names("metaworld.eval_conditions", config.metaworld.eval_conditions,
                  METAWORLD_CONDITIONS, "condition")
+
+
+def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
+    """(name, config overrides, {model: run directory}) of one ablation variant,
+    "name: key=value, key=value"; ConfigError naming what is wrong."""
+    name, sep, settings = str(text).partition(":")
+    example = "'SGG guidance off: diffusion.sgg_guidance=1.0'"
+    if not sep or not name.strip():
+        raise ConfigError(f"ablation variant {text!r} has no 'name:'. Fix: write it as "
+                          f"'name: key=value, ...', e.g. {example}")
+    overrides, models = [], {}
+    for item in filter(None, (part.strip() for part in settings.split(","))):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not value:
+            raise ConfigError(f"ablation variant {text!r}: {item!r} is not key=value. Fix: "
+                              f"e.g. {example}")
+        if key in ABLATION_MODELS:
+            models[key] = value
+        elif key in ABLATION_KEYS:
+            overrides.append(f"{key}={value}")
+        else:
+            raise ConfigError(
+                f"ablation variant {text!r}: {key!r} is not a choice of evaluation. Fix: set "
+                f"one of {ABLATION_KEYS}, or restore one of {ABLATION_MODELS} from another run "
+                "directory (e.g. action_decoder=runs/other)")
+    return name.strip(), overrides, models
+
+
+def variant_config(config: ml_collections.ConfigDict, overrides: Sequence[str]
+                   ) -> ml_collections.ConfigDict:
+    """A copy of `config` with one variant's overrides set (and no variants of its own)."""
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.ablations.variants = ()
+    schema = default_config()
+    for override in overrides:
+        _apply_override(copy, schema, override)
+    return copy
+
+
+def _check_ablation_variants(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
+    """Each variant parses, names distinct, and its config is valid."""
+    names = []
+    for text in config.ablations.variants:
+        try:
+            name, overrides, _ = parse_variant(text)
+            validate(variant_config(config, overrides), num_devices)
+        except ConfigError as e:
+            raise _error("ablations.variants", text, f"is not a valid variant ({e})",
+                         "fix that variant (the syntax: ABLATION_VARIANTS in pewm_jax/config.py)") from None
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise _error("ablations.variants", tuple(names), "repeats a name", "name each once")
 
 
 def _in_train_sections(keys: Sequence[str]) -> list[str]:
@@ -589,7 +678,7 @@ def load_config(
 # Keys that hold a local path or a remote URL: resolved against the current directory when the
 # config is loaded (pewm_jax/paths.py), so nothing below sees a relative one.
 PATH_KEYS = ("data.dataset_dir", "data.tokenizer", "model.text_encoder_path",
-             "planner.hf_config", "planner.tokenizer")
+             "planner.hf_config", "planner.tokenizer", "action_decoder.imagined_dir")
 
 
 def resolve_paths(config: ml_collections.ConfigDict) -> None:

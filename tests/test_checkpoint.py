@@ -377,3 +377,15 @@ def test_a_tree_that_does_not_fit_names_the_version_that_wrote_it(tmp_path, monk
         assert (f"written by pewm-jax {writer} and this is {ours['pewm-jax']}" in message
                 and f"load it with pewm-jax {writer}" in message)
     checkpoints.close()
+
+
+def test_a_key_added_after_a_checkpoint_differs_only_away_from_its_default():
+    """A checkpoint written before a key existed ran with that key's default: resuming with the
+    default is no difference, with another value it is one."""
+    config = tiny_config()
+    saved = config.to_dict()
+    del saved["action_decoder"]["imagined_weight"]
+    assert ckpt_lib.config_differences(saved, config) == []
+    changed = tiny_config("action_decoder.imagined_weight=0.5")
+    assert ckpt_lib.config_differences(saved, changed) == [
+        "action_decoder.imagined_weight: '<absent>' -> 0.5"]

@@ -65,6 +65,11 @@ def test_report_is_complete_finite_and_in_range(report, closed_loop_run):
     a = report["actions"]
     assert a["mse"] >= 0 and a["mean_action_mse"] > 0
     assert _in_unit(a["gripper_accuracy"]) and _in_unit(a["majority_gripper_accuracy"])
+    # The decoder read on the world model's samples of the same clips, against the same
+    # actions (the link between true_video and world_plan, offline).
+    ai = report["actions_on_imagined"]
+    assert ai["steps"] == a["steps"] and ai["mean_action_mse"] == a["mean_action_mse"]
+    assert ai["mse"] >= 0 and _in_unit(ai["gripper_accuracy"]) and ai["mse"] != a["mse"]
     assert report["conditions"]["replay"]["splits"]["train"]["success"] == report[
         "conditions"]["oracle"]["splits"]["train"]["success"]
     assert "evaluation chain" in closed_loop.headline(report)
@@ -190,6 +195,85 @@ def test_learning_curves_score_every_kept_checkpoint_as_eval_does(tmp_path, clos
     bad = tiny_config(*EVAL, "curves.steps=(999,)", f"data.dataset_dir={tabletop_dataset}")
     with pytest.raises(CheckpointError, match=re.escape(f"saved: {steps}")):
         curves.learning_curves(bad, tmp_path)
+
+
+def test_ablations_change_one_choice_per_row_on_the_same_models_and_episodes(
+        report, closed_loop_run, tabletop_dataset, tmp_path):
+    """The first variant is `pewm eval` as configured; a variant naming eval.track runs what
+    run_condition runs with that setting; a decoder restored from another run directory (here
+    a copy of the same one) gives the same row; the table and JSON hold every variant."""
+    from pewm_jax.config import variant_config
+    from pewm_jax.evaluate import ablations
+
+    shutil.copytree(closed_loop_run / "action_decoder", tmp_path / "action_decoder")
+    config = tiny_config(*EVAL, "ablations.conditions=('world_plan',)",
+                         "ablations.variants=('as configured:', 'untracked: eval.track=False',"
+                         f"'copied decoder: action_decoder={tmp_path}')",
+                         f"data.dataset_dir={tabletop_dataset}")
+    work = tmp_path / "run"
+    for model in ("world_model", "action_decoder"):
+        shutil.copytree(closed_loop_run / model, work / model)
+    result = ablations.run_ablations(config, work)
+    rows = {row["variant"]: row["conditions"]["world_plan"]["train"] for row in result["variants"]}
+    evaluated = report["conditions"]["world_plan"]["splits"]["train"]
+    assert rows["as configured"]["success"] == evaluated["success"]
+    assert rows["as configured"]["goal_reach"] == evaluated["goal_reach"]
+    assert rows["copied decoder"] == rows["as configured"]
+    untracked = variant_config(config, ["eval.track=False"])
+    models = closed_loop.RunModels(work, 8, untracked.eval.seed, sampler=untracked.diffusion)
+    entry, _ = closed_loop.run_condition("world_plan", untracked, models,
+                                         closed_loop.episode_specs(untracked.eval),
+                                         models.get("world_model").config)
+    assert entry["settings"]["track"] is False
+    assert rows["untracked"]["success"] == entry["splits"]["train"]["success"]
+    table = (work / "eval" / "ablations.md").read_text()
+    assert table.startswith("| variant | `world_plan` seen (goal reach) |")
+    assert all(f"| {name} |" in table for name in rows)
+    assert json.loads((work / "eval" / "ablations.json").read_text()) == json.loads(
+        json.dumps(result))
+
+
+def test_actions_from_imagined_frames_decode_what_the_world_model_drew(closed_loop_run,
+                                                                        tabletop_dataset):
+    """The imagined-frames score decodes exactly the frames it is handed in place of the
+    truth: handed the true frames it is the true-frame score; handed the world model's samples
+    (seeded as the clip scores are), the decoder's outputs on those samples."""
+    import numpy as np
+
+    from pewm_jax.recipes import action_scores
+    from pewm_jax.recipes.restore import restore
+
+    decoder = restore(closed_loop_run, "action_decoder")
+    world = restore(closed_loop_run, "world_model")
+    args = (decoder.model, decoder.config, "test")
+    true = action_scores.evaluate_action_decoder(*args, batch_size=4, max_clips=6)
+    same = action_scores.evaluate_action_decoder(*args, batch_size=4, max_clips=6,
+                                                 imagine=lambda batch, first: batch["frames"])
+    assert same == true
+    imagine = closed_loop._imagined_frames(world, 0, 4)
+    drawn = []
+
+    def recorded(batch, first):
+        drawn.append(imagine(batch, first))
+        return drawn[-1]
+
+    imagined = action_scores.evaluate_action_decoder(*args, batch_size=4, max_clips=6,
+                                                     imagine=recorded)
+    assert [len(d) for d in drawn] == [4, 2] and drawn[0].dtype == np.uint8
+    assert imagined.mean_action_mse == true.mean_action_mse and imagined.mse != true.mse
+
+
+@pytest.mark.parametrize("variant, says", [
+    ("no name at all", "has no 'name:'"),
+    ("bigger: model.width=128", "is not a choice of evaluation"),
+    ("too far: eval.execute_frames=99", "exceeds the clips' data.horizon"),
+    ("typo: eval.track=maybe", "eval.track"),
+])
+def test_a_bad_ablation_variant_names_itself_and_what_is_wrong(variant, says):
+    from pewm_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config\.ablations\.variants.*" + re.escape(says)):
+        tiny_config(f"ablations.variants=('as configured:', '{variant}')")
 
 
 def test_evaluation_samples_with_the_given_sampler_settings(closed_loop_run):

@@ -45,16 +45,18 @@ import math
 import pathlib
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from data_loaders.clip_dataset import DatasetError
 from pewm_jax.config import SAMPLING_KEYS
 from pewm_jax.control.controller import ControlSettings, Controller, EpisodeResult
+from pewm_jax.diffusion import sample_from_config
 from pewm_jax.control.policy import PrimitivePolicy
 from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
 from pewm_jax.recipes import action_scores as actions_eval
@@ -179,13 +181,16 @@ class RunModels:
 
     def __init__(self, workdir: pathlib.Path, parallel: int, seed: int, *,
                  steps: dict[str, int] | None = None,
-                 sampler: ml_collections.ConfigDict | None = None):
+                 sampler: ml_collections.ConfigDict | None = None,
+                 dirs: dict[str, str | pathlib.Path] | None = None):
         """`steps` picks a saved step of a model (e.g. {"world_model": 500}); others: newest.
         `sampler` (a config.diffusion) sets how the clip models sample (SAMPLING_KEYS: the
         sampler, its steps and guidance scales are choices of evaluation, not of training);
-        None keeps what each model was trained with."""
+        None keeps what each model was trained with. `dirs` restores a model from another
+        run directory (e.g. {"action_decoder": "runs/other"})."""
         self.workdir, self.parallel, self.seed = workdir, parallel, seed
         self._pinned = dict(steps or {})
+        self._dirs = {name: pathlib.Path(path) for name, path in (dirs or {}).items()}
         self._sampler = sampler
         self._loaded: dict[str, object] = {}
         self.missing: dict[str, str] = {}
@@ -202,11 +207,11 @@ class RunModels:
         return self._loaded.get(name)
 
     def _load(self, name: str) -> Trained | Planner:
-        path = self.workdir
+        path = self._dirs.get(name, self.workdir)
         if name in self._pinned:
-            path = self.workdir / name / str(self._pinned[name])
+            path = path / name / str(self._pinned[name])
             if not path.is_dir():
-                raise CheckpointError(f"{self.workdir / name} has no step {self._pinned[name]}")
+                raise CheckpointError(f"{path.parent} has no step {self._pinned[name]}")
         trained = restore(path, name)
         self.steps[name] = trained.step
         if self._sampler is not None and name in ("world_model", "whole_task"):
@@ -326,6 +331,11 @@ def _component_scores(config: ml_collections.ConfigDict, models: RunModels,
                 max_clips=e.video_clips))
         except DatasetError as err:
             out["actions"] = {"skipped": str(err)}
+    if world is not None and decoder is not None and "mse" in out.get("actions", {}):
+        out["actions_on_imagined"] = dataclasses.asdict(actions_eval.evaluate_action_decoder(
+            decoder.model, decoder.config, e.video_split, batch_size=e.parallel_envs,
+            max_clips=e.video_clips,
+            imagine=_imagined_frames(world, e.seed, e.parallel_envs)))
     planner = models.get("planner")
     if planner is not None:
         try:
@@ -335,6 +345,23 @@ def _component_scores(config: ml_collections.ConfigDict, models: RunModels,
         except DatasetError as err:
             out["planner"] = {"skipped": str(err)}
     return out
+
+
+def _imagined_frames(world: Trained, seed: int, batch_size: int
+                     ) -> Callable[[dict[str, np.ndarray], int], np.ndarray]:
+    """(batch, first row) -> the world model's uint8 samples of the batch's clips: padded and
+    seeded as `video_scores.evaluate_video` does, so they are the clips whose goal reach and
+    PSNR the report gives."""
+    sample = nnx.jit(lambda model, cond, rng: sample_from_config(model, cond, rng, world.config))
+
+    def imagine(batch: dict[str, np.ndarray], first: int) -> np.ndarray:
+        rows = len(batch["frames"])
+        padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)])
+                  for k, v in batch.items()}
+        frames = sample(world.model, padded, jax.random.fold_in(jax.random.key(seed), first))
+        return np.clip(np.round(np.asarray(frames)[:rows] * 255.0), 0, 255).astype(np.uint8)
+
+    return imagine
 
 
 def _write_gif(result: EpisodeResult, path: pathlib.Path) -> pathlib.Path:
@@ -353,7 +380,7 @@ def _write_tensorboard(report: dict, logdir: pathlib.Path, step: int) -> None:
             for key in ("success", "chain_length", "goal_reach"):
                 if s[key] is not None:
                     scalars[f"eval/{name}/{split}/{key}"] = s[key]
-    for part in ("video_quality", "actions", "planner"):
+    for part in ("video_quality", "actions", "actions_on_imagined", "planner"):
         for key, value in report.get(part, {}).items():
             if isinstance(value, float) and math.isfinite(value):
                 scalars[f"eval/{part}/{key}"] = value
@@ -383,12 +410,14 @@ def headline(report: dict) -> str:
                      f"{v['copy_psnr']:.2f}; SSIM {v['ssim']:.3f} vs {v['copy_ssim']:.3f}; goal "
                      f"reach {v['goal_reach']:.0%} vs {v['copy_goal_reach']:.0%} (truth "
                      f"{v['true_goal_reach']:.0%})")
-    a = report.get("actions", {})
-    if "mse" in a:
-        lines.append(f"actions ({a['split']}, per step): mse {a['mse']:.3f} vs mean action "
-                     f"{a['mean_action_mse']:.3f}; gripper commands {a['gripper_accuracy']:.1%} "
-                     f"vs majority {a['majority_gripper_accuracy']:.1%}, "
-                     f"{a['gripper_change_accuracy']:.1%} of {a['gripper_changes']} changes")
+    for key, frames in (("actions", "true frames"), ("actions_on_imagined", "imagined frames")):
+        a = report.get(key, {})
+        if "mse" in a:
+            lines.append(f"actions from {frames} ({a['split']}, per step): mse {a['mse']:.3f} vs "
+                         f"mean action {a['mean_action_mse']:.3f}; gripper commands "
+                         f"{a['gripper_accuracy']:.1%} vs majority "
+                         f"{a['majority_gripper_accuracy']:.1%}, "
+                         f"{a['gripper_change_accuracy']:.1%} of {a['gripper_changes']} changes")
     p = report.get("planner", {})
     if "exact_match" in p:
         lines.append(f"planner ({p['split']}): exact match {p['exact_match']:.0%}; point error "

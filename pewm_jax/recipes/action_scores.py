@@ -25,7 +25,7 @@ Models come from `pewm_jax.recipes.restore.restore`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -104,8 +104,13 @@ def mean_action_errors(batch: Mapping[str, np.ndarray],
 
 def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigDict,
                             split: str, *, batch_size: int = 32,
-                            max_clips: int | None = None) -> ActionScores:
-    """Scores `model` on every clip of `split` of config's data (or its first `max_clips`)."""
+                            max_clips: int | None = None,
+                            imagine: Callable[[dict[str, np.ndarray], int], np.ndarray] | None
+                            = None) -> ActionScores:
+    """Scores `model` on every clip of `split` of config's data (or its first `max_clips`).
+    With `imagine`, it decodes `imagine(batch, first row)`'s (B, H, N, N, 3) uint8 frames
+    instead of the true ones (a world model's samples of the clips), against the true actions:
+    how well the actions can be read from imagined frames."""
     clips = pipeline.ClipPipeline(config, split, augment=False, process_index=0,
                                   process_count=1, num_workers=0)
     total = sum(clips.mixture.sizes)
@@ -117,6 +122,8 @@ def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigD
     for first in range(0, count, batch_size):
         examples = [clips.element(p) for p in range(first, min(first + batch_size, count))]
         batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        if imagine is not None:
+            batch["frames"] = imagine(batch, first)
         predicted = decode(model, {k: batch[k] for k in keys})
         sums[0] += _sums(predicted, batch)
         sums[1] += _sums(_baseline(batch, clips.mixture.stats), batch)

@@ -250,6 +250,9 @@ class ActionDecoderKind(ModelKind):
         return clip_tokenizer_path(config)
 
     def iterator(self, config, vocab_size, split, start_step):
+        if split == "train" and config.action_decoder.imagined_weight > 0:
+            config = ml_collections.ConfigDict(config.to_dict())
+            config.data.mixture = tuple(decoder_mixture(config))
         return pipeline.make_iterator(config, split, start_step=start_step, augment=False,
                                       train=config.action_decoder.train)
 
@@ -328,6 +331,21 @@ class WholeTaskKind(WorldModelKind):
                  ) -> Previews | None:
         """None: its clips are judged by the closed-loop evaluation."""
         return None
+
+
+def decoder_mixture(config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+    """The action decoder's training datasets: config's clips with weight 1 - w, and the world
+    model's imagined ones (`imagined_clips`) with w = config.action_decoder.imagined_weight."""
+    if not config.action_decoder.imagined_dir:
+        raise clip_dataset.DatasetError(
+            "config.action_decoder.imagined_weight > 0 needs the imagined clips: train the "
+            "decoder with `pewm actions`, which samples them into <workdir>/imagined, or set "
+            "config.action_decoder.imagined_dir")
+    weight = float(config.action_decoder.imagined_weight)
+    entries = pipeline.mixture_entries(config)
+    total = sum(w for _, w in entries)
+    return ([(path, (1.0 - weight) * w / total) for path, w in entries]
+            + [(config.action_decoder.imagined_dir, weight)])
 
 
 def _action_dim(config: ml_collections.ConfigDict) -> int:

@@ -49,7 +49,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from pewm_jax.config import SAMPLING_KEYS, TRAIN_SECTIONS
+from pewm_jax.config import SAMPLING_KEYS, TRAIN_SECTIONS, default_config
 from pewm_jax.train import fingerprint
 from pewm_jax.train.state import StateLayout, TrainState
 
@@ -73,7 +73,7 @@ RESUMABLE_KEYS = (
     # fingerprint), the tokenizer (compared with the checkpoint's), the SigLIP weights (the
     # checkpoint holds them).
     "data.dataset_dir", "data.tokenizer", "model.text_encoder_path", "planner.tokenizer",
-    "run.", "eval.", "curves.", "planner.eval_splits",
+    "run.", "eval.", "curves.", "ablations.", "planner.eval_splits",
     # How clips are sampled (previews only; evaluation sets its own).
     *(f"diffusion.{key}" for key in SAMPLING_KEYS),
 )
@@ -161,12 +161,17 @@ def flatten_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dic
 def config_differences(saved: Mapping[str, Any], current: ml_collections.ConfigDict,
                        unrelated: Sequence[str] = ()) -> list[str]:
     """'key: saved -> current' for every key that differs and is neither in RESUMABLE_KEYS
-    nor in `unrelated` (keys, or prefixes ending in '.', that the model does not depend on)."""
+    nor in `unrelated` (keys, or prefixes ending in '.', that the model does not depend on).
+    A key added to the schema after the checkpoint was written differs only when set to other
+    than its default (which is what the saved run did)."""
     old, new = flatten_config(saved), flatten_config(current)
+    defaults = flatten_config(default_config().to_dict())
     diffs = []
     for key in sorted(set(old) | set(new)):
         if any(key == k or (k.endswith(".") and key.startswith(k))
                for k in (*RESUMABLE_KEYS, *unrelated)):
+            continue
+        if key not in old and key in defaults and new[key] == defaults[key]:
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             diffs.append(f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}")
