@@ -394,11 +394,11 @@ def _curves_stage(config: ml_collections.ConfigDict, workdir: pathlib.Path, job:
     if config.data.generator == "metaworld":
         _fail("pewm curves scores the built-in world's closed loop; Meta-World runs have none "
               "(set data.generator='tabletop')")
+    print(f"[curves] world-model checkpoints of {workdir} "
+          f"({tuple(config.curves.steps) or 'every saved step'}): goal reach on "
+          f"{config.eval.video_clips} {config.eval.video_split} clips, closed loop "
+          f"{tuple(config.curves.conditions)}")
     try:
-        steps = config.curves.steps or curves.saved_steps(workdir)
-        print(f"[curves] world-model steps {tuple(steps)} of {workdir}: goal reach on "
-              f"{config.eval.video_clips} {config.eval.video_split} clips, closed loop "
-              f"{tuple(config.curves.conditions)}")
         curves.learning_curves(config, workdir)
     except CheckpointError as e:
         _fail(str(e))

@@ -278,17 +278,20 @@ class _RecordingDecoder:
     def encode_clips(self, first, clips):
         return np.concatenate([first[:, None], clips], axis=1)  # (B, H + 1, N, N, 3)
 
-    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid):
-        self.calls.append((codes.copy(), observations.copy(), j, start_xy.copy()))
-        actions = np.zeros((len(codes), 4, 3), np.float32)  # (B, s, A)
+    @staticmethod
+    def _steps(*leading: int) -> np.ndarray:
+        """(*leading, s, A) steps 0.01 to the right with the gripper open."""
+        actions = np.zeros((*leading, 4, 3), np.float32)
         actions[..., 0], actions[..., 2] = 0.01, -1.0
         return actions
 
+    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid):
+        self.calls.append((codes.copy(), observations.copy(), j, start_xy.copy()))
+        return self._steps(len(codes))  # (B, s, A)
+
     def decode(self, context, frames, start_xy, goal_xy, sgg_valid):
         self.calls.append((context.copy(), frames.copy(), None, start_xy.copy()))
-        actions = np.zeros((len(frames), frames.shape[1], 4, 3), np.float32)  # (B, H, s, A)
-        actions[..., 0], actions[..., 2] = 0.01, -1.0
-        return actions
+        return self._steps(len(frames), frames.shape[1])  # (B, H, s, A)
 
 
 @pytest.mark.parametrize("track, execute_frames", [(True, 3), (True, None), (False, 3)])

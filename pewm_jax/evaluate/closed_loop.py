@@ -196,6 +196,15 @@ class RunModels:
         self.missing: dict[str, str] = {}
         self.steps: dict[str, int] = {}
 
+    def pin(self, name: str, step: int) -> None:
+        """Uses saved step `step` of model `name` from now on: it and the policies built on it
+        are restored again when next needed, the other models stay as loaded."""
+        self._pinned[name] = step
+        self._loaded.pop(name, None)
+        self.missing.pop(name, None)
+        for key in [k for k in self._loaded if k.startswith("policy/")]:
+            del self._loaded[key]
+
     def get(self, name: str):
         """The restored model bundle `name`, or None (reason in `missing`)."""
         if name not in self._loaded and name not in self.missing:

@@ -66,9 +66,9 @@ def learning_curves(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
     e = config.eval
     specs = episode_specs(e)
     points = []
+    models = RunModels(workdir, e.parallel_envs, e.seed, sampler=config.diffusion)
     for step in steps:
-        models = RunModels(workdir, e.parallel_envs, e.seed, steps={"world_model": step},
-                           sampler=config.diffusion)
+        models.pin("world_model", step)  # the decoder and planner stay loaded
         world = models.get("world_model")
         if world is None:
             raise CheckpointError(models.missing["world_model"])
