@@ -50,22 +50,21 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from PIL import Image
 
 from data_loaders.clip_dataset import DatasetError
 from pewm_jax.config import SAMPLING_KEYS
 from pewm_jax.control.controller import ControlSettings, Controller, EpisodeResult
-from pewm_jax.diffusion import sample_from_config
 from pewm_jax.control.policy import PrimitivePolicy
 from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
 from pewm_jax.recipes import action_scores as actions_eval
+from pewm_jax.recipes import imagined_clips
 from pewm_jax.recipes import video_scores as video_quality
 from pewm_jax.sim.tasks import TEMPLATE_NAMES
 from pewm_jax.train.checkpoint import CheckpointError
 from pewm_jax.train.metrics import MetricWriter
 from pewm_jax.recipes import planner_scores as planner_eval
-from pewm_jax.recipes.restore import Trained, restore
+from pewm_jax.recipes.restore import Trained, restore, with_sampling
 from pewm_jax.vlm.finetune import make_planner
 from pewm_jax.vlm.planner import Planner
 
@@ -224,10 +223,7 @@ class RunModels:
         trained = restore(path, name)
         self.steps[name] = trained.step
         if self._sampler is not None and name in ("world_model", "whole_task"):
-            config = ml_collections.ConfigDict(trained.config.to_dict())
-            for key in SAMPLING_KEYS:
-                config.diffusion[key] = self._sampler[key]
-            trained = dataclasses.replace(trained, config=config)
+            trained = with_sampling(trained, self._sampler)
         if name == "planner":
             return make_planner(trained.model, trained.tokenizer, trained.config)
         return trained
@@ -361,16 +357,8 @@ def _imagined_frames(world: Trained, seed: int, batch_size: int
     """(batch, first row) -> the world model's uint8 samples of the batch's clips: padded and
     seeded as `video_scores.evaluate_video` does, so they are the clips whose goal reach and
     PSNR the report gives."""
-    sample = nnx.jit(lambda model, cond, rng: sample_from_config(model, cond, rng, world.config))
-
-    def imagine(batch: dict[str, np.ndarray], first: int) -> np.ndarray:
-        rows = len(batch["frames"])
-        padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)])
-                  for k, v in batch.items()}
-        frames = sample(world.model, padded, jax.random.fold_in(jax.random.key(seed), first))
-        return np.clip(np.round(np.asarray(frames)[:rows] * 255.0), 0, 255).astype(np.uint8)
-
-    return imagine
+    sample = imagined_clips.clip_sampler(world, batch_size)
+    return lambda batch, first: sample(batch, jax.random.fold_in(jax.random.key(seed), first))
 
 
 def _write_gif(result: EpisodeResult, path: pathlib.Path) -> pathlib.Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import shutil
+from collections.abc import Callable, Mapping
 
 import jax
 import ml_collections
@@ -24,7 +25,7 @@ from data_loaders import clip_dataset, pipeline
 from data_loaders.clips import Clip
 from pewm_jax.config import SAMPLING_KEYS
 from pewm_jax.diffusion import sample_from_config
-from pewm_jax.recipes.restore import Trained, restore
+from pewm_jax.recipes.restore import Trained, restore, with_sampling
 from pewm_jax.train.metrics import log
 
 IMAGINED_DIR = "imagined"  # <workdir>/imagined: the default config.action_decoder.imagined_dir
@@ -47,12 +48,21 @@ def describe(config: ml_collections.ConfigDict, world: Trained, world_dir: pathl
             f"{config.seed}; the first {count} {SPLIT} clips of {config.data.dataset_dir}")
 
 
-def _sampling_world(config: ml_collections.ConfigDict, world: Trained) -> Trained:
-    """`world` sampling with config's sampler, steps and guidance scales (evaluation's too)."""
-    trained = ml_collections.ConfigDict(world.config.to_dict())
-    for key in SAMPLING_KEYS:
-        trained.diffusion[key] = config.diffusion[key]
-    return dataclasses.replace(world, config=trained)
+def clip_sampler(world: Trained, batch_size: int
+                 ) -> Callable[[Mapping[str, np.ndarray], jax.Array], np.ndarray]:
+    """(clips' conditions, rng) -> `world`'s samples of up to `batch_size` clips as (b, H, N,
+    N, 3) uint8 frames; the rows are padded to `batch_size` with the first one, so the
+    sampler compiles once (each row's sample does not depend on the others)."""
+    sample = nnx.jit(lambda model, cond, rng: sample_from_config(model, cond, rng, world.config))
+
+    def imagine(cond: Mapping[str, np.ndarray], rng: jax.Array) -> np.ndarray:
+        rows = len(cond["context"])
+        padded = {k: np.concatenate([v, np.repeat(v[:1], batch_size - rows, axis=0)])
+                  for k, v in cond.items()}
+        frames = np.asarray(sample(world.model, padded, rng))[:rows]
+        return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+
+    return imagine
 
 
 def _imagined(config: ml_collections.ConfigDict, world: Trained, count: int):
@@ -60,16 +70,14 @@ def _imagined(config: ml_collections.ConfigDict, world: Trained, count: int):
     source = clip_dataset.clip_source(config.data.dataset_dir, SPLIT)
     clips = pipeline.ClipPipeline(config, SPLIT, augment=False, process_index=0,
                                   process_count=1, num_workers=0)
-    sample = nnx.jit(lambda model, cond, rng: sample_from_config(model, cond, rng, world.config))
+    sample = clip_sampler(world, BATCH_SIZE)
     keys = ("context", "text_tokens", "text_mask", "start_xy", "goal_xy", "sgg_valid")
     rng = jax.random.key(config.seed)
     for first in range(0, count, BATCH_SIZE):
         rows = list(range(first, min(first + BATCH_SIZE, count)))
         examples = [clips.transform(j, (0, j)) for j in rows]
-        examples += examples[-1:] * (BATCH_SIZE - len(rows))  # pad: one compiled shape
         cond = {k: np.stack([e[k] for e in examples]) for k in keys}
-        frames = np.asarray(sample(world.model, cond, jax.random.fold_in(rng, first)))
-        frames = np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)  # (B, H, S, S, 3)
+        frames = sample(cond, jax.random.fold_in(rng, first))  # (b, H, S, S, 3) uint8
         for row, j in enumerate(rows):
             record, example = source[j], examples[row]
             text = record["text"]
@@ -94,7 +102,7 @@ def ensure_imagined_dataset(config: ml_collections.ConfigDict, workdir: str | pa
     workdir = pathlib.Path(workdir)
     out = imagined_dir(config, workdir)
     world_dir = workdir / "world_model"
-    world = _sampling_world(config, restore(world_dir, "world_model"))
+    world = with_sampling(restore(world_dir, "world_model"), config.diffusion)
     source = clip_dataset.DatasetMeta.load(config.data.dataset_dir)
     total = source.splits.get(SPLIT, 0)
     count = min(config.action_decoder.imagined_clips or total, total)
@@ -116,4 +124,3 @@ def ensure_imagined_dataset(config: ml_collections.ConfigDict, workdir: str | pa
         for name in (clip_dataset.STATS_FILE, clip_dataset.TOKENIZER_FILE):
             shutil.copyfile(pathlib.Path(config.data.dataset_dir) / name, stage / name)
     return meta, True
-

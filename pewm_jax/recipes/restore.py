@@ -19,6 +19,7 @@ from etils import epath
 from flax import nnx
 
 from data_loaders.clips import ActionStats
+from pewm_jax.config import SAMPLING_KEYS
 from pewm_jax.recipes.kinds import KINDS
 from pewm_jax.train.checkpoint import find_checkpoint
 from pewm_jax.train.kind import ModelKind
@@ -57,3 +58,12 @@ def restore(path: str | epath.PathLike, kind: str | ModelKind, *,
     finally:
         checkpoints.close()
     return Trained(kind.name, model, kind.trained_config(config), tokenizer, stats, step)
+
+
+def with_sampling(trained: Trained, diffusion: ml_collections.ConfigDict) -> Trained:
+    """A clip model `trained` that samples with `diffusion`'s (a config.diffusion) sampler,
+    steps and guidance scales (SAMPLING_KEYS: choices of evaluation, not of training)."""
+    config = ml_collections.ConfigDict(trained.config.to_dict())
+    for key in SAMPLING_KEYS:
+        config.diffusion[key] = diffusion[key]
+    return dataclasses.replace(trained, config=config)
