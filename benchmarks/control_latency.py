@@ -56,7 +56,7 @@ def random_models(batch: int):
     vocab = tokenizer.get_vocab_size()
     with nnx.use_eager_sharding(False):
         world = WORLD_MODEL.build(config, vocab, nnx.Rngs(0))
-        decoder = build_action_decoder(config, 3, nnx.Rngs(1))
+        decoder = build_action_decoder(config, 3, [2], vocab, nnx.Rngs(1))
         planner = make_planner(build_planner(config, vocab, nnx.Rngs(2)), tokenizer, config)
     stats = ActionStats.compute(np.random.default_rng(0).normal(0, 0.05, (256, 3)), [2])
     return PrimitivePolicy(world, config, tokenizer, decoder, stats, batch_size=batch), planner, config
@@ -68,7 +68,7 @@ def trained_models(workdir: str, batch: int):
 
     world, decoder = restore(workdir, "world_model"), restore(workdir, "action_decoder")
     planner = restore(workdir, "planner")
-    policy = PrimitivePolicy(world.model, world.config, world.tokenizer, decoder.model,
+    policy = PrimitivePolicy(world.model, world.config, decoder.tokenizer, decoder.model,
                              decoder.stats[0], batch_size=batch)
     return policy, make_planner(planner.model, planner.tokenizer, planner.config), world.config
 
@@ -110,7 +110,7 @@ def main() -> None:
             chunk = policy.decode_interval(  # (B, s, A)
                 codes, live, j, np.array([c.start_xy for c in commands], np.float32),
                 np.array([c.goal_xy for c in commands], np.float32),
-                np.ones((len(commands),), bool))
+                np.ones((len(commands),), bool), [c.text for c in commands])
             track_s += time.perf_counter() - start
             start = time.perf_counter()
             for env, actions in zip(envs, chunk):  # per-step actions, as they are

@@ -133,6 +133,7 @@ _POSITIVE = (
     "action_decoder.channels",
     "action_decoder.keypoints",
     "action_decoder.width",
+    "action_decoder.text_width",
     "action_decoder.depth",
     "planner.max_steps",
     "planner.max_words",
@@ -365,7 +366,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.action_decoder = ml_collections.ConfigDict()
     c.action_decoder.channels = 32  # convolution channels of the frame encoder
     c.action_decoder.keypoints = 16  # soft-argmax keypoints read from each frame
-    c.action_decoder.width = 512  # MLP width
+    c.action_decoder.width = 512  # MLP width (the motion head's and the gripper head's)
+    c.action_decoder.text_width = 32  # width of the word embeddings the heads read
     c.action_decoder.depth = 3  # MLP hidden layers
     # Weight of the gripper keypoint's squared pixel error against the start point (the
     # gripper's place in the context frame): it teaches the encoder to find the gripper.

@@ -42,17 +42,19 @@ def decoder_run(tmp_path_factory, tabletop_dataset):
     return workdir, config, loop.train(config, workdir, kind=kinds.ACTION_DECODER)
 
 
-def _model(action_dim: int = 3) -> ActionDecoder:
+def _model(action_dim: int = 3, gripper_dims=(2,)) -> ActionDecoder:
     return ActionDecoder(ActionDecoderSpec(image_size=16, frame_stride=2, channels=8,
                                            keypoints=4, width=32, depth=1,
-                                           action_dim=action_dim), rngs=nnx.Rngs(0))
+                                           action_dim=action_dim, gripper_dims=gripper_dims,
+                                           vocab_size=10, text_width=8), rngs=nnx.Rngs(0))
 
 
 def _inputs(rng, b=2, h=4):
     context = rng.integers(0, 256, (b, 2, 16, 16, 3), dtype=np.uint8)
     frames = rng.integers(0, 256, (b, h, 16, 16, 3), dtype=np.uint8)
     points = rng.uniform(0, 16, (2, b, 2)).astype(np.float32)
-    return context, frames, points[0], points[1], np.ones((b,), bool)
+    tokens = np.array([[3, 4, 0, 0], [5, 6, 7, 0]][:b], np.int32)
+    return context, frames, points[0], points[1], np.ones((b,), bool), tokens, tokens > 0
 
 
 def test_each_interval_reads_the_frames_around_it_and_the_points():
@@ -60,46 +62,75 @@ def test_each_interval_reads_the_frames_around_it_and_the_points():
     j and j + 1 and the context frame, so changing future frame 1 changes intervals 0-2 of 4
     only; the start/goal points count only where sgg_valid says they are known."""
     model = _model()
-    context, frames, start, goal, valid = _inputs(np.random.default_rng(0))
-    actions = np.asarray(model(context, frames, start, goal, valid))
+    context, frames, start, goal, valid, tokens, mask = _inputs(np.random.default_rng(0))
+    words = (tokens, mask)
+    actions = np.asarray(model(context, frames, start, goal, valid, *words))
     assert actions.shape == (2, 4, 2, 3) and np.isfinite(actions).all()
     changed = frames.copy()
     changed[:, 1] = 255 - changed[:, 1]
-    moved = np.asarray(model(context, changed, start, goal, valid))
+    moved = np.asarray(model(context, changed, start, goal, valid, *words))
     differs = np.abs(moved - actions).max(axis=(0, 2, 3)) > 1e-6
     assert differs.tolist() == [True, True, True, False]
     older = context.copy()
     older[:, 0] = 0  # only the last context frame is read
-    np.testing.assert_array_equal(np.asarray(model(older, frames, start, goal, valid)), actions)
-    assert not np.allclose(np.asarray(model(context, frames, start + 3, goal, valid)), actions)
+    np.testing.assert_array_equal(np.asarray(model(older, frames, start, goal, valid, *words)),
+                                  actions)
+    assert not np.allclose(np.asarray(model(context, frames, start + 3, goal, valid, *words)),
+                           actions)
     unknown = np.zeros((2,), bool)
-    np.testing.assert_array_equal(np.asarray(model(context, frames, start + 3, goal, unknown)),
-                                  np.asarray(model(context, frames, start, goal - 5, unknown)))
+    np.testing.assert_array_equal(
+        np.asarray(model(context, frames, start + 3, goal, unknown, *words)),
+        np.asarray(model(context, frames, start, goal - 5, unknown, *words)))
     # uint8 pixels and the same frames in [-1, 1] (a sampled clip) decode alike.
     np.testing.assert_allclose(np.asarray(model(context / 127.5 - 1, frames / 127.5 - 1, start,
-                                                goal, valid)), actions, atol=1e-4)
+                                                goal, valid, *words)), actions, atol=1e-4)
+
+
+def test_gripper_commands_read_the_words_and_not_the_look_of_later_frames():
+    """Both heads read the primitive's words (padding tokens are not words); the gripper
+    commands read the frames after an interval's first only through the gripper keypoint, so
+    a later frame redrawn with its keypoints in place leaves them as they were while the
+    motion head sees it (the frame's pooled features change)."""
+    model = _model()
+    context, frames, start, goal, valid, tokens, mask = _inputs(np.random.default_rng(0))
+    actions = np.asarray(model(context, frames, start, goal, valid, tokens, mask))
+    other = tokens.copy()
+    other[0, 0] = 9
+    assert not np.allclose(np.asarray(model(context, frames, start, goal, valid, other, mask)),
+                           actions)
+    padded = np.where(mask, tokens, 8)  # different ids where the mask says padding
+    np.testing.assert_array_equal(
+        np.asarray(model(context, frames, start, goal, valid, padded, mask)), actions)
+    codes = np.asarray(model.encode(np.concatenate([context[:, -1:], frames], 1)))
+    for j in range(frames.shape[1]):  # interval j: frames after j - 1 (codes j + 1 on) redrawn
+        redrawn = codes.copy()
+        redrawn[:, j + 1:, 2:] += 1.0  # all but the gripper keypoint
+        read = np.asarray(model.read(redrawn, start, goal, valid, tokens, mask)[0])[:, j]
+        np.testing.assert_allclose(read[..., 2], actions[:, j, ..., 2], atol=1e-5)
+        assert not np.allclose(read[..., :2], actions[:, j, ..., :2])
 
 
 def test_the_loss_is_mse_on_motion_and_cross_entropy_on_gripper_commands():
     """Padded action dimensions are ignored; gripper dimensions (1 high, 0 low) are scored by
     binary cross-entropy of the logits, the others by squared error; the context frame's
     gripper keypoint by its squared pixel distance to a valid start point."""
-    model = _model(action_dim=4)
+    model = _model(action_dim=4, gripper_dims=(1, 2))
     rng = np.random.default_rng(1)
-    context, frames, start, goal, valid = _inputs(rng, h=3)
+    context, frames, start, goal, valid, tokens, mask = _inputs(rng, h=3)
     actions = rng.normal(size=(2, 3, 2, 4)).astype(np.float32)
     actions[0, ..., 2] = rng.integers(0, 2, (3, 2))  # dataset 0: dims 0-1 motion, 2 gripper
     actions[1, ..., 1] = rng.integers(0, 2, (3, 2))  # dataset 1: dim 0 motion, 1 gripper
     actions[0, ..., 3] = actions[1, ..., 2:] = 0.0  # padded dimensions
     batch = {"context": context, "frames": frames, "start_xy": start, "goal_xy": goal,
-             "sgg_valid": valid, "actions": actions,
+             "sgg_valid": valid, "text_tokens": tokens, "text_mask": mask, "actions": actions,
              "action_mask": np.array([[True, True, True, False], [True, True, False, False]]),
              "gripper_mask": np.array([[False, False, True, False],
                                        [False, True, False, False]])}
     valid[1] = False  # no start point: its gripper keypoint is not scored
     config = ml_collections.ConfigDict({"action_decoder": {"locate_weight": 0.5}})
     loss, metrics = action_loss(model, batch, None, config)
-    out, keypoints = (np.asarray(x) for x in model.decode(context, frames, start, goal, valid))
+    out, keypoints = (np.asarray(x) for x in model.decode(context, frames, start, goal, valid,
+                                                          tokens, mask))
     assert keypoints.shape == (2, 4, 2) and (keypoints >= 0).all() and (keypoints <= 16).all()
     located = float(np.sum(np.square(keypoints[0, 0] - start[0])))
     motion = [np.square(out[0, ..., :2] - actions[0, ..., :2]),
@@ -168,7 +199,7 @@ def test_restored_decoder_is_the_ema_and_scores_beside_the_mean_action(decoder_r
     majority = stats.mean[2] > 0  # the commoner command of the train split
     assert scores.majority_gripper_accuracy == pytest.approx(
         float(np.mean((targets[..., 2] > 0.5) == majority)))
-    keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid")
+    keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid", "text_tokens", "text_mask")
     out = np.concatenate([np.asarray(model(*[np.stack([e[k] for e in examples[i:i + 5]])
                                              for k in keys]))
                           for i in range(0, len(examples), 5)])
@@ -222,7 +253,7 @@ def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
     assert scores.mse < 0.2 * scores.mean_action_mse and scores.gripper_accuracy > 0.95
     specs = closed_loop.episode_specs(tiny_config("eval.episodes_per_template=2",
                                                   "eval.splits=('train',)").eval)
-    policy = PrimitivePolicy(None, trained, None, model, stats[0], batch_size=15)
+    policy = PrimitivePolicy(None, trained, restored.tokenizer, model, stats[0], batch_size=15)
 
     def run(executor: str):
         return Controller(ControlSettings("world", executor), lambda: TabletopControlEnv(64),

@@ -19,6 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # (config spec relative to configs/, devices its mesh is meant for, expected resolved mesh)
 SHIPPED = [
     ("quickstart.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
+    ("cpu_reference.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
     ("mid.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
     ("reference_gpu.py", 1, {"data": 1, "fsdp": 1, "tensor": 1}),
     ("pewm_base.py", 64, {"data": 4, "fsdp": 16, "tensor": 1}),

@@ -13,7 +13,8 @@ from world_model_fixtures import randomize, small_config
 from data_loaders.clips import ActionStats, frame_indices
 from pewm_jax.text.tokenizer import build_tokenizer
 from pewm_jax.config import EVAL_CONDITIONS
-from pewm_jax.control.controller import ControlSettings, Controller
+from pewm_jax.control.controller import (ControlSettings, Controller, EpisodeResult,
+                                         PrimitiveRecord)
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
 from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
 from pewm_jax.evaluate import closed_loop
@@ -77,6 +78,29 @@ def test_the_experts_actions_replayed_in_clip_form_equal_the_oracle(execute_fram
 
     assert pushes(replay) and np.allclose(pushes(replay), pushes(oracle), atol=1e-6)
     assert "push outcomes (median of attempts):" in table and "object_error_side_px" in table
+
+
+def test_goal_reach_is_scored_per_primitive_kind_and_printed_in_the_chain():
+    """Where imagined clips ended, per primitive kind (the chain's diagnostic of which
+    primitives the world model draws to their goal), from the attempts that imagined one."""
+    def record(kind, reached):
+        return PrimitiveRecord(kind, kind, (0.0, 0.0), (1.0, 1.0), bool(reached), 8, 1, reached)
+
+    def episode(*records):
+        return EpisodeResult(None, "t", "task", "train", 2, 1, False, "budget", 16, 0, 0,
+                             list(records), [])
+
+    scores = closed_loop.split_scores([episode(record("pick", True), record("push", False)),
+                                       episode(record("pick", False), record("push", False))])
+    assert scores["goal_reach"] == 0.25
+    assert scores["per_primitive"]["pick"]["goal_reach"] == 0.5
+    assert scores["per_primitive"]["push"]["goal_reach"] == 0.0
+    oracle = closed_loop.split_scores([episode(record("pick", None))])
+    assert "goal_reach" not in oracle["per_primitive"]["pick"]
+    table = closed_loop.chain_table({"conditions": {"oracle": {"splits": {"train": oracle}},
+                                                    "world_plan": {"splits": {"train": scores}}}})
+    line = table.split("at its goal:\n")[1].splitlines()[0].split()
+    assert line == ["world_plan", "train", "25%", "50%", "0%"]
 
 
 def test_a_push_outcome_splits_the_objects_miss_along_and_across_the_push():
@@ -210,8 +234,8 @@ def random_policy():
         encoder = make_text_encoder(config, rngs, tokenizer.get_vocab_size())
     model = WorldModel.from_config(config, rngs, encoder)
     randomize(model, 1, scale=0.02)
-    decoder = ActionDecoder(ActionDecoderSpec(16, config.data.frame_stride, 8, 4, 32, 1, 3),
-                            rngs=nnx.Rngs(1))
+    decoder = ActionDecoder(ActionDecoderSpec(16, config.data.frame_stride, 8, 4, 32, 1, 3, (2,),
+                                              tokenizer.get_vocab_size(), 8), rngs=nnx.Rngs(1))
     randomize(decoder, 2)
     stats = ActionStats.compute(np.random.default_rng(0).normal(0, 0.05, (100, 3)), [2])
     return PrimitivePolicy(model, config, tokenizer, decoder, stats, batch_size=3), config
@@ -251,16 +275,18 @@ def test_tracked_decoding_of_an_interval_equals_decoding_its_clip_with_the_live_
     live = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     start, goal = np.array([[3, 4], [8, 8]], np.float32), np.array([[12, 9], [2, 2]], np.float32)
     valid = np.array([True, False])
+    texts = ["move to the red cube", "pick up the blue disc"]
     codes = policy.encode_clips(first, clips)
     for j in (0, 1, h - 1):
         observed = first if j == 0 else live  # the clip starts at the observation
         frames = clips.copy()
         if j:
             frames[:, j - 1] = live
-        want = policy.decode(policy.context(first), frames, start, goal, valid)[:, j]
-        got = policy.decode_interval(codes, observed, j, start, goal, valid)
+        want = policy.decode(policy.context(first), frames, start, goal, valid, texts)[:, j]
+        got = policy.decode_interval(codes, observed, j, start, goal, valid, texts)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        one = policy.decode_interval(codes[1:], observed[1:], j, start[1:], goal[1:], valid[1:])
+        one = policy.decode_interval(codes[1:], observed[1:], j, start[1:], goal[1:], valid[1:],
+                                     texts[1:])
         np.testing.assert_allclose(one, want[1:], rtol=1e-5, atol=1e-5)
 
 
@@ -285,11 +311,11 @@ class _RecordingDecoder:
         actions[..., 0], actions[..., 2] = 0.01, -1.0
         return actions
 
-    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid):
+    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid, texts):
         self.calls.append((codes.copy(), observations.copy(), j, start_xy.copy()))
         return self._steps(len(codes))  # (B, s, A)
 
-    def decode(self, context, frames, start_xy, goal_xy, sgg_valid):
+    def decode(self, context, frames, start_xy, goal_xy, sgg_valid, texts):
         self.calls.append((context.copy(), frames.copy(), None, start_xy.copy()))
         return self._steps(len(frames), frames.shape[1])  # (B, H, s, A)
 

@@ -273,7 +273,7 @@ class _StillPolicy:
                             np.zeros((b, self.horizon, self.frame_stride, 4), np.float32),
                             0.0, 0.0)
 
-    def decode(self, context, frames, start_xy, goal_xy, sgg_valid):
+    def decode(self, context, frames, start_xy, goal_xy, sgg_valid, texts):
         self.decoded.append((context, frames))  # (B, C, N, N, 3), (B, H, N, N, 3)
         return np.zeros((len(frames), self.horizon, self.frame_stride, 4), np.float32)
 
@@ -281,7 +281,7 @@ class _StillPolicy:
         self.decoded.append((first[:, None], clips))  # (B, 1, N, N, 3), (B, H, N, N, 3)
         return np.zeros((len(clips), self.horizon + 1, 1), np.float32)
 
-    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid):
+    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid, texts):
         return np.zeros((len(codes), self.frame_stride, 4), np.float32)
 
 

@@ -548,7 +548,8 @@ class Controller:
         return self.policy.decode(context, frames,
                                   np.array([c.start_xy for c in commands], np.float32),
                                   np.array([c.goal_xy for c in commands], np.float32),
-                                  np.full((len(slots),), self.settings.sgg))
+                                  np.full((len(slots),), self.settings.sgg),
+                                  [c.text for c in commands])
 
     def _decode_interval(self, slots: list[_Slot], codes: np.ndarray, commands: list,
                          j: int) -> np.ndarray:
@@ -559,7 +560,7 @@ class Controller:
             codes, np.stack([sl.env.image for sl in slots]), j,
             np.array([c.start_xy for c in commands], np.float32),
             np.array([c.goal_xy for c in commands], np.float32),
-            np.full((len(slots),), self.settings.sgg))
+            np.full((len(slots),), self.settings.sgg), [c.text for c in commands])
 
     def _play_scripted(self, slot: _Slot) -> None:
         """The world's scripted expert runs the attempt's primitive to its end."""

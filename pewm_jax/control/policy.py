@@ -5,8 +5,8 @@ pixels of the observation) into an imagined clip per row and the action chunk th
 
     words -> tokenizer -> text tokens      points -> SGG heatmaps (inside the jitted sampler)
     observation + tokens + points -> world model samples H future frames (few ODE steps)
-    observation + sampled frames + points -> action decoder -> (H, s) per-step actions
-                                         (normalised; gripper logits) -> dataset units
+    observation + sampled frames + points + tokens -> action decoder -> (H, s) per-step
+                                         actions (normalised; gripper logits) -> dataset units
 
 Every call runs at the fixed batch size given at construction (rows beyond the commands are
 padding), so the sampler and decoder compile once and are reused for every control step.
@@ -62,8 +62,10 @@ class PolicyOutput:
 
 @nnx.jit
 def _decode(model: ActionDecoder, context: jax.Array, frames: jax.Array, start_xy: jax.Array,
-            goal_xy: jax.Array, sgg_valid: jax.Array) -> jax.Array:
-    return model(context, frames, start_xy, goal_xy, sgg_valid)  # (B, H, s, A) model units
+            goal_xy: jax.Array, sgg_valid: jax.Array, text_tokens: jax.Array,
+            text_mask: jax.Array) -> jax.Array:
+    return model(context, frames, start_xy, goal_xy, sgg_valid, text_tokens,
+                 text_mask)  # (B, H, s, A) model units
 
 
 @nnx.jit
@@ -74,12 +76,14 @@ def _encode(model: ActionDecoder, video: jax.Array) -> jax.Array:
 @nnx.jit
 def _decode_interval(model: ActionDecoder, codes: jax.Array, observations: jax.Array,
                      j: jax.Array, start_xy: jax.Array, goal_xy: jax.Array,
-                     sgg_valid: jax.Array) -> jax.Array:
+                     sgg_valid: jax.Array, text_tokens: jax.Array, text_mask: jax.Array
+                     ) -> jax.Array:
     """(B, s, A) model units: interval j of the clip whose encodings (B, H + 1, E) have entry j
     (the frame before interval j) replaced by the observations' (B, N, N, 3)."""
     live = model.encode(observations[:, None])  # (B, 1, E)
     codes = jax.lax.dynamic_update_slice_in_dim(codes, live.astype(codes.dtype), j, axis=1)
-    actions, _ = model.read(codes, start_xy, goal_xy, sgg_valid)  # (B, H, s, A)
+    actions, _ = model.read(codes, start_xy, goal_xy, sgg_valid, text_tokens,
+                            text_mask)  # (B, H, s, A)
     return jax.lax.dynamic_index_in_dim(actions, j, axis=1, keepdims=False)
 
 
@@ -90,9 +94,9 @@ class PrimitivePolicy:
                  tokenizer: tokenizers.Tokenizer | None, action_decoder: ActionDecoder,
                  action_stats: ActionStats, *, batch_size: int, seed: int = 0):
         """`config` is the world model's training config (clip horizon, sampler settings);
-        `action_stats` the statistics of the dataset whose actions the decoder reads. Without
-        a world model (and tokenizer) it only decodes given clips (`decode`), with `config`
-        the decoder's own."""
+        `tokenizer` the clip dataset's, which both models read words with; `action_stats` the
+        statistics of the dataset whose actions the decoder reads. Without a world model it
+        only decodes given clips (`decode`), with `config` the decoder's own."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         decoder_size = action_decoder.spec.image_size
@@ -128,8 +132,7 @@ class PrimitivePolicy:
         if not 1 <= b <= self.batch_size:
             raise ValueError(f"a policy step takes 1 to {self.batch_size} commands, got {b}")
         context = self.context(observations)
-        tokens, mask = encode_batch(self.tokenizer, [c.text for c in commands],
-                                    int(self.config.data.max_text_tokens))
+        tokens, mask = self._tokens([c.text for c in commands])
         cond = {"context": context, "text_tokens": tokens, "text_mask": mask,
                 "start_xy": np.array([c.start_xy for c in commands], np.float32),
                 "goal_xy": np.array([c.goal_xy for c in commands], np.float32),
@@ -144,7 +147,8 @@ class PrimitivePolicy:
         generated = time.perf_counter()
         if decode:
             actions = self.decode(*(x[:b] for x in (cond["context"], clips, cond["start_xy"],
-                                                     cond["goal_xy"], cond["sgg_valid"])))
+                                                     cond["goal_xy"], cond["sgg_valid"])),
+                                  [c.text for c in commands])
         else:
             actions = np.zeros((b, 0, self.action_decoder.spec.frame_stride, self.action_dim),
                                np.float32)
@@ -152,14 +156,14 @@ class PrimitivePolicy:
         return PolicyOutput(clips[:b], actions, generated - start, decoded - generated)
 
     def decode(self, context: np.ndarray, frames: np.ndarray, start_xy: np.ndarray,
-               goal_xy: np.ndarray, sgg_valid: np.ndarray) -> np.ndarray:
+               goal_xy: np.ndarray, sgg_valid: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """(B, H, s, A) per-step actions in the dataset's units for clips of uint8 frames
-        (B, H, N, N, 3) after context (B, C, N, N, 3), with their points (B, 2) and sgg_valid
-        (B,), B <= batch_size: what the controller plays for imagined clips, and for true ones
-        (`true_video`)."""
+        (B, H, N, N, 3) after context (B, C, N, N, 3), with their points (B, 2), sgg_valid (B,)
+        and primitives' words, B <= batch_size: what the controller plays for imagined clips,
+        and for true ones (`true_video`)."""
         b = len(frames)
         inputs = [self._padded(np.asarray(x)) for x in (context, frames, start_xy, goal_xy,
-                                                          sgg_valid)]
+                                                          sgg_valid, *self._tokens(texts))]
         out = np.asarray(jax.device_get(_decode(self.action_decoder, *inputs)))  # (B', H, s, A')
         return self.stats.from_model(out[:b, ..., :self.action_dim])
 
@@ -171,8 +175,8 @@ class PrimitivePolicy:
         return np.asarray(jax.device_get(_encode(self.action_decoder, self._padded(video))))[:b]
 
     def decode_interval(self, codes: np.ndarray, observations: np.ndarray, j: int,
-                        start_xy: np.ndarray, goal_xy: np.ndarray,
-                        sgg_valid: np.ndarray) -> np.ndarray:
+                        start_xy: np.ndarray, goal_xy: np.ndarray, sgg_valid: np.ndarray,
+                        texts: Sequence[str]) -> np.ndarray:
         """(B, s, A) per-step actions from live uint8 observations (B, N, N, 3) to frame j of
         clips encoded by `encode_clips` (B, H + 1, E), with start_xy (B, 2) the gripper's place
         in the observation each clip was imagined from. Decoded as in training, from the whole
@@ -180,10 +184,14 @@ class PrimitivePolicy:
         have drifted from the clip): what `decode` gives for that clip, at interval j."""
         b = len(codes)
         inputs = [self._padded(np.asarray(x)) for x in (codes, observations, start_xy, goal_xy,
-                                                          sgg_valid)]
+                                                          sgg_valid, *self._tokens(texts))]
         out = np.asarray(jax.device_get(_decode_interval(
             self.action_decoder, inputs[0], inputs[1], np.int32(j), *inputs[2:])))  # (B', s, A')
         return self.stats.from_model(out[:b, ..., :self.action_dim])
+
+    def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L) token ids and mask of B primitives' words."""
+        return encode_batch(self.tokenizer, list(texts), int(self.config.data.max_text_tokens))
 
     def context(self, observations: np.ndarray) -> np.ndarray:
         """(B, C, N, N, 3): observations (B, N, N, 3) as the models' C context frames."""

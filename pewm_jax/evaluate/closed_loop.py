@@ -131,10 +131,12 @@ def success_rate(successes: Sequence[bool]) -> dict:
 
 def split_scores(results: Sequence[EpisodeResult]) -> dict:
     """Success (with its 95% interval), chain length, per-template and per-primitive success,
-    goal reach of imagined clips and how episodes ended, for one split's episodes."""
+    goal reach of imagined clips (overall and per primitive) and how episodes ended, for one
+    split's episodes."""
     n = len(results)
     per_template = defaultdict(list)
     per_kind = defaultdict(list)
+    kind_reach = defaultdict(list)
     outcomes: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     reach = []
     for r in results:
@@ -145,6 +147,7 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
                 outcomes[p.kind or "unnamed"][key].append(value)
             if p.goal_reached is not None:
                 reach.append(p.goal_reached)
+                kind_reach[p.kind or "unnamed"].append(p.goal_reached)
     return {
         **success_rate([r.success for r in results]),
         "chain_length": float(np.mean([r.chain_length for r in results])) if n else 0.0,
@@ -152,6 +155,8 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
         "primitives_run": float(np.mean([len(r.primitives) for r in results])) if n else 0.0,
         "per_template": {k: float(np.mean(v)) for k, v in sorted(per_template.items())},
         "per_primitive": {k: {"success": float(np.mean(v)), "runs": len(v),
+                              **({"goal_reach": float(np.mean(kind_reach[k]))}
+                                 if kind_reach.get(k) else {}),
                               **({"median": {m: float(np.median(x))
                                              for m, x in sorted(outcomes[k].items())}}
                                  if outcomes.get(k) else {})}
@@ -235,10 +240,15 @@ class RunModels:
         world = self.get(clips) if clips else None
         if decoder is None or (clips and world is None):
             return None
+        if world and world.tokenizer.to_str() != decoder.tokenizer.to_str():
+            raise ValueError(f"the {clips} model and the action decoder restored for "
+                             f"{self.workdir} read words with different tokenizers; train the "
+                             "decoder on the clip model's dataset (`pewm actions` with its "
+                             "config.data)")
         if f"policy/{clips}" not in self._loaded:
             self._loaded[f"policy/{clips}"] = PrimitivePolicy(
                 world.model if world else None, world.config if world else decoder.config,
-                world.tokenizer if world else None, decoder.model, decoder.stats[0],
+                decoder.tokenizer, decoder.model, decoder.stats[0],
                 batch_size=self.parallel, seed=self.seed)
         return self._loaded[f"policy/{clips}"]
 
@@ -448,6 +458,15 @@ def chain_table(report: dict) -> str:
                             if k in s["per_primitive"] else f"{'-':>9}" for k in kinds)
             lines.append(f"{name:<12}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>12}"
                          + cells)
+    reaching = [(name, split, s) for name in ran
+                for split, s in conditions[name]["splits"].items() if s["goal_reach"] is not None]
+    if reaching:  # links with imagined clips: where their first clip ended, per primitive
+        lines.append("imagined clips whose last frame shows the gripper at its goal:")
+        for name, split, s in reaching:
+            cells = "".join(f"{s['per_primitive'][k]['goal_reach']:>9.0%}"
+                            if "goal_reach" in s["per_primitive"].get(k, {}) else f"{'-':>9}"
+                            for k in kinds)
+            lines.append(f"{name:<12}{split:<22}{s['goal_reach']:>9.0%}{'':>12}" + cells)
     return "\n".join(lines + _outcome_lines(conditions, ran))
 
 

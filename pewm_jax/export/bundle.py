@@ -108,7 +108,8 @@ def policy_step_function(world_model: nnx.Module, action_decoder: nnx.Module,
         unit = sample_from_config(world.module(weights), cond, rng, config)  # (B, H, N, N, 3)
         clips = (unit * 255.0 + 0.5).clip(0, 255).astype(jnp.uint8)  # (B, H, N, N, 3)
         # (B, H, s, A): normalised continuous dimensions, gripper logits
-        return clips, decoder.module(weights)(context, clips, start_xy, goal_xy, sgg_valid)
+        return clips, decoder.module(weights)(context, clips, start_xy, goal_xy, sgg_valid,
+                                              text_tokens, text_mask)
 
     return policy_step, {**world.arrays, **decoder.arrays}
 

@@ -116,7 +116,7 @@ def evaluate_action_decoder(model: ActionDecoder, config: ml_collections.ConfigD
     total = sum(clips.mixture.sizes)
     count = total if max_clips is None else min(max_clips, total)
     decode = nnx.jit(decode_batch)
-    keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid")
+    keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid", "text_tokens", "text_mask")
     sums = np.zeros((2, 5, clips.mixture.action_dim))  # model, baseline
     gripper = np.zeros(clips.mixture.action_dim, bool)
     for first in range(0, count, batch_size):

@@ -8,6 +8,8 @@ validation action error beside the mean action's (action decoder).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,6 +19,7 @@ from flax import nnx
 
 from data_loaders import clip_dataset, pipeline, plan_pipeline, tabletop, whole_task_pipeline
 from data_loaders.batch_spec import BatchSpec, PlanBatchSpec
+from data_loaders.clips import ActionStats
 from pewm_jax.text import tokenizer as tokenizer_lib
 from pewm_jax.diffusion import loss_fn, sample_from_config
 from pewm_jax.recipes import action_scores as actions_eval
@@ -228,20 +231,21 @@ class ActionDecoderKind(ModelKind):
 
     name, section = "action_decoder", "action_decoder.train"
     unrelated = ("model.", "diffusion.", "train.", "planner.", "whole_task.", "data.augment",
-                 "data.crop_scale_min", "data.color_jitter", "data.max_text_tokens")
-
-
+                 "data.crop_scale_min", "data.color_jitter")
 
     def build_restored(self, config, vocab_size, stats, rngs):
-        return action_decoder.build_action_decoder(config, max(len(x.mean) for x in stats), rngs)
+        return action_decoder.build_action_decoder(config, *_action_spec(stats), vocab_size, rngs)
+
     def batch_shapes(self, config, vocab_size):
         return BatchSpec.from_config(config, STAND_IN_ACTION_DIM).shapes(
             self.train(config).global_batch_size)
+
     def compute_dtype(self, config: ml_collections.ConfigDict) -> str:
         return config.action_decoder.dtype
 
     def build(self, config, vocab_size, rngs):
-        return action_decoder.build_action_decoder(config, _action_dim(config), rngs)
+        return action_decoder.build_action_decoder(config, *_mixture_actions(config), vocab_size,
+                                                   rngs)
 
     def loss(self, model, batch, rng, config):
         return action_decoder.action_loss(model, batch, rng, config)
@@ -258,7 +262,8 @@ class ActionDecoderKind(ModelKind):
 
     def flops_per_step(self, config, vocab_size):
         return action_decoder.action_decoder_flops(
-            action_decoder.ActionDecoderSpec.from_config(config, _action_dim(config)),
+            action_decoder.ActionDecoderSpec.from_config(config, *_mixture_actions(config),
+                                                         vocab_size),
             config.action_decoder.train.global_batch_size, config.data.horizon)
 
     def previews(self, config: ml_collections.ConfigDict, layout: StateLayout
@@ -271,8 +276,8 @@ class ActionDecoderKind(ModelKind):
         clip_pipeline, batch = val
         baseline = actions_eval.mean_action_errors(batch, clip_pipeline.mixture.stats)
         repl = mesh_lib.replicated(layout.mesh)
-        keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid", "actions",
-                "action_mask", "gripper_mask")
+        keys = ("context", "frames", "start_xy", "goal_xy", "sgg_valid", "text_tokens",
+                "text_mask", "actions", "action_mask", "gripper_mask")
         clips = {k: jax.make_array_from_process_local_data(repl, batch[k]) for k in keys}
         graphdef = layout.graphdef
 
@@ -302,13 +307,13 @@ class WholeTaskKind(WorldModelKind):
     name = "whole_task"
     unrelated = ("planner.", "action_decoder.")
 
-
-
     def trained_config(self, config):
         return whole_task_pipeline.whole_task_config(config)
+
     def batch_shapes(self, config, vocab_size):
         return BatchSpec.from_config(whole_task_pipeline.whole_task_config(config),
                                      STAND_IN_ACTION_DIM).shapes(self.train(config).global_batch_size)
+
     def train(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         """config.train with the FLOP-matched number of steps."""
         batch = config.train.global_batch_size
@@ -348,9 +353,16 @@ def decoder_mixture(config: ml_collections.ConfigDict) -> list[tuple[str, float]
             + [(config.action_decoder.imagined_dir, weight)])
 
 
-def _action_dim(config: ml_collections.ConfigDict) -> int:
-    """The largest action size of the clip mixture's datasets (what actions are padded to)."""
-    return pipeline.ClipMixture(pipeline.mixture_entries(config), "train").action_dim
+def _mixture_actions(config: ml_collections.ConfigDict) -> tuple[int, tuple[int, ...]]:
+    """`_action_spec` of the clip mixture's train datasets."""
+    return _action_spec(pipeline.ClipMixture(pipeline.mixture_entries(config), "train").stats)
+
+
+def _action_spec(stats: Sequence[ActionStats]) -> tuple[int, tuple[int, ...]]:
+    """The largest action size of the datasets (what actions are padded to) and the dimensions
+    that are a gripper command in any of them."""
+    grippers = {int(d) for x in stats for d in np.flatnonzero(~np.asarray(x.normalize_mask))}
+    return max(len(x.mean) for x in stats), tuple(sorted(grippers))
 
 
 WORLD_MODEL = WorldModelKind()
