@@ -39,8 +39,8 @@ RUN_STAGES = ("preview", "data", "train", "whole_task", "actions", "planner", "e
 DTYPES = ("float32", "bfloat16")
 # Closed-loop evaluation conditions (pewm_jax.evaluate.closed_loop.CONDITIONS) and task splits
 # of the built-in world (pewm_jax.sim.tasks.SPLITS; 'train' = seen compositions, new scenes).
-EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "true_video", "replay",
-                   "vlm_scripted", "oracle", "whole_task")
+EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "expert_gripper", "true_video",
+                   "replay", "vlm_scripted", "oracle", "whole_task")
 # config.diffusion keys that are choices of sampling, not of training: evaluation sets them on
 # the restored clip models, and a run may change them on resume.
 SAMPLING_KEYS = ("sampler", "num_steps", "text_guidance", "sgg_guidance")

@@ -18,6 +18,7 @@ from pewm_jax.control.controller import ControlSettings, Controller
 from pewm_jax.control.policy import PrimitivePolicy
 from pewm_jax.control.tabletop import TabletopControlEnv
 from pewm_jax.recipes import action_scores as actions_eval
+from pewm_jax.recipes import video_scores
 from pewm_jax.recipes.restore import restore
 from pewm_jax.evaluate import closed_loop
 from pewm_jax.models.action_decoder import ActionDecoder, ActionDecoderSpec, action_loss
@@ -227,14 +228,10 @@ def test_bad_decoder_settings_name_the_key(override, key):
         tiny_config(override)
 
 
-@pytest.mark.slow
-def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
-    """The decoder's link of the evaluation chain, trained within the slow budget (500
-    episodes, DECODER_STEPS steps of 16 clips): on held-out clips its per-step error is far
-    below the mean action's; the expert's true future frames, decoded and played (tracked),
-    run every kind of primitive in >= 90% of attempts and pushes in >= 80% (measured: pick
-    91%, push 86%, the others 100%) and solve at least TRUE_VIDEO_SHARE of what the oracle
-    solves on the same seeds (measured 90%; issue 24 asks for 90% on the main job's models)."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """(workdir, config) of the slow tests' run: 500 episodes of quickstart data, and the
+    quickstart's decoder trained for DECODER_STEPS steps of 16 clips (about 7 minutes)."""
     dataset = tmp_path_factory.mktemp("decoder_data") / "data"
     overrides = [*TINY_DATA, "data.num_train_episodes=500", "data.num_test_episodes=10",
                  f"data.dataset_dir={dataset}"]
@@ -243,9 +240,22 @@ def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
                          "action_decoder.train.global_batch_size=16",
                          "action_decoder.train.log_every=50",
                          f"action_decoder.train.checkpoint_every={DECODER_STEPS}",
-                         "action_decoder.train.sample_clips=0")
+                         "action_decoder.train.sample_clips=0", "train.log_every=50",
+                         "train.sample_clips=0", "train.checkpoint_every=300")
     workdir = tmp_path_factory.mktemp("decoder_run")
     loop.train(config, workdir, kind=kinds.ACTION_DECODER)
+    return workdir, config
+
+
+@pytest.mark.slow
+def test_a_trained_decoder_plays_the_experts_true_future(trained_run):
+    """The decoder's link of the evaluation chain, trained within the slow budget (500
+    episodes, DECODER_STEPS steps of 16 clips): on held-out clips its per-step error is far
+    below the mean action's; the expert's true future frames, decoded and played (tracked),
+    run every kind of primitive in >= 90% of attempts and pushes in >= 80% (measured: pick
+    91%, push 86%, the others 100%) and solve at least TRUE_VIDEO_SHARE of what the oracle
+    solves on the same seeds (measured 90%; issue 24 asks for 90% on the main job's models)."""
+    workdir, config = trained_run
     restored = restore(workdir, "action_decoder")
     model, trained, stats = restored.model, restored.config, restored.stats
     scores = actions_eval.evaluate_action_decoder(model, config, "test")
@@ -267,3 +277,40 @@ def test_a_trained_decoder_plays_the_experts_true_future(tmp_path_factory):
     kinds_run = closed_loop.split_scores(video)["per_primitive"]
     assert all(v["success"] >= (0.8 if k == "push" else 0.9) for k, v in kinds_run.items()), \
         kinds_run
+
+
+@pytest.mark.slow
+def test_a_trained_world_model_acts_where_random_weights_do_not(trained_run):
+    """The world model's link, trained within the slow budget (the quickstart's 300 steps on
+    the slow run's data, sampled with its SGG guidance 3): its imagined held-out clips end at
+    the goal far more often than copying the context frame (measured on the main job's data:
+    56% against 7%), and with the trained decoder `world_plan` solves some of 30 tasks where
+    a random-weight world model solves none (the main job's models: 20% and 27%)."""
+    workdir, config = trained_run
+    guided = tiny_config(*[f"{k}={v}" for k, v in (
+        ("data.num_train_episodes", 500), ("data.num_test_episodes", 10),
+        ("data.dataset_dir", config.data.dataset_dir), ("train.log_every", 50),
+        ("train.sample_clips", 0), ("train.checkpoint_every", 300))],
+        "diffusion.sgg_guidance=3.0")
+    loop.train(guided, workdir, kind=kinds.WORLD_MODEL)
+    world, decoder = restore(workdir, "world_model"), restore(workdir, "action_decoder")
+    video = video_scores.evaluate_video(world.model, world.config, "test", max_clips=64,
+                                        batch_size=16, goal_reach_px=guided.eval.goal_reach_px)
+    print(video)
+    assert video.goal_reach > video.copy_goal_reach + 0.2
+    specs = closed_loop.episode_specs(tiny_config("eval.episodes_per_template=2",
+                                                  "eval.splits=('train',)").eval)
+    with nnx.use_eager_sharding(False):
+        untrained = kinds.WORLD_MODEL.build(world.config, world.tokenizer.get_vocab_size(),
+                                            nnx.Rngs(0))
+
+    def successes(model) -> int:
+        policy = PrimitivePolicy(model, world.config, decoder.tokenizer, decoder.model,
+                                 decoder.stats[0], batch_size=15)
+        results = Controller(ControlSettings("world", "decoded"), lambda: TabletopControlEnv(64),
+                             horizon=8, frame_stride=4, policy=policy).run(specs, parallel=15)
+        return sum(r.success for r in results)
+
+    trained, random = successes(world.model), successes(untrained)
+    print(f"world_plan: trained {trained} of {len(specs)}, random weights {random}")
+    assert trained >= 1 and random == 0

@@ -87,6 +87,7 @@ def logs(log_dir: pathlib.Path) -> tuple[dict, dict]:
             {k: [(e.step, e.value) for e in events.Scalars(k)] for k in LOGGED})
 
 
+@pytest.mark.slow  # about 30 s; CI runs it in its slow stage
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tabletop_dataset, tmp_path):
     # Logs every 3 steps, saves every K = 2: the save at step 2 falls between logs (its steps
     # are in the step-3 mean), and the killed run logs step 3 after that save, which the

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from world_model_fixtures import randomize, small_config
 
-from data_loaders.clips import ActionStats, frame_indices
+from data_loaders.clips import ActionStats, frame_indices, step_actions
 from pewm_jax.text.tokenizer import build_tokenizer
 from pewm_jax.config import EVAL_CONDITIONS
 from pewm_jax.control.controller import (ControlSettings, Controller, EpisodeResult,
@@ -351,6 +351,45 @@ def test_tracking_decodes_each_interval_from_the_live_observation(track, execute
             assert not np.array_equal(observed[0], truth[j - 1])
             assert not np.array_equal(observed[0], first_round[j - 1][1][0])
     assert len(policy.calls) > len(first_round)
+
+
+class _RecordingEnv(TabletopControlEnv):
+    """The built-in world, recording every action it is given."""
+
+    def __init__(self, image_size: int):
+        super().__init__(image_size)
+        self.played = []
+
+    def step(self, action):
+        self.played.append(np.array(action))
+        return super().step(action)
+
+
+@pytest.mark.parametrize("gripper", ["decoded", "expert"])
+def test_expert_gripper_plays_the_experts_gripper_commands_with_the_decoded_motion(gripper):
+    """The expert_gripper link: the first clip plays the decoder's motion (0.01 to the right)
+    with the expert's own gripper commands for the primitive in clip form (a pick: open, then
+    closed on arrival, held through the padding); decoded, the double's open gripper."""
+    spec = EpisodeSpec(2 ** 40 + 3, "train", "bin_one")
+    env = TabletopControlEnv(64)
+    env.reset(spec)
+    roll = env.rollout(env.expert(env.world_command(0, True)), 32, render=False)
+    expert, _ = step_actions(roll.actions, 0, len(roll.actions), 8, 4, env.gripper_dims)
+    envs = []
+
+    def make_env():
+        envs.append(_RecordingEnv(64))
+        return envs[-1]
+
+    Controller(ControlSettings("world", "true_video", gripper=gripper), make_env, horizon=8,
+               frame_stride=4, policy=_RecordingDecoder()).run([spec], parallel=1)
+    played = np.stack(envs[0].played[:32])  # the first clip: H * s steps
+    np.testing.assert_allclose(played[:, 0], 0.01)
+    want = expert.reshape(32, -1)[:, 2] if gripper == "expert" else np.full(32, -1.0)
+    np.testing.assert_array_equal(played[:, 2], want)
+    assert gripper == "decoded" or len(set(want)) == 2  # the pick closes on the way
+    with pytest.raises(ValueError, match="decodes none"):
+        ControlSettings("world", "replay", gripper="expert")
 
 
 def test_random_weight_models_fail_and_the_verdict_says_so(random_policy):

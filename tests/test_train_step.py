@@ -62,6 +62,7 @@ def test_a_step_on_a_2x2x2_mesh_equals_one_device(one_device_run):
     assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
 
 
+@pytest.mark.slow  # about 30 s; CI runs it in its slow stage
 def test_accumulated_gradients_are_the_mean_over_microbatches():
     config = tiny_config(*SMALL, "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=1",
                          "train.grad_accum_steps=2", "train.global_batch_size=8",

@@ -23,6 +23,10 @@ Choices (`ControlSettings`), each feeding one link of the chain with truth (DESI
             'decoded': the world model imagines the clip and the action decoder reads it.
 - loop      'closed': replan from every new observation; 'open': plan once, from the first one.
 - sgg       False drops the start/goal heatmaps when sampling (the text-only ablation).
+- gripper   'decoded': the decoder's gripper commands; 'expert': the gripper dimensions of the
+            expert's own actions for the primitive (its future from the round's state on a copy
+            of the world, as replay plays them) with the decoded motion: isolates the decoder's
+            gripper commands from the motion it reads off the clip.
 - execute_frames  k <= H: play the first k frames' actions (k * frame_stride steps) of a clip,
             then observe and imagine again, with the same words and goal (receding horizon
             within a primitive); None plays all H.
@@ -64,6 +68,7 @@ from pewm_jax.vlm.planner import Planner
 PLANNERS = ("vlm", "world", "task")
 EXECUTORS = ("decoded", "true_video", "replay", "scripted")
 LOOPS = ("closed", "open")
+GRIPPERS = ("decoded", "expert")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,15 +79,20 @@ class ControlSettings:
     executor: str = "decoded"
     loop: str = "closed"
     sgg: bool = True
+    gripper: str = "decoded"  # where the gripper commands come from (module docstring)
     max_replans: int = 2
     execute_frames: int | None = None  # k <= H frames played per clip; None: all H
     track: bool = True  # decode each interval from the live observation (module docstring)
 
     def __post_init__(self):
-        for name, known in (("planner", PLANNERS), ("executor", EXECUTORS), ("loop", LOOPS)):
+        for name, known in (("planner", PLANNERS), ("executor", EXECUTORS), ("loop", LOOPS),
+                            ("gripper", GRIPPERS)):
             if getattr(self, name) not in known:
                 raise ValueError(f"control {name} must be one of {known}, got "
                                  f"{getattr(self, name)!r}")
+        if self.gripper == "expert" and not self.uses_decoder:
+            raise ValueError(f"gripper='expert' replaces decoded gripper commands; the "
+                             f"{self.executor!r} executor decodes none")
         if self.max_replans < 0:
             raise ValueError(f"max_replans must be >= 0, got {self.max_replans}")
         if self.execute_frames is not None and self.execute_frames < 1:
@@ -452,11 +462,14 @@ class Controller:
         experts: list[list[Any]] = [[] for _ in slots]
         commands = [self._round_command(sl) for sl in slots]
         tracking = self.settings.track and self.settings.uses_decoder
-        if executor in ("replay", "true_video"):
+        expert_gripper = self.settings.gripper == "expert"
+        if executor in ("replay", "true_video") or expert_gripper:
             futures = [self._future(slot) for slot in slots]
+            experts = [f[2] for f in futures]
+            truth = [f[0] for f in futures]  # (H, s, A) the expert's actions in clip form
+        if executor in ("replay", "true_video"):
             actions = [f[0] for f in futures]
             imagined = [f[1] for f in futures]
-            experts = [f[2] for f in futures]
             if executor == "true_video" and not tracking:
                 start = time.perf_counter()
                 actions = list(self._decode(slots, np.stack(imagined)))
@@ -497,6 +510,10 @@ class Controller:
             for n, r in enumerate(rows):
                 slot, clip = slots[r], imagined[r]
                 acts = interval[n] if tracking else actions[r][j]
+                if expert_gripper:
+                    acts = np.array(acts)
+                    grip = list(slot.env.gripper_dims)
+                    acts[:, grip] = truth[r][j][:, grip]
                 for i in range(self.frame_stride):
                     if slot.end is None:
                         self._step(slot, acts[i], None if clip is None else clip[j])

@@ -9,6 +9,9 @@ template on every split of `config.eval.splits` under each condition, on the sam
     open_loop     the same, planned once from the first frame
     no_sgg        the same as pewm with the start/goal heatmaps dropped (text-only clips)
     world_plan    the world's own task decomposition instead of the planner (no planner error)
+    expert_gripper  world_plan with the expert's gripper commands in place of the decoded ones
+                  (the decoded motion of the imagined clip is played): the decoder's gripper
+                  commands on imagined clips
     true_video    the world's decomposition, the expert's true future frames (simulated on a
                   copy of the world) -> decoded actions (no world-model error: the decoder's)
     replay        the world's decomposition, the expert's own per-step actions in clip form,
@@ -19,9 +22,9 @@ template on every split of `config.eval.splits` under each condition, on the sam
                   and the task's words (no points), decoded and played open loop; its model
                   had the world model's training FLOPs (`pewm whole_task`)
 
-The chain `oracle -> replay -> true_video -> world_plan -> pewm` feeds one more link with a
-model's output at each step (DESIGN.md "Evaluation chain"); `chain_table` prints it with 95%
-intervals and per-primitive success, so the first link that breaks is plain.
+The chain `oracle -> replay -> true_video -> expert_gripper -> world_plan -> pewm` feeds one
+more link with a model's output at each step (DESIGN.md "Evaluation chain"); `chain_table`
+prints it with 95% intervals and per-primitive success, so the first link that breaks is plain.
 `config.eval.execute_frames` (k) plays k frames of each clip, then observes and imagines again;
 `config.eval.track` decodes each frame interval from the live observation (the default) or each
 clip once from its own frames. The clip models sample as the given config's `diffusion` says
@@ -73,6 +76,7 @@ CONDITIONS: dict[str, ControlSettings] = {
     "open_loop": ControlSettings("vlm", "decoded", "open"),
     "no_sgg": ControlSettings("vlm", "decoded", "closed", sgg=False),
     "world_plan": ControlSettings("world", "decoded", "closed"),
+    "expert_gripper": ControlSettings("world", "decoded", "closed", gripper="expert"),
     "true_video": ControlSettings("world", "true_video", "closed"),
     "replay": ControlSettings("world", "replay", "closed"),
     "vlm_scripted": ControlSettings("vlm", "scripted", "closed"),
@@ -80,7 +84,7 @@ CONDITIONS: dict[str, ControlSettings] = {
     "whole_task": ControlSettings("task", "decoded", "open", sgg=False),
 }
 # The evaluation chain (DESIGN.md): each condition feeds one more link with a model's output.
-CHAIN = ("oracle", "replay", "true_video", "world_plan", "pewm")
+CHAIN = ("oracle", "replay", "true_video", "expert_gripper", "world_plan", "pewm")
 # The command that trains each model into a run directory.
 TRAIN_COMMAND = {"world_model": "pewm train", "action_decoder": "pewm actions",
                  "planner": "pewm planner", "whole_task": "pewm whole_task"}
@@ -400,16 +404,16 @@ def _write_tensorboard(report: dict, logdir: pathlib.Path, step: int) -> None:
 
 def headline(report: dict) -> str:
     """The report's headline numbers for a terminal, whatever they are."""
-    lines = [f"{'condition':<14}{'split':<22}{'success':>9}{'95% CI':>14}{'chain':>7}"
+    lines = [f"{'condition':<16}{'split':<22}{'success':>9}{'95% CI':>14}{'chain':>7}"
              f"{'goal reach':>12}"]
     for name, cond in report["conditions"].items():
         if "skipped" in cond:
-            lines.append(f"{name:<14}skipped: {cond['skipped']}")
+            lines.append(f"{name:<16}skipped: {cond['skipped']}")
             continue
         for split, s in cond["splits"].items():
             reach = "-" if s["goal_reach"] is None else f"{s['goal_reach']:.0%}"
             lo, hi = s["success_ci95"]
-            lines.append(f"{name:<14}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>14}"
+            lines.append(f"{name:<16}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>14}"
                          f"{s['chain_length']:>7.2f}{reach:>12}")
     v = report.get("video_quality", {})
     if "psnr" in v:
@@ -449,14 +453,14 @@ def chain_table(report: dict) -> str:
     kinds = sorted({k for n in ran for s in conditions[n]["splits"].values()
                     for k in s["per_primitive"]})
     lines = ["evaluation chain (each link feeds one more part with a model's output):",
-             f"{'link':<12}{'split':<22}{'success':>9}{'95% CI':>12}"
+             f"{'link':<16}{'split':<22}{'success':>9}{'95% CI':>12}"
              + "".join(f"{k:>9}" for k in kinds)]
     for name in ran:
         for split, s in conditions[name]["splits"].items():
             lo, hi = s["success_ci95"]
             cells = "".join(f"{s['per_primitive'][k]['success']:>9.0%}"
                             if k in s["per_primitive"] else f"{'-':>9}" for k in kinds)
-            lines.append(f"{name:<12}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>12}"
+            lines.append(f"{name:<16}{split:<22}{s['success']:>9.0%}{f'{lo:.0%}-{hi:.0%}':>12}"
                          + cells)
     reaching = [(name, split, s) for name in ran
                 for split, s in conditions[name]["splits"].items() if s["goal_reach"] is not None]
@@ -466,7 +470,7 @@ def chain_table(report: dict) -> str:
             cells = "".join(f"{s['per_primitive'][k]['goal_reach']:>9.0%}"
                             if "goal_reach" in s["per_primitive"].get(k, {}) else f"{'-':>9}"
                             for k in kinds)
-            lines.append(f"{name:<12}{split:<22}{s['goal_reach']:>9.0%}{'':>12}" + cells)
+            lines.append(f"{name:<16}{split:<22}{s['goal_reach']:>9.0%}{'':>12}" + cells)
     return "\n".join(lines + _outcome_lines(conditions, ran))
 
 
@@ -482,6 +486,6 @@ def _outcome_lines(conditions: dict, ran: Sequence[str]) -> list[str]:
             for split, s in conditions[name]["splits"].items():
                 median = s["per_primitive"].get(kind, {}).get("median")
                 if median:
-                    lines.append(f"  {name:<12}{split:<22}" + ", ".join(
+                    lines.append(f"  {name:<16}{split:<22}" + ", ".join(
                         f"{m} {v:.2f}" for m, v in median.items()))
     return lines
