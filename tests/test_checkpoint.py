@@ -114,6 +114,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tabletop_dataset, tmp_
     assert logs(log_dir) == logs(ref.log_dir)  # step for step: no loss of steps, no duplicate
 
 
+@pytest.mark.slow  # a subprocess job of about 40 s; CI runs it in its slow stage
 def test_sigterm_saves_exits_0_and_resume_continues_at_that_step(tabletop_dataset, tmp_path):
     workdir = tmp_path / "preempted"
     # A constant learning rate after warmup (final_lr_fraction 1): the schedule does not depend

@@ -107,6 +107,7 @@ def test_missing_models_are_skipped_with_the_command_that_trains_them(tmp_path,
     assert "skipped" in closed_loop.headline(report)
 
 
+@pytest.mark.slow  # a subprocess job of about 40 s; CI runs it in its slow stage
 def test_eval_job_runs_on_one_device_from_an_eight_device_run(tmp_path, closed_loop_run,
                                                               tabletop_dataset):
     """`pewm eval` in a process with one CPU device restores checkpoints saved on eight."""
