@@ -146,9 +146,8 @@ class PrimitivePolicy:
             (unit * 255.0 + 0.5).clip(0, 255).astype(np.uint8)))  # (B', H, N, N, 3)
         generated = time.perf_counter()
         if decode:
-            actions = self.decode(*(x[:b] for x in (cond["context"], clips, cond["start_xy"],
-                                                     cond["goal_xy"], cond["sgg_valid"])),
-                                  [c.text for c in commands])
+            actions = self._decode_rows(cond["context"], clips, cond["start_xy"],
+                                        cond["goal_xy"], cond["sgg_valid"], tokens, mask, rows=b)
         else:
             actions = np.zeros((b, 0, self.action_decoder.spec.frame_stride, self.action_dim),
                                np.float32)
@@ -161,11 +160,15 @@ class PrimitivePolicy:
         (B, H, N, N, 3) after context (B, C, N, N, 3), with their points (B, 2), sgg_valid (B,)
         and primitives' words, B <= batch_size: what the controller plays for imagined clips,
         and for true ones (`true_video`)."""
-        b = len(frames)
-        inputs = [self._padded(np.asarray(x)) for x in (context, frames, start_xy, goal_xy,
-                                                          sgg_valid, *self._tokens(texts))]
-        out = np.asarray(jax.device_get(_decode(self.action_decoder, *inputs)))  # (B', H, s, A')
-        return self.stats.from_model(out[:b, ..., :self.action_dim])
+        return self._decode_rows(context, frames, start_xy, goal_xy, sgg_valid,
+                                 *self._tokens(texts), rows=len(frames))
+
+    def _decode_rows(self, *inputs: np.ndarray, rows: int) -> np.ndarray:
+        """`decode` of its inputs with the words already tokenised (B, L), padded to the batch
+        size; the first `rows` rows' actions in the dataset's units."""
+        padded = [self._padded(np.asarray(x)) for x in inputs]
+        out = np.asarray(jax.device_get(_decode(self.action_decoder, *padded)))  # (B', H, s, A')
+        return self.stats.from_model(out[:rows, ..., :self.action_dim])
 
     def encode_clips(self, first: np.ndarray, clips: np.ndarray) -> np.ndarray:
         """(B, H + 1, E) the action decoder's encodings of uint8 observations (B, N, N, 3) and

@@ -244,12 +244,12 @@ class RunModels:
         world = self.get(clips) if clips else None
         if decoder is None or (clips and world is None):
             return None
-        if world and world.tokenizer.to_str() != decoder.tokenizer.to_str():
-            raise ValueError(f"the {clips} model and the action decoder restored for "
-                             f"{self.workdir} read words with different tokenizers; train the "
-                             "decoder on the clip model's dataset (`pewm actions` with its "
-                             "config.data)")
         if f"policy/{clips}" not in self._loaded:
+            if world and world.tokenizer.to_str() != decoder.tokenizer.to_str():
+                raise ValueError(f"the {clips} model and the action decoder restored for "
+                                 f"{self.workdir} read words with different tokenizers; train "
+                                 "the decoder on the clip model's dataset (`pewm actions` with "
+                                 "its config.data)")
             self._loaded[f"policy/{clips}"] = PrimitivePolicy(
                 world.model if world else None, world.config if world else decoder.config,
                 decoder.tokenizer, decoder.model, decoder.stats[0],
