@@ -4,7 +4,9 @@ Writes into `<workdir>/preview/`:
 - `expert_episodes.gif`: a grid of expert episodes (one template after another), animated;
 - `expert_episodes.png`: the same episodes as rows of evenly spaced frames;
 - `summary.json`: task-expert success per template and primitive-expert success per kind, each
-  with the share of scenes the rejection rule discarded (pewm_jax.sim.tasks).
+  with the share of scenes the rejection rule discarded (pewm_jax.sim.tasks); per kind also the
+  expert's median steps and the clip frames they span at `data.frame_stride` (how much of a
+  clip's `data.horizon` frames show the motion, the rest holding its end).
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ def expert_statistics(config: ml_collections.ConfigDict, episodes_per_template: 
                                   max_delta=w.max_delta, primitive_max_steps=w.primitive_max_steps)
                   for i in range(scenes_per_primitive)]
         run = [t for t in trials if not t.rejected]
+        steps = float(np.median([t.steps for t in run])) if run else 0.0
         prims[kind] = {"success": float(np.mean([t.success for t in run])) if run else 0.0,
-                       "rejected_scenes": 1 - len(run) / len(trials), "scenes": len(run)}
+                       "rejected_scenes": 1 - len(run) / len(trials), "scenes": len(run),
+                       "median_steps": steps,
+                       "clip_frames": int(np.ceil(steps / config.data.frame_stride))}
     return {"task_experts": tasks, "primitive_experts": prims}
 
 
@@ -112,7 +117,9 @@ def print_summary(summary: dict) -> None:
     print(f"  {'task template':<22} {'expert success':>14} {'rejected scenes':>16}")
     for name, s in summary["task_experts"].items():
         print(f"  {name:<22} {s['success']:>14.0%} {s['rejected_scenes']:>16.0%}")
-    print(f"  {'primitive':<22} {'expert success':>14} {'rejected scenes':>16}")
+    print(f"  {'primitive':<22} {'expert success':>14} {'rejected scenes':>16} "
+          f"{'median steps':>13} {'clip frames':>12}")
     for name, s in summary["primitive_experts"].items():
-        print(f"  {name:<22} {s['success']:>14.0%} {s['rejected_scenes']:>16.0%}")
+        print(f"  {name:<22} {s['success']:>14.0%} {s['rejected_scenes']:>16.0%} "
+              f"{s['median_steps']:>13g} {s['clip_frames']:>12d}")
     print(f"  pictures: {summary['gif']}\n            {summary['png']}")

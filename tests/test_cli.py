@@ -103,6 +103,10 @@ def test_main_job_then_every_other_job_with_paths_relative_to_the_current_direct
     assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place", "push"}
     for stats in [*summary["task_experts"].values(), *summary["primitive_experts"].values()]:
         assert 0.0 <= stats["rejected_scenes"] < 1.0 and stats["success"] == 1.0
+    for stats in summary["primitive_experts"].values():  # data.frame_stride 4
+        assert 1 <= stats["median_steps"] <= 32
+        assert stats["clip_frames"] == -(-stats["median_steps"] // 4)
+    assert "median steps" in out.stdout
     from PIL import Image
     gif = Image.open(run / "preview" / "expert_episodes.gif")
     assert gif.n_frames > 10

@@ -392,6 +392,45 @@ def test_expert_gripper_plays_the_experts_gripper_commands_with_the_decoded_moti
         ControlSettings("world", "replay", gripper="expert")
 
 
+class _ActionsDecoder(_RecordingDecoder):
+    """A policy double whose interval j is interval j of the given actions (H, s, A)."""
+
+    def __init__(self, actions: np.ndarray):
+        super().__init__()
+        self.actions = actions
+
+    def decode_interval(self, codes, observations, j, start_xy, goal_xy, sgg_valid, texts):
+        self.calls.append(j)
+        return np.repeat(self.actions[j][None], len(codes), 0)  # (B, s, A)
+
+
+def test_follow_px_tells_actions_that_carry_out_their_clip_from_ones_that_do_not():
+    """follow_px, the real gripper's mean distance from where the first clip draws it: the
+    expert's own actions with its true future frames (true_video) follow the clip within a
+    pixel; the double's steps 0.01 to the right leave the pick's drawn gripper pixels away, and
+    the split's scores give its median per primitive."""
+    spec = EpisodeSpec(2 ** 40 + 3, "train", "bin_one")
+    env = TabletopControlEnv(64)
+    env.reset(spec)
+    roll = env.rollout(env.expert(env.world_command(0, True)), 32, render=False)
+    expert, _ = step_actions(roll.actions, 0, len(roll.actions), 8, 4, env.gripper_dims)
+
+    def first_primitive(policy):
+        controller = Controller(ControlSettings("world", "true_video"),
+                                lambda: TabletopControlEnv(64), horizon=8, frame_stride=4,
+                                policy=policy)
+        return controller.run([spec], parallel=1)[0]
+
+    followed = first_primitive(_ActionsDecoder(expert))
+    assert followed.primitives[0].kind == "pick" and followed.primitives[0].follow_px < 1.0
+    drifted = first_primitive(_RecordingDecoder())
+    assert drifted.primitives[0].follow_px > 3.0
+    scores = closed_loop.split_scores([drifted])
+    picks = [p.follow_px for p in drifted.primitives if p.kind == "pick"]
+    assert scores["per_primitive"]["pick"]["median"]["follow_px"] == pytest.approx(
+        np.median(picks))
+
+
 def test_random_weight_models_fail_and_the_verdict_says_so(random_policy):
     """Decoded actions from random models do not solve tasks; the report says it fails, beside
     the oracle on the same seeds."""

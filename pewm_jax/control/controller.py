@@ -121,6 +121,8 @@ class ControlEnv(abc.ABC):
     image: np.ndarray  # (N, N, 3) uint8: the current observation
     scripted_steps: int  # environment steps a scripted primitive may take
     has_checks: bool  # the world checks each primitive's success (the built-in world does)
+    reads_gripper: bool  # the world finds the gripper in a frame (`gripper_in`; the built-in
+    # world does): imagined clips get goal reach and follow scores
     action_dim: int
     gripper_dims: Sequence[int]  # action dimensions that are gripper commands
 
@@ -177,10 +179,18 @@ class ControlEnv(abc.ABC):
         planner's continuing clip starts)."""
 
     @abc.abstractmethod
+    def gripper_in(self, frame: np.ndarray) -> tuple[float, float] | None:
+        """(x, y) pixels where an (imagined) frame shows the gripper; None where it shows none
+        or the world cannot read frames (`reads_gripper` False)."""
+
     def goal_reached(self, frame: np.ndarray, goal_xy: tuple[float, float],
                      radius_px: float) -> bool | None:
         """Whether an (imagined) frame shows the gripper within radius_px of the goal; None
         where the world cannot read it from a frame."""
+        if not self.reads_gripper:
+            return None
+        found = self.gripper_in(frame)
+        return found is not None and _distance(found, goal_xy) <= radius_px
 
     @abc.abstractmethod
     def primitive_kind(self, text: str) -> str | None:
@@ -220,6 +230,9 @@ class PrimitiveRecord:
     # goal_reach_px of the goal point; None where no clip was imagined
     outcome: dict[str, float] = dataclasses.field(default_factory=dict)  # how far from its aim
     # it ended, in the world's measures (`ControlEnv.outcome`)
+    follow_px: float | None = None  # mean distance of the real gripper from where the first
+    # clip (imagined, or the true future under true_video) draws it, over the frames played
+    # from it: whether the actions carry out the clip; None without a clip or a gripper in it
 
 
 @dataclasses.dataclass
@@ -279,6 +292,7 @@ class _Attempt:
     frames_played: int = 0
     env_steps: int = 0
     goal_reached: bool | None = None
+    follow_px: float | None = None
 
 
 class _Slot:
@@ -491,6 +505,7 @@ class Controller:
         frames = [min(self.execute_frames, self.horizon - sl.attempt.frames_played)
                   for sl in slots]
         played = [0] * len(slots)
+        follow: list[list[float]] = [[] for _ in slots]  # first clips: real vs drawn gripper
         decode_s = env_s = 0.0
         if tracking:  # each clip with the observation it was imagined from, encoded once
             start = time.perf_counter()
@@ -518,14 +533,20 @@ class Controller:
                     if slot.end is None:
                         self._step(slot, acts[i], None if clip is None else clip[j])
                         played[r] += 1
+                drawn = (slot.env.gripper_in(clip[j]) if clip is not None and slot.end is None
+                         and slot.attempt.rounds == 0 and slot.env.reads_gripper else None)
+                if drawn is not None:
+                    follow[r].append(_distance(slot.env.gripper_xy(), drawn))
             env_s += time.perf_counter() - start
         if tracking:  # one entry per round, as a clip decoded at once is
             self.latency.action_decoding.append((decode_s, len(slots)))
         self.latency.env.append((env_s, len(slots)))
-        for slot, after, count, frame_count in zip(slots, experts, played, frames):
+        for slot, after, count, frame_count, gaps in zip(slots, experts, played, frames, follow):
             attempt = slot.attempt
             if after:  # the expert continues from where its simulated future was left
                 attempt.expert = after[min(count, len(after) - 1)]
+            if gaps:
+                attempt.follow_px = float(np.mean(gaps))
             attempt.rounds += 1
             attempt.frames_played += frame_count
             self._after_round(slot, clip_done=attempt.frames_played >= self.horizon)
@@ -621,10 +642,15 @@ class Controller:
         slot.primitives.append(PrimitiveRecord(
             attempt.command.text, kind, attempt.command.start_xy, attempt.command.goal_xy,
             success, attempt.env_steps, attempt.rounds, reached,
-            {} if attempt.expert is None else slot.env.outcome(attempt.expert)))
+            {} if attempt.expert is None else slot.env.outcome(attempt.expert), attempt.follow_px))
         slot.attempt = None
         slot.attempts += 1
         # The world planner moves on when the primitive succeeded (else retries it) in a world
         # with checks; every other plan moves on after each attempt.
         if not (self.settings.planner == "world" and slot.env.has_checks) or success:
             slot.position += 1
+
+
+def _distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """Euclidean distance of two (x, y) pixel points."""
+    return float(np.hypot(a[0] - b[0], a[1] - b[1]))

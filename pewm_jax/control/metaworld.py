@@ -59,6 +59,7 @@ class MetaWorldControlEnv(ControlEnv):
     """One Meta-World (task, camera) episode at a time for the controller (module docstring)."""
 
     has_checks = False
+    reads_gripper = False
     action_dim = ACTION_DIM
     gripper_dims = tuple(GRIPPER_DIMS)
     scripted_steps = MAX_EPISODE_STEPS
@@ -143,8 +144,7 @@ class MetaWorldControlEnv(ControlEnv):
         x, y = self._camera.project(self.env.tcp)
         return float(x), float(y)
 
-    def goal_reached(self, frame: np.ndarray, goal_xy: tuple[float, float],
-                     radius_px: float) -> None:
+    def gripper_in(self, frame: np.ndarray) -> None:
         return None
 
     def primitive_kind(self, text: str) -> None:

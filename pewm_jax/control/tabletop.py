@@ -35,6 +35,7 @@ class TabletopControlEnv(ControlEnv):
     """One built-in world environment for the controller (module docstring)."""
 
     has_checks = True
+    reads_gripper = True
     action_dim = 3
     gripper_dims = (2,)
 
@@ -126,9 +127,9 @@ class TabletopControlEnv(ControlEnv):
         x, y = self.env.state.gripper * self.image_size
         return float(x), float(y)
 
-    def goal_reached(self, frame: np.ndarray, goal_xy: tuple[float, float],
-                     radius_px: float) -> bool:
-        return render_lib.gripper_at(frame, goal_xy, radius_px)
+    def gripper_in(self, frame: np.ndarray) -> tuple[float, float] | None:
+        found = render_lib.locate_gripper(frame)
+        return None if found is None else (float(found[0]), float(found[1]))
 
     def primitive_kind(self, text: str) -> str | None:
         try:

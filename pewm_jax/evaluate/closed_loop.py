@@ -135,8 +135,9 @@ def success_rate(successes: Sequence[bool]) -> dict:
 
 def split_scores(results: Sequence[EpisodeResult]) -> dict:
     """Success (with its 95% interval), chain length, per-template and per-primitive success,
-    goal reach of imagined clips (overall and per primitive) and how episodes ended, for one
-    split's episodes."""
+    goal reach of imagined clips (overall and per primitive), per primitive the medians of the
+    world's outcome measures and of follow_px (`PrimitiveRecord`), and how episodes ended, for
+    one split's episodes."""
     n = len(results)
     per_template = defaultdict(list)
     per_kind = defaultdict(list)
@@ -149,6 +150,8 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
             per_kind[p.kind or "unnamed"].append(bool(p.success))
             for key, value in p.outcome.items():
                 outcomes[p.kind or "unnamed"][key].append(value)
+            if p.follow_px is not None:
+                outcomes[p.kind or "unnamed"]["follow_px"].append(p.follow_px)
             if p.goal_reached is not None:
                 reach.append(p.goal_reached)
                 kind_reach[p.kind or "unnamed"].append(p.goal_reached)
@@ -475,8 +478,9 @@ def chain_table(report: dict) -> str:
 
 
 def _outcome_lines(conditions: dict, ran: Sequence[str]) -> list[str]:
-    """Per primitive kind with outcome measures (`ControlEnv.outcome`), their medians per link
-    and split: how far each link's attempts ended from their aim."""
+    """Per primitive kind with outcome measures (`ControlEnv.outcome`, and follow_px where the
+    first clip shows the gripper), their medians per link and split: how far each link's
+    attempts ended from their aim, and from what their clip drew."""
     lines = []
     kinds = sorted({k for n in ran for s in conditions[n]["splits"].values()
                     for k, v in s["per_primitive"].items() if "median" in v})
