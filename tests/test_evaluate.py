@@ -62,6 +62,7 @@ def test_report_is_complete_finite_and_in_range(report, closed_loop_run):
     assert all(-1.0 <= v[k] <= 1.0 for k in ("ssim", "copy_ssim"))
     assert all(_in_unit(v[k]) for k in ("goal_reach", "copy_goal_reach", "true_goal_reach"))
     assert v["true_goal_reach"] >= 0.9  # the expert's last frames end on their goals
+    assert v["path_px"] >= 0 and v["jump_path_px"] > 0 and _in_unit(v["path_found"])
     a = report["actions"]
     assert a["mse"] >= 0 and a["mean_action_mse"] > 0
     assert _in_unit(a["gripper_accuracy"]) and _in_unit(a["majority_gripper_accuracy"])
@@ -156,6 +157,29 @@ def test_quickstart_world_model_clips_beat_copying_the_context_frame(tmp_path_fa
     assert scores.true_goal_reach >= 0.9
     assert scores.psnr >= scores.copy_psnr + 1.0, scores
     assert scores.goal_reach >= scores.copy_goal_reach + 0.05, scores
+
+
+def test_the_path_score_tells_a_clip_that_shows_the_motion_from_one_that_jumps_to_its_end():
+    """path_px on the frames where the true gripper is on its way: 0 for the true clip itself,
+    equal to jump_path_px for a clip that shows its true end from the first frame, and a frame
+    that shows no gripper counts only in path_found."""
+    import numpy as np
+
+    from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
+    from pewm_jax.recipes.video_scores import path_sums
+
+    env = TabletopControlEnv(64)
+    env.reset(EpisodeSpec(2 ** 40 + 3, "train", "bin_one"))
+    roll = env.rollout(env.expert(env.world_command(0, True)), 16, render=True)
+    truth = roll.frames[np.minimum(np.arange(1, 9), len(roll.actions))][None]  # (1, 8, N, N, 3)
+    moving, found = path_sums(truth, truth)[3], path_sums(truth, truth)[2]
+    assert moving >= 2 and found == moving and path_sums(truth, truth)[0] < 1e-3
+    jumped = np.repeat(truth[:, -1:], 8, axis=1)
+    sums = path_sums(jumped, truth)
+    assert sums[0] == pytest.approx(sums[1]) and sums[1] / sums[2] > 5.0
+    blank = truth.copy()
+    blank[0, 0] = 200  # no gripper drawn in the first frame
+    assert path_sums(blank, truth)[2] == moving - 1 and path_sums(blank, truth)[3] == moving
 
 
 def test_learning_curves_score_every_kept_checkpoint_as_eval_does(tmp_path, closed_loop_run,

@@ -423,7 +423,9 @@ def headline(report: dict) -> str:
         lines.append(f"clips ({v['split']}, {v['clips']}): PSNR {v['psnr']:.2f} dB vs copy-context "
                      f"{v['copy_psnr']:.2f}; SSIM {v['ssim']:.3f} vs {v['copy_ssim']:.3f}; goal "
                      f"reach {v['goal_reach']:.0%} vs {v['copy_goal_reach']:.0%} (truth "
-                     f"{v['true_goal_reach']:.0%})")
+                     f"{v['true_goal_reach']:.0%}); on the way, gripper {v['path_px']:.1f} px "
+                     f"from the truth vs {v['jump_path_px']:.1f} for its end drawn from the "
+                     f"start (shown in {v['path_found']:.0%} of those frames)")
     for key, frames in (("actions", "true frames"), ("actions_on_imagined", "imagined frames")):
         a = report.get(key, {})
         if "mse" in a:

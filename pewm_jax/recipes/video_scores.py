@@ -9,6 +9,13 @@ future frame = the context frame, what a model that imagines no motion would sco
     goal_reach          fraction of clips whose last sampled frame shows the gripper within
                         `goal_reach_px` of the goal point (`sim.render.locate_gripper`)
     copy_goal_reach, true_goal_reach    the same for the context frame and the true last frame
+    path_px             on the frames where the true gripper is still on its way (not yet where
+                        the clip ends), the mean distance of the sampled gripper from the true
+                        one, over those where the sample shows a gripper
+    jump_path_px        the same for a clip that shows its true end from the first frame (a
+                        model that draws where the motion ends, not the motion): path_px near it
+                        means the sampled clips skip the way
+    path_found          the share of those frames where the sample shows a gripper at all
 
 Models come from `pewm_jax.recipes.restore.restore`.
 """
@@ -26,7 +33,7 @@ import numpy as np
 from data_loaders import pipeline
 from pewm_jax.diffusion.samplers import sample_from_config
 from pewm_jax.models.video_dit import WorldModel
-from pewm_jax.sim.render import gripper_at
+from pewm_jax.sim.render import gripper_at, locate_gripper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +49,36 @@ class VideoScores:
     goal_reach: float
     copy_goal_reach: float
     true_goal_reach: float
+    path_px: float
+    jump_path_px: float
+    path_found: float
 
 
 def reaches_goal(frames: np.ndarray, goal_xy: np.ndarray, radius_px: float) -> np.ndarray:
     """(B,) bool: frame b (B, N, N, 3) shows the gripper within radius_px of goal_xy[b]."""
     return np.array([gripper_at(frame, goal, radius_px) for frame, goal in zip(frames, goal_xy)],
                     bool)
+
+
+def path_sums(sampled: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(4,) sums over clips of uint8 (B, H, N, N, 3) frames: sampled-to-true gripper
+    distance and true-end-to-true distance on the frames where the sample shows a gripper, and
+    the counts of those frames and of all frames where the true gripper is on its way (more
+    than 1 px from where it ends; frames where it shows none are skipped)."""
+    sums = np.zeros(4)
+    for clip, true_clip in zip(sampled, truth):
+        true_xy = [locate_gripper(f) for f in true_clip]
+        end = true_xy[-1]
+        if end is None:
+            continue
+        for frame, xy in zip(clip, true_xy):
+            if xy is None or np.hypot(*(xy - end)) <= 1.0:
+                continue
+            sums[3] += 1
+            found = locate_gripper(frame)
+            if found is not None:
+                sums[:3] += (np.hypot(*(found - xy)), np.hypot(*(end - xy)), 1)
+    return sums
 
 
 @jax.jit
@@ -70,6 +101,7 @@ def evaluate_video(model: WorldModel, config: ml_collections.ConfigDict, split: 
         raise ValueError(f"split {split!r} has no clips to sample")
     sums = np.zeros(4)  # psnr, ssim, copy psnr, copy ssim (each summed over clips)
     reach = np.zeros(3)  # sampled, copied, true
+    path = np.zeros(4)  # `path_sums`
     for first in range(0, count, batch_size):
         rows = list(range(first, min(first + batch_size, count)))
         examples = [clips.element(p) for p in rows + [rows[0]] * (batch_size - len(rows))]
@@ -88,6 +120,9 @@ def evaluate_video(model: WorldModel, config: ml_collections.ConfigDict, split: 
         last = (np.round(sampled[:, -1] * 255).astype(np.uint8), batch["context"][:len(rows), -1],
                 batch["frames"][:len(rows), -1])
         reach += [reaches_goal(frames, goal, goal_reach_px).sum() for frames in last]
+        path += path_sums(np.round(sampled * 255).astype(np.uint8), batch["frames"][:len(rows)])
     psnr, ssim, copy_psnr, copy_ssim = (sums / count).tolist()
+    found = max(path[2], 1.0)
     return VideoScores(split, count, psnr, ssim, copy_psnr, copy_ssim,
-                       *(reach / count).tolist())
+                       *(reach / count).tolist(), path[0] / found, path[1] / found,
+                       path[2] / max(path[3], 1.0))
