@@ -117,10 +117,11 @@ def evaluate_video(model: WorldModel, config: ml_collections.ConfigDict, split: 
             sums[2 * k] += float(jnp.sum(jnp.mean(psnr, axis=1)))
             sums[2 * k + 1] += float(jnp.sum(jnp.mean(ssim, axis=1)))
         goal = batch["goal_xy"][:len(rows)]
-        last = (np.round(sampled[:, -1] * 255).astype(np.uint8), batch["context"][:len(rows), -1],
+        sampled_u8 = np.round(sampled * 255).astype(np.uint8)  # (b, H, N, N, 3)
+        last = (sampled_u8[:, -1], batch["context"][:len(rows), -1],
                 batch["frames"][:len(rows), -1])
         reach += [reaches_goal(frames, goal, goal_reach_px).sum() for frames in last]
-        path += path_sums(np.round(sampled * 255).astype(np.uint8), batch["frames"][:len(rows)])
+        path += path_sums(sampled_u8, batch["frames"][:len(rows)])
     psnr, ssim, copy_psnr, copy_ssim = (sums / count).tolist()
     found = max(path[2], 1.0)
     return VideoScores(split, count, psnr, ssim, copy_psnr, copy_ssim,
