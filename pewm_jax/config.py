@@ -43,7 +43,7 @@ EVAL_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan", "expert_gripper"
                    "replay", "vlm_scripted", "oracle", "whole_task")
 # config.diffusion keys that are choices of sampling, not of training: evaluation sets them on
 # the restored clip models, and a run may change them on resume.
-SAMPLING_KEYS = ("sampler", "num_steps", "text_guidance", "sgg_guidance")
+SAMPLING_KEYS = ("sampler", "num_steps", "text_guidance", "sgg_guidance", "guidance_min_t")
 # Conditions whose clips the world model imagines: what a learning curve can follow.
 CURVE_CONDITIONS = ("pewm", "open_loop", "no_sgg", "world_plan")
 # Ablations (`pewm ablations`): a variant is "name: key=value, key=value", the keys evaluation
@@ -194,6 +194,7 @@ _INTERVALS = (
     ("data.crop_scale_min", 0.0, False, 1.0, True),
     ("world.max_delta", 0.0, False, 1.0, True),
     ("diffusion.cond_dropout", 0.0, True, 1.0, False),
+    ("diffusion.guidance_min_t", 0.0, True, 1.0, False),
     ("action_decoder.imagined_weight", 0.0, True, 1.0, False),
     ("train.ema_decay", 0.0, True, 1.0, False),
     ("train.final_lr_fraction", 0.0, True, 1.0, True),
@@ -295,6 +296,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.diffusion.num_steps = 4  # sampler steps per generated clip
     c.diffusion.text_guidance = 1.0  # guidance scale on text (1 = none, 0 = ignore text)
     c.diffusion.sgg_guidance = 1.0  # guidance scale on start/goal heatmaps (1 = none)
+    # Guidance acts only at flow times t >= this (the noisy steps that lay out the clip); the
+    # steps below it use the conditional prediction alone (Kynkaanniemi et al. 2024), in [0, 1).
+    c.diffusion.guidance_min_t = 0.0
     c.diffusion.cond_dropout = 0.1  # training probability of dropping each condition, in [0, 1)
     c.diffusion.sgg_sigma_px = 2.0  # standard deviation of the start/goal Gaussians in pixels
     # Mean of the logit-normal training time distribution; > 0 favours the noisier half, where a

@@ -237,6 +237,8 @@ def test_json_round_trip_validates():
         ("diffusion.sampler", "ddpm"),
         ("diffusion.num_steps", 0),
         ("diffusion.cond_dropout", 1.0),
+        ("diffusion.guidance_min_t", 1.0),
+        ("diffusion.guidance_min_t", -0.1),
         ("diffusion.sgg_sigma_px", 0.0),
         ("diffusion.target", "delta"),
         ("diffusion.prediction", "noise"),

@@ -103,7 +103,7 @@ def test_goal_reach_is_scored_per_primitive_kind_and_printed_in_the_chain():
     assert line == ["world_plan", "train", "25%", "50%", "0%"]
 
 
-def test_a_push_outcome_splits_the_objects_miss_along_and_across_the_push():
+def test_push_and_place_outcomes_say_where_the_object_ended():
     env = TabletopControlEnv(64)
     env.reset(EpisodeSpec(2 ** 40, "train", "push_two"))
     expert = env.expert(env.world_command(0, fresh=False))
@@ -118,6 +118,20 @@ def test_a_push_outcome_splits_the_objects_miss_along_and_across_the_push():
     assert out["object_error_along_px"] == pytest.approx(-1.5)  # short of the target
     assert out["object_error_side_px"] == pytest.approx(2.0)
     assert out["object_error_px"] == pytest.approx(2.5)
+    env.reset(EpisodeSpec(2 ** 40, "train", "bin_one"))
+    pick = env.expert(env.world_command(0, fresh=True))
+    while (action := env.expert_action(pick)) is not None:
+        env.step(action)
+    place = env.expert(env.world_command(1, fresh=True))
+    while (action := env.expert_action(place))[2] > 0:  # carried closed, up to the opening
+        env.step(action)
+    assert place.plan.primitive.kind == "place"
+    carried = env.outcome(place)  # at the spot, the gripper not yet opened
+    assert carried["object_error_px"] < 1e-3 and carried["still_held"] == 1.0
+    env.step(action)  # opens
+    env.env.state.positions[place.plan.obj_index] += np.array([3.0, 4.0]) / 64
+    assert env.outcome(place)["object_error_px"] == pytest.approx(5.0)
+    assert env.outcome(place)["still_held"] == 0.0
     env.reset(EpisodeSpec(2 ** 40, "train", "touch_two"))
     reach = env.expert(env.world_command(0, fresh=False))
     goal_px = reach.plan.goal * 64

@@ -204,6 +204,46 @@ def test_integrators_follow_the_velocity_field():
     assert 0.01 < errors["euler"] < 0.1 and errors["heun"] < 4e-3, errors
 
 
+class _TwoTargets(nnx.Module):
+    """A stand-in world model whose field dx/dt = x - a with SGG and x - b without (text is
+    ignored), so guidance at scale s pulls towards b + s (a - b) and its steps are known."""
+
+    def __init__(self, a: float, b: float):
+        self.a, self.b = a, b
+
+    def encode_text(self, tokens, mask):
+        return jnp.zeros(tokens.shape + (1,))
+
+    def __call__(self, x_t, t, context, text, text_mask, heatmaps, sgg_keep):
+        target = jnp.where(sgg_keep, self.a, self.b)[:, None, None, None, None]
+        return x_t - target
+
+
+def test_guidance_acts_only_from_guidance_min_t_up():
+    """4 Euler steps start at t = 1, 0.75, 0.5, 0.25: with guidance_min_t 0.5 the first three
+    are guided (towards b + 3 (a - b)) and the last follows the conditional field (towards a),
+    as a numpy integration of the same noise says; 0 guides every step."""
+    clips = moving_square_clips(2, 16, 4)
+    model, a, b, scale = _TwoTargets(0.1, -0.1), 0.1, -0.1, 3.0
+    noise = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 16, 16, 3)))
+
+    def integrate(guided_steps: int) -> np.ndarray:
+        x = noise
+        for i in range(4):
+            toward = b + scale * (a - b) if i < guided_steps else a
+            x = x - 0.25 * (x - toward)
+        return np.clip((x + 1) / 2, 0, 1)
+
+    def sampled(min_t: float) -> np.ndarray:
+        return np.asarray(sample(model, clips, jax.random.key(0), horizon=4, num_steps=4,
+                                 sgg_guidance=scale, guidance_min_t=min_t, **PIXEL_VELOCITY))
+
+    np.testing.assert_allclose(sampled(0.5), integrate(3), atol=1e-5)
+    np.testing.assert_allclose(sampled(0.0), integrate(4), atol=1e-5)
+    np.testing.assert_allclose(sampled(0.9), integrate(1), atol=1e-5)
+    assert np.abs(integrate(3) - integrate(4)).max() > 0.01  # the interval changes the sample
+
+
 def test_sampling_is_seeded_shaped_and_in_unit_range():
     config = small_config("diffusion.text_guidance=2.0", "diffusion.sgg_guidance=1.5",
                           "diffusion.sampler=heun")

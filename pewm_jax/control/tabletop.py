@@ -109,16 +109,22 @@ class TabletopControlEnv(ControlEnv):
 
     def outcome(self, expert: Expert) -> dict[str, float]:
         """Every kind: the gripper's distance from the plan's goal point (px; a pick that closed
-        beside its object ends that far off). A push also: the object's distance from its
+        beside its object ends that far off). A place also: the object's distance from the
+        spot it was to be set down on (px; far: dropped on the way or never carried) and
+        whether it is still held (1) or let go (0). A push: the object's distance from its
         target (px), its part along the push (negative: short of it) and its part to the side."""
-        plan = expert.plan
-        out = {"gripper_error_px": float(np.hypot(*(self.env.state.gripper - plan.goal))
+        plan, state = expert.plan, self.env.state
+        out = {"gripper_error_px": float(np.hypot(*(state.gripper - plan.goal))
                                          * self.image_size)}
+        if plan.primitive.kind == "place":
+            miss = np.hypot(*(state.positions[plan.obj_index] - plan.goal)) * self.image_size
+            return {**out, "object_error_px": float(miss),
+                    "still_held": float(state.held == plan.obj_index)}
         if plan.primitive.kind != "push":
             return out
         moves = [xy for op, xy in plan.ops if op == "move"]  # the lowering point, the push end
         along = (moves[-1] - moves[-2]) / np.linalg.norm(moves[-1] - moves[-2])
-        miss = (self.env.state.positions[plan.obj_index] - plan.target) * self.image_size
+        miss = (state.positions[plan.obj_index] - plan.target) * self.image_size
         return {**out, "object_error_px": float(np.hypot(*miss)),
                 "object_error_along_px": float(miss @ along),
                 "object_error_side_px": float(abs(miss[0] * along[1] - miss[1] * along[0]))}
