@@ -57,6 +57,7 @@ ABLATION_VARIANTS = (
     "SGG guidance off: diffusion.sgg_guidance=1.0",
     "SGG guidance 2: diffusion.sgg_guidance=2.0",
     "SGG guidance 4: diffusion.sgg_guidance=4.0",
+    "guidance on every step: diffusion.guidance_min_t=0.0",
     "text guidance 2: diffusion.text_guidance=2.0",
     "4 sampler steps: diffusion.num_steps=4",
     "16 sampler steps: diffusion.num_steps=16",

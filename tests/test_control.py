@@ -103,6 +103,33 @@ def test_goal_reach_is_scored_per_primitive_kind_and_printed_in_the_chain():
     assert line == ["world_plan", "train", "25%", "50%", "0%"]
 
 
+def test_tasks_are_scored_by_the_primitive_kinds_they_need():
+    """Which kind caps success: per kind of the world's decompositions, the success of the
+    tasks that need it and of those that do not, in the report and the chain table."""
+    def episode(success, *kinds):
+        return EpisodeResult(None, "t", "task", "train", len(kinds), 0, success, "budget", 16,
+                             0, 0, [], [], kinds)
+
+    results = [episode(False, "push", "pick", "place"), episode(False, "push", "push"),
+               episode(True, "pick", "place"), episode(True, "reach", "reach"),
+               episode(False, "pick", "place")]
+    by = closed_loop.split_scores(results)["by_needed_kind"]
+    assert by["push"] == {"tasks": 2, "success": 0.0, "success_without": pytest.approx(2 / 3)}
+    assert by["pick"] == {"tasks": 3, "success": pytest.approx(1 / 3), "success_without": 0.5}
+    assert by["reach"] == {"tasks": 1, "success": 1.0, "success_without": 0.25}
+    everywhere = closed_loop.split_scores([episode(True, "reach")])["by_needed_kind"]
+    assert everywhere["reach"]["success_without"] is None
+    table = closed_loop.chain_table({"conditions": {
+        name: {"splits": {"train": closed_loop.split_scores(results)}}
+        for name in ("oracle", "world_plan")}})
+    rows = table.split("of those that do not:\n")[1].splitlines()
+    assert rows[0].split() == ["link", "split", "pick", "place", "push", "reach"]
+    assert rows[2].split() == ["world_plan", "train", "33%", "/", "50%", "33%", "/", "50%",
+                               "0%", "/", "67%", "100%", "/", "25%"]
+    without = closed_loop.split_scores([episode(True), episode(False)])  # no kinds named
+    assert without["by_needed_kind"] == {}
+
+
 def test_push_and_place_outcomes_say_where_the_object_ended():
     env = TabletopControlEnv(64)
     env.reset(EpisodeSpec(2 ** 40, "train", "push_two"))

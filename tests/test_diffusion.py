@@ -153,7 +153,8 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
             sgg_guidance=s_sgg, prediction="velocity")
         return {"full": call(mask, keep), "text": call(mask, ~keep),
                 "uncond": call(jnp.zeros_like(mask), ~keep), "g11": guided(1.0, 1.0),
-                "g00": guided(0.0, 0.0), "g10": guided(1.0, 0.0), "g23": guided(2.0, 3.0)}
+                "g00": guided(0.0, 0.0), "g10": guided(1.0, 0.0), "g23": guided(2.0, 3.0),
+                "g13": guided(1.0, 3.0)}  # text scale 1: the 2B batch without v_uncond
 
     v = {k: np.asarray(a) for k, a in velocities(state, x_t, t, clips, heatmaps).items()}
     assert np.abs(v["full"] - v["text"]).mean() > 1e-3  # SGG matters
@@ -163,6 +164,7 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
     close(v["g00"], v["uncond"])
     close(v["g10"], v["text"])
     close(v["g23"], v["uncond"] + 2 * (v["text"] - v["uncond"]) + 3 * (v["full"] - v["text"]))
+    close(v["g13"], v["text"] + 3 * (v["full"] - v["text"]))
 
 
 # A network that outputs the velocity of the clip's pixels.

@@ -199,8 +199,9 @@ class ControlEnv(abc.ABC):
 
     @abc.abstractmethod
     def summary(self) -> dict[str, Any]:
-        """What the episode's result reports of the world: template, task, split and
-        chain_length (primitives of the decomposition reached in order)."""
+        """What the episode's result reports of the world: template, task, split,
+        chain_length (primitives of the decomposition reached in order) and, optionally, kinds
+        (the primitive kinds of that decomposition)."""
 
     def outcome(self, expert: Any) -> dict[str, float]:
         """How far the expert's primitive ended from its aim, in the world's own measures (a
@@ -252,6 +253,8 @@ class EpisodeResult:
     planner_errors: int  # plans that did not parse (each ends its plan; none is guessed)
     primitives: list[PrimitiveRecord]
     frames: list[np.ndarray]  # recorded episodes: (N, 2N, 3) uint8 [observation | imagined]
+    task_kinds: tuple[str, ...] = ()  # primitive kinds of the world's decomposition of the
+    # task (`ControlEnv.summary`'s 'kinds'); () where the world names none
 
 
 @dataclasses.dataclass
@@ -319,7 +322,7 @@ class _Slot:
         return EpisodeResult(self.spec, world["template"], world["task"], world["split"],
                              self.env.task_length, world["chain_length"], self.end == "success",
                              self.end, self.env_steps, self.replans, self.planner_errors,
-                             self.primitives, self.frames)
+                             self.primitives, self.frames, tuple(world.get("kinds", ())))
 
 
 class Controller:

@@ -147,4 +147,5 @@ class TabletopControlEnv(ControlEnv):
         reached = self.info["primitives_reached"]
         task = self.env.task
         return {"template": task.template, "task": task.text, "split": task.split(),
-                "chain_length": next((k for k, r in enumerate(reached) if not r), len(reached))}
+                "chain_length": next((k for k, r in enumerate(reached) if not r), len(reached)),
+                "kinds": tuple(p.kind for p in task.primitives)}

@@ -10,6 +10,7 @@ Guidance, with separate scales s_text and s_sgg (nested, SGG on top of text):
 where v_uncond sees neither condition (text mask cleared, SGG dropped), v_text sees the text
 only, and v_text+sgg sees both. s_text = s_sgg = 1 gives exactly the conditional prediction
 v_text+sgg (one model evaluation); s_text = s_sgg = 0 the unconditional one; (1, 0) text-only.
+With s_text = 1, v = v_text + s_sgg * (v_text+sgg - v_text): two evaluations, one batch of 2B.
 Otherwise the three evaluations run as one batch of 3B. A clip with `sgg_valid` False has
 v_text+sgg = v_text, so the SGG scale does not touch it.
 
@@ -47,6 +48,15 @@ def guided_velocity(model: WorldModel, x_t: jax.Array, t: jax.Array, context: ja
                                   x_t, t, prediction)
     b = x_t.shape[0]
     no_sgg = jnp.zeros_like(sgg_keep)  # (B,)
+    if text_guidance == 1.0:  # v = v_text + s_sgg (v_text+sgg - v_text): no unconditional call
+        v = model(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                  jnp.concatenate([context, context]), jnp.concatenate([text, text]),
+                  jnp.concatenate([text_mask, text_mask]),  # (2B, L)
+                  jnp.concatenate([jnp.zeros_like(heatmaps), heatmaps]),
+                  jnp.concatenate([no_sgg, sgg_keep]))  # (2B, T, N, N, 3)
+        v = output_to_velocity(v, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
+                               prediction)  # (2B, T, N, N, 3)
+        return v[:b] + sgg_guidance * (v[b:] - v[:b])
 
     def tile(a: jax.Array) -> jax.Array:
         return jnp.concatenate([a, a, a], axis=0)  # (B, ...) -> (3B, ...)

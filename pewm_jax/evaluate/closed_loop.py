@@ -136,8 +136,10 @@ def success_rate(successes: Sequence[bool]) -> dict:
 def split_scores(results: Sequence[EpisodeResult]) -> dict:
     """Success (with its 95% interval), chain length, per-template and per-primitive success,
     goal reach of imagined clips (overall and per primitive), per primitive the medians of the
-    world's outcome measures and of follow_px (`PrimitiveRecord`), and how episodes ended, for
-    one split's episodes."""
+    world's outcome measures and of follow_px (`PrimitiveRecord`), how episodes ended, and,
+    where the world names its decompositions, per primitive kind the success of the tasks that
+    need it and of those that do not (`by_needed_kind`: a kind that always fails caps success
+    at the second), for one split's episodes."""
     n = len(results)
     per_template = defaultdict(list)
     per_kind = defaultdict(list)
@@ -170,7 +172,20 @@ def split_scores(results: Sequence[EpisodeResult]) -> dict:
                           for k, v in sorted(per_kind.items())},
         "goal_reach": float(np.mean(reach)) if reach else None,
         "ends": dict(Counter(r.end for r in results)),
+        "by_needed_kind": _by_needed_kind(results),
     }
+
+
+def _by_needed_kind(results: Sequence[EpisodeResult]) -> dict[str, dict[str, float | int]]:
+    """Per primitive kind of the tasks' decompositions: how many tasks need it, the success of
+    those and of the rest (None when every task needs it)."""
+    out = {}
+    for kind in sorted({k for r in results for k in r.task_kinds}):
+        need = [r.success for r in results if kind in r.task_kinds]
+        rest = [r.success for r in results if r.task_kinds and kind not in r.task_kinds]
+        out[kind] = {"tasks": len(need), "success": float(np.mean(need)),
+                     "success_without": float(np.mean(rest)) if rest else None}
+    return out
 
 
 def verdict(name: str, splits: dict, oracle: dict | None) -> str:
@@ -476,7 +491,29 @@ def chain_table(report: dict) -> str:
                             if "goal_reach" in s["per_primitive"].get(k, {}) else f"{'-':>9}"
                             for k in kinds)
             lines.append(f"{name:<16}{split:<22}{s['goal_reach']:>9.0%}{'':>12}" + cells)
-    return "\n".join(lines + _outcome_lines(conditions, ran))
+    return "\n".join(lines + _needed_kind_lines(conditions, ran) + _outcome_lines(conditions, ran))
+
+
+def _needed_kind_lines(conditions: dict, ran: Sequence[str]) -> list[str]:
+    """Per link and split, for each primitive kind: the success of the tasks that need it /
+    of the tasks that do not ('-' where none or all do); [] where the world names no
+    decompositions."""
+    rows = [(name, split, s.get("by_needed_kind") or {}) for name in ran
+            for split, s in conditions[name]["splits"].items()]
+    kinds = sorted({k for _, _, by in rows for k in by})
+    if not kinds:
+        return []
+    lines = ["success of the tasks that need each kind / of those that do not:",
+             f"{'link':<16}{'split':<22}" + "".join(f"{k:>13}" for k in kinds)]
+    for name, split, by in rows:
+        cells = ""
+        for k in kinds:
+            v = by.get(k)
+            cell = "-" if v is None else (f"{v['success']:.0%} / " + (
+                "-" if v["success_without"] is None else f"{v['success_without']:.0%}"))
+            cells += f"{cell:>13}"
+        lines.append(f"{name:<16}{split:<22}" + cells)
+    return lines
 
 
 def _outcome_lines(conditions: dict, ran: Sequence[str]) -> list[str]:
