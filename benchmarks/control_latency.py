@@ -1,9 +1,11 @@
 """Closed-loop control latency at quickstart size on this machine.
 
-    python benchmarks/control_latency.py [--workdir runs/quickstart] [--batch 1] [--steps 10]
+    python benchmarks/control_latency.py [--workdir runs/quickstart] [--config configs/X.py]
+                                         [--batch 1] [--steps 10]
 
-With `--workdir`, the run's trained models; without, quickstart-size models with random weights
-(latency does not depend on the weights). One control step for B environments is: plan (the
+With `--workdir`, the run's trained models, sampling as `--config` says (its sampler, steps and
+guidance: what `pewm eval` with that config samples with; default: as the model was trained);
+without, quickstart-size models with random weights (latency does not depend on the weights). One control step for B environments is: plan (the
 planner VLM, constrained greedy decoding) + generate (the world model samples one primitive clip
 with the config's sampler steps) + decode (the action decoder reads its per-step actions) + act (the
 clip's H x frame_stride per-step actions, played as they are). Decoding is timed both ways the
@@ -62,11 +64,14 @@ def random_models(batch: int):
     return PrimitivePolicy(world, config, tokenizer, decoder, stats, batch_size=batch), planner, config
 
 
-def trained_models(workdir: str, batch: int):
-    """(policy, planner, config) restored from a run directory."""
-    from pewm_jax.recipes.restore import restore
+def trained_models(workdir: str, batch: int, config_path: str = ""):
+    """(policy, planner, config) restored from a run directory; the world model samples as
+    `config_path`'s config says, if given (SAMPLING_KEYS)."""
+    from pewm_jax.recipes.restore import restore, with_sampling
 
     world, decoder = restore(workdir, "world_model"), restore(workdir, "action_decoder")
+    if config_path:
+        world = with_sampling(world, load_config(config_path).diffusion)
     planner = restore(workdir, "planner")
     policy = PrimitivePolicy(world.model, world.config, decoder.tokenizer, decoder.model,
                              decoder.stats[0], batch_size=batch)
@@ -82,10 +87,11 @@ def _timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="", help="a run directory (default: random weights)")
+    parser.add_argument("--config", default="", help="with --workdir: sample as this config does")
     parser.add_argument("--batch", type=int, default=1, help="environments per control step")
     parser.add_argument("--steps", type=int, default=10, help="timed control steps")
     args = parser.parse_args()
-    policy, planner, config = (trained_models(args.workdir, args.batch) if args.workdir
+    policy, planner, config = (trained_models(args.workdir, args.batch, args.config) if args.workdir
                                else random_models(args.batch))
     w = config.world
     envs = [TabletopEnv(w.image_size, (w.num_objects_min, w.num_objects_max), w.max_delta,

@@ -28,5 +28,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500
     config.train.sample_every = 1000
 
+    # SGG guidance (the quickstart's 3) on the sampler steps from t = 0.3 up only; the last, nearly
+    # clean steps follow the conditional prediction, which draws what moved without the guided
+    # overshoot (a bright ghost where the gripper was). Measured on these models (2026-12-07):
+    # goal reach 82% against 75%, world_plan 47% / 47% against 50% / 37%, pewm 43% / 33%
+    # against 33% / 20%. (The quickstart's 300-step model needs guidance to the last step.)
+    config.diffusion.guidance_min_t = 0.3
+
     config.run.stages = ("data", "train", "whole_task", "actions", "planner", "eval")
     return config
