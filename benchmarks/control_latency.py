@@ -5,10 +5,11 @@
 
 With `--workdir`, the run's trained models, sampling as `--config` says (its sampler, steps and
 guidance: what `pewm eval` with that config samples with; default: as the model was trained);
-without, quickstart-size models with random weights (latency does not depend on the weights). One control step for B environments is: plan (the
-planner VLM, constrained greedy decoding) + generate (the world model samples one primitive clip
-with the config's sampler steps) + decode (the action decoder reads its per-step actions) + act (the
-clip's H x frame_stride per-step actions, played as they are). Decoding is timed both ways the
+without, quickstart-size models with random weights (latency does not depend on the weights).
+One control step for B environments is: plan (the planner VLM, constrained greedy decoding) +
+generate (the world model samples one primitive clip with the config's sampler steps) + decode
+(the action decoder reads its per-step actions) + act (the clip's H x frame_stride per-step
+actions, played as they are). Decoding is timed both ways the
 controller can do it: once per clip from its own frames (`decode`, `eval.track=False`), and
 tracked (`track`, the default): the clip is encoded once with the observation it was imagined
 from (`PrimitivePolicy.encode_clips`), then each of the H frame intervals is decoded from the

@@ -134,4 +134,5 @@ def sample_from_config(model: WorldModel, cond: Mapping[str, jax.Array], rng: ja
     return sample(model, cond, rng, horizon=horizon or config.data.horizon,
                   num_steps=num_steps or d.num_steps, sampler=d.sampler,
                   text_guidance=float(d.text_guidance), sgg_guidance=float(d.sgg_guidance),
-                  guidance_min_t=float(d.get("guidance_min_t", 0.0)), sgg_sigma_px=float(d.sgg_sigma_px), **target_settings(config))
+                  guidance_min_t=float(d.get("guidance_min_t", 0.0)),
+                  sgg_sigma_px=float(d.sgg_sigma_px), **target_settings(config))
