@@ -10,8 +10,8 @@ Guidance, with separate scales s_text and s_sgg (nested, SGG on top of text):
 where v_uncond sees neither condition (text mask cleared, SGG dropped), v_text sees the text
 only, and v_text+sgg sees both. s_text = s_sgg = 1 gives exactly the conditional prediction
 v_text+sgg (one model evaluation); s_text = s_sgg = 0 the unconditional one; (1, 0) text-only.
-With s_text = 1, v = v_text + s_sgg * (v_text+sgg - v_text): two evaluations, one batch of 2B.
-Otherwise the three evaluations run as one batch of 3B. A clip with `sgg_valid` False has
+With s_text = 1, v_uncond drops out (v = v_text + s_sgg * (v_text+sgg - v_text)): two
+evaluations, one batch of 2B. Otherwise the three evaluations run as one batch of 3B. A clip with `sgg_valid` False has
 v_text+sgg = v_text, so the SGG scale does not touch it.
 
 Guidance interval (`guidance_min_t`, Kynkaanniemi et al. 2024, "Applying Guidance in a Limited
@@ -47,26 +47,22 @@ def guided_velocity(model: WorldModel, x_t: jax.Array, t: jax.Array, context: ja
         return output_to_velocity(model(x_t, t, context, text, text_mask, heatmaps, sgg_keep),
                                   x_t, t, prediction)
     b = x_t.shape[0]
-    no_sgg = jnp.zeros_like(sgg_keep)  # (B,)
-    if text_guidance == 1.0:  # v = v_text + s_sgg (v_text+sgg - v_text): no unconditional call
-        v = model(jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                  jnp.concatenate([context, context]), jnp.concatenate([text, text]),
-                  jnp.concatenate([text_mask, text_mask]),  # (2B, L)
-                  jnp.concatenate([jnp.zeros_like(heatmaps), heatmaps]),
-                  jnp.concatenate([no_sgg, sgg_keep]))  # (2B, T, N, N, 3)
-        v = output_to_velocity(v, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]),
-                               prediction)  # (2B, T, N, N, 3)
-        return v[:b] + sgg_guidance * (v[b:] - v[:b])
+    no_sgg, no_heat = jnp.zeros_like(sgg_keep), jnp.zeros_like(heatmaps)
+    # (text mask, heatmaps, SGG kept) of v_text and v_text+sgg; v_uncond's only where its
+    # coefficient is not 0 (text scale 1: v_uncond + 1 (v_text - v_uncond) = v_text).
+    calls = [(text_mask, no_heat, no_sgg), (text_mask, heatmaps, sgg_keep)]
+    if text_guidance != 1.0:
+        calls.insert(0, (jnp.zeros_like(text_mask), no_heat, no_sgg))
+    k = len(calls)
 
     def tile(a: jax.Array) -> jax.Array:
-        return jnp.concatenate([a, a, a], axis=0)  # (B, ...) -> (3B, ...)
+        return jnp.concatenate([a] * k, axis=0)  # (B, ...) -> (kB, ...)
 
     v = model(tile(x_t), tile(t), tile(context), tile(text),
-              jnp.concatenate([jnp.zeros_like(text_mask), text_mask, text_mask]),  # (3B, L)
-              jnp.concatenate([jnp.zeros_like(heatmaps), jnp.zeros_like(heatmaps), heatmaps]),
-              jnp.concatenate([no_sgg, no_sgg, sgg_keep]))  # (3B, T, N, N, 3)
-    v = output_to_velocity(v, tile(x_t), tile(t), prediction)  # (3B, T, N, N, 3)
-    v_uncond, v_text, v_full = v[:b], v[b:2 * b], v[2 * b:]  # each (B, T, N, N, 3)
+              *(jnp.concatenate(parts) for parts in zip(*calls)))  # (kB, T, N, N, 3)
+    v = output_to_velocity(v, tile(x_t), tile(t), prediction)  # (kB, T, N, N, 3)
+    v_text, v_full = v[(k - 2) * b:(k - 1) * b], v[(k - 1) * b:]  # each (B, T, N, N, 3)
+    v_uncond = v[:b] if k == 3 else v_text
     return v_uncond + text_guidance * (v_text - v_uncond) + sgg_guidance * (v_full - v_text)
 
 
