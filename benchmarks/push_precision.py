@@ -39,19 +39,17 @@ def shifted_push_errors(scenes: int, offsets: list[float]) -> dict[float, np.nda
     errors: dict[float, list[float]] = {off: [] for off in offsets}
     for seed in range(scenes):
         env.reset(seed=2 ** 40 + seed, options={"split": "train", "template": "push_two"})
-        plan = env.setup.plans[0]  # push_two: the first primitive is a push
-        moves = [arg for op, arg in plan.ops if op == "move"]  # lowering point, push end
-        along = (moves[1] - moves[0]) / np.linalg.norm(moves[1] - moves[0])
-        side = np.array([-along[1], along[0]])
+        approach, push = env.setup.plans[:2]  # push_two: the first push, its approach before it
+        side = np.array([-push.direction[1], push.direction[0]])
         for off in offsets:
             delta = side * off / IMAGE_SIZE
-            ops = [(op, arg + delta if op == "move" else arg) for op, arg in plan.ops]
-            expert = Expert(dataclasses.replace(plan, ops=ops), env.max_delta)
+            ops = [(op, arg + delta if op == "move" else arg) for op, arg in approach.ops + push.ops]
+            expert = Expert(dataclasses.replace(push, ops=ops), env.max_delta)
             state = env.state.copy()
             while not expert.done:
                 step_state(state, clip_action(expert.act(state), env.max_delta)[0])
-            obj = state.positions[plan.obj_index]
-            errors[off].append(float(np.hypot(*(obj - plan.target))) * IMAGE_SIZE)
+            obj = state.positions[push.obj_index]
+            errors[off].append(float(np.hypot(*(obj - push.target))) * IMAGE_SIZE)
     return {off: np.array(v) for off, v in errors.items()}
 
 

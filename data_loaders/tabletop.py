@@ -36,6 +36,7 @@ from data_loaders.clips import Clip, cut_clips
 from pewm_jax.sim import TabletopEnv, expert_episode
 from pewm_jax.sim.episodes import Episode
 from pewm_jax.sim.primitives import all_primitives
+from pewm_jax.sim.tasks import DECOMPOSITION
 from pewm_jax.text.plan import plan_prompt
 
 EPISODES_DIR = "episodes"
@@ -288,5 +289,6 @@ def dataset_meta(config: ml_collections.ConfigDict) -> DatasetMeta:
         name="pewm_tabletop", image_size=config.world.image_size, horizon=config.data.horizon,
         frame_stride=config.data.frame_stride, context_frames=config.data.context_frames,
         action_dim=3, gripper_dims=GRIPPER_DIMS,
-        source=(f"pewm_jax.sim expert episodes; seed {config.seed}; world {config.world.to_dict()}; "
+        source=(f"pewm_jax.sim expert episodes; task decomposition {DECOMPOSITION}; seed "
+                f"{config.seed}; world {config.world.to_dict()}; "
                 + "; ".join(f"{k} {config.data[k]}" for _, k in SPLITS.values())))

@@ -437,7 +437,9 @@ def default_config() -> ml_collections.ConfigDict:
     # tracking of the clip); False: it decodes the whole clip once from its own frames.
     c.eval.track = True
     c.eval.parallel_envs = 16  # environments run in lockstep (the models' batch size)
-    c.eval.max_replans = 2  # primitives an episode may run beyond its task's length
+    # Primitives an episode may run beyond its task's length; its step budget holds them too
+    # (world.primitive_max_steps each), so a failed primitive can be tried again.
+    c.eval.max_replans = 2
     c.eval.goal_reach_px = 4.0  # a clip reaches its goal: gripper this close in its last frame
     c.eval.video_split = "test"  # dataset split whose clips score PSNR / SSIM
     c.eval.video_clips = 64  # held-out clips sampled for PSNR / SSIM (0: none)

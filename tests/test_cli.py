@@ -100,7 +100,8 @@ def test_main_job_then_every_other_job_with_paths_relative_to_the_current_direct
     assert (run / "eval" / "rollout_0.gif").is_file()
     summary = json.loads((run / "preview" / "summary.json").read_text())
     assert len(summary["episodes"]) == 2
-    assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place", "push"}
+    assert set(summary["primitive_experts"]) == {"reach", "grasp", "release", "pick", "place",
+                                                   "approach", "push"}
     for stats in [*summary["task_experts"].values(), *summary["primitive_experts"].values()]:
         assert 0.0 <= stats["rejected_scenes"] < 1.0 and stats["success"] == 1.0
     for stats in summary["primitive_experts"].values():  # data.frame_stride 4

@@ -14,7 +14,7 @@ from data_loaders.clips import ActionStats, frame_indices, step_actions
 from pewm_jax.text.tokenizer import build_tokenizer
 from pewm_jax.config import EVAL_CONDITIONS
 from pewm_jax.control.controller import (ControlSettings, Controller, EpisodeResult,
-                                         PrimitiveRecord)
+                                         PrimitiveRecord, Rollout)
 from pewm_jax.control.policy import PrimitiveCommand, PrimitivePolicy
 from pewm_jax.control.tabletop import EpisodeSpec, TabletopControlEnv
 from pewm_jax.evaluate import closed_loop
@@ -133,12 +133,13 @@ def test_tasks_are_scored_by_the_primitive_kinds_they_need():
 def test_push_and_place_outcomes_say_where_the_object_ended():
     env = TabletopControlEnv(64)
     env.reset(EpisodeSpec(2 ** 40, "train", "push_two"))
-    expert = env.expert(env.world_command(0, fresh=False))
-    while (action := env.expert_action(expert)) is not None:
-        env.step(action)
+    for index in (0, 1):  # the approach, then the push
+        expert = env.expert(env.world_command(index, fresh=True))
+        while (action := env.expert_action(expert)) is not None:
+            env.step(action)
     assert env.outcome(expert)["object_error_px"] < 1e-4  # float32 actions
-    moves = [xy for op, xy in expert.plan.ops if op == "move"]
-    along = (moves[-1] - moves[-2]) / np.linalg.norm(moves[-1] - moves[-2])
+    move = expert.plan.ops[0][1] - expert.plan.start  # the push's one straight move
+    along = move / np.linalg.norm(move)
     side = np.array([-along[1], along[0]])
     env.env.state.positions[expert.plan.obj_index] += (-1.5 * along + 2.0 * side) / 64
     out = env.outcome(expert)
@@ -167,6 +168,62 @@ def test_push_and_place_outcomes_say_where_the_object_ended():
     while (action := env.expert_action(reach)) is not None:
         env.step(action)
     assert env.outcome(reach)["gripper_error_px"] < 1e-4
+
+
+class _FirstPushLiftsEnv(TabletopControlEnv):
+    """The built-in world whose first push only opens the gripper: a push that failed and
+    undid its approach."""
+
+    def __init__(self, image_size: int):
+        super().__init__(image_size)
+        self.lifted = None
+
+    def expert_action(self, expert):
+        if self.lifted is None and expert.plan.primitive.kind == "push":
+            self.lifted = expert
+        if expert is self.lifted:
+            return np.array([0.0, 0.0, -1.0], np.float32) if self.env.state.closed else None
+        return super().expert_action(expert)
+
+
+def test_the_world_planner_goes_back_to_the_approach_a_failed_push_undid():
+    spec = EpisodeSpec(2 ** 40, "train", "push_two")
+    result = Controller(ControlSettings("world", "scripted"), lambda: _FirstPushLiftsEnv(64),
+                        horizon=8, frame_stride=4).run([spec], parallel=1)[0]
+    assert [(p.kind, p.success) for p in result.primitives] == [
+        ("approach", True), ("push", False), ("approach", True), ("push", True),
+        ("approach", True), ("push", True)]
+    assert result.success
+
+
+class _FirstPickStallsEnv(TabletopControlEnv):
+    """The built-in world whose first pick's clip holds still: a whole failed attempt."""
+
+    def __init__(self, image_size: int, spare_primitives: int):
+        super().__init__(image_size, spare_primitives=spare_primitives)
+        self.stalled = False
+
+    def rollout(self, expert, steps, render):
+        if self.stalled or expert.plan.primitive.kind != "pick":
+            return super().rollout(expert, steps, render)
+        self.stalled = True
+        return Rollout(self.image[None], np.zeros((0, 3), np.float32), [expert])
+
+
+@pytest.mark.parametrize("spare", [0, 2])
+def test_the_step_budget_leaves_room_to_retry_a_failed_primitive(spare):
+    """An attempt plays a whole clip (H * s = 32 steps, world.primitive_max_steps): without
+    spare primitives in the budget, a retried pick leaves no steps for the place."""
+    spec = EpisodeSpec(2 ** 40, "train", "bin_one")
+    result = Controller(ControlSettings("world", "replay"),
+                        lambda: _FirstPickStallsEnv(64, spare), horizon=8,
+                        frame_stride=4).run([spec], parallel=1)[0]
+    assert [(p.kind, p.success) for p in result.primitives][:2] == [("pick", False),
+                                                                    ("pick", True)]
+    assert (result.success, result.end) == ((True, "success") if spare else
+                                            (False, "out_of_steps"))
+    with pytest.raises(ValueError, match="spare_primitives"):
+        TabletopEnv(64, spare_primitives=-1)
 
 
 def test_evaluation_seeds_are_fixed_distinct_and_outside_the_dataset_ranges():

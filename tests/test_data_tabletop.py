@@ -199,6 +199,18 @@ def test_existing_dataset_is_reused_or_refused_never_replaced(tabletop_dataset):
     assert json.loads(before)["splits"]["train"] > 0
 
 
+def test_data_of_an_earlier_task_decomposition_is_refused(tabletop_dataset, tmp_path):
+    """Data made before a push became an approach and the push is not reused for training."""
+    meta = json.loads((tabletop_dataset / clip_dataset.META_FILE).read_text())
+    assert f"task decomposition {T.DECOMPOSITION};" in meta["source"]
+    meta["source"] = meta["source"].replace(f"task decomposition {T.DECOMPOSITION}; ", "")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / clip_dataset.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(clip_dataset.DatasetError, match="source differ.*--overwrite"):
+        clip_dataset.ensure_dataset(tabletop, tiny_config(), old)
+
+
 def test_missing_split_lists_the_splits(tabletop_dataset):
     with pytest.raises(clip_dataset.DatasetError, match="holdout_composition"):
         clip_dataset.clip_source(tabletop_dataset, "valid")

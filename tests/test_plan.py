@@ -11,8 +11,7 @@ from hypothesis import given, settings
 
 from pewm_jax.text.tokenizer import (EOS, LOCATION_TOKENS, NUM_LOCATION_BINS, PAD, SEP,
                                     build_tokenizer)
-from pewm_jax.sim.primitives import DIRECTIONS, KINDS, Primitive
-from pewm_jax.sim.world import OBJECT_NAMES, ZONES
+from pewm_jax.sim.primitives import all_primitives
 from pewm_jax.text.plan import (Plan, PlanGrammar, PlanParseError, PlanStep, format_plan,
                                parse_plan, plan_prompt)
 
@@ -22,14 +21,7 @@ SETTINGS = settings(max_examples=60, deadline=None)
 
 def _primitive_texts() -> list[str]:
     """Every wording of every primitive of the built-in world."""
-    texts = []
-    for kind in KINDS:
-        targets = {"place": list(ZONES), "push": list(DIRECTIONS) + list(ZONES)}.get(kind, [None])
-        for obj in OBJECT_NAMES:
-            for target in targets:
-                prim = Primitive(kind, obj, target)
-                texts += [prim.text(p) for p in range(prim.num_paraphrases())]
-    return texts
+    return [prim.text(p) for prim in all_primitives() for p in range(prim.num_paraphrases())]
 
 
 TEXTS = _primitive_texts()

@@ -61,6 +61,13 @@ def test_success_checks_reject_near_misses():
     assert not plan.success(miss)
 
     s = _scene()
+    approach = _run_plan(s, P.Primitive("approach", "blue disc", "right"))
+    miss = s.copy()
+    miss.gripper = miss.gripper + [0.0, P.LINEUP_TOLERANCE + 0.005]
+    assert not approach.success(miss)
+    raised = s.copy()
+    raised.closed = False
+    assert not approach.success(raised)
     plan = _run_plan(s, P.Primitive("push", "blue disc", "right"))
     miss = s.copy()
     miss.positions[1] += [0.0, P.PUSH_TOLERANCE + 0.005]
@@ -77,6 +84,24 @@ def test_success_checks_reject_near_misses():
     assert not plan.success(still_held)
 
 
+def test_a_push_starts_only_lined_up_behind_its_object():
+    s = _scene()
+    with pytest.raises(P.Infeasible, match="approach it"):
+        P.Primitive("push", "blue disc", "right").plan(s)  # the gripper is up, away from it
+    approach = _run_plan(s, P.Primitive("approach", "blue disc", "right"))
+    assert s.closed and s.held == -1
+    np.testing.assert_allclose(s.positions[1], [0.7, 0.45])  # lowering there moved nothing
+    push = P.Primitive("push", "blue disc", "right").plan(s)
+    np.testing.assert_allclose(push.start, approach.goal)
+    assert [op for op, _ in push.ops] == ["move", "grip"]  # one straight move, then open
+    with pytest.raises(P.Infeasible, match="approach it"):
+        P.Primitive("push", "blue disc", "left").plan(s)  # lined up for the other way
+    moved = s.copy()
+    moved.gripper = moved.gripper + [0.0, P.LINEUP_TOLERANCE + 0.005]
+    with pytest.raises(P.Infeasible, match="approach it"):
+        P.Primitive("push", "blue disc", "right").plan(moved)
+
+
 def test_task_check_rejects_a_perturbed_success():
     setup = T.sample_episode_setup(3, num_objects=(3, 5), max_delta=0.08, primitive_max_steps=32,
                                    template_name="bin_then_push")
@@ -88,6 +113,14 @@ def test_task_check_rejects_a_perturbed_success():
     near = final.copy()
     near.positions[pushed] += [P.PUSH_TOLERANCE + 0.01, 0.0]
     assert not T.TaskProgress(setup.task, setup.plans).update(near)
+    # An approach only prepares its push: the task does not ask for its lowering point.
+    assert [p.kind for p in setup.task.primitives][-2:] == ["approach", "push"]
+    approach, states = setup.plans[-2], []
+    T.plan_with_expert(setup.state, setup.task, 0.08, 32,
+                       on_step=lambda k, p, a, s: states.append(s.copy()))
+    skipped = T.TaskProgress(setup.task, setup.plans)
+    seen = [skipped.update(s) for s in states if not approach.success(s)]
+    assert len(seen) < len(states) and seen[-1]  # success without the lowering point's states
     # "touch A, then touch B": ending on B without ever touching A is not a success.
     setup = T.sample_episode_setup(4, num_objects=(3, 5), max_delta=0.08, primitive_max_steps=32,
                                    template_name="touch_two")

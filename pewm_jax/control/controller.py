@@ -40,8 +40,10 @@ Choices (`ControlSettings`), each feeding one link of the chain with truth (DESI
 Rounds and attempts: a round plans (as the loop asks), makes one clip per environment and
 plays it. An attempt is one primitive's rounds: it ends when it has played a whole clip's
 worth of frames (H: one round, or H / k rounds of receding horizon), or for the scripted
-executor after one round; then the primitive's own check says whether it succeeded. Which primitive comes next: the world planner keeps a pointer into the task that moves
-on when the primitive's check holds (a failed primitive is retried) or, in a world without
+executor after one round; then the primitive's own check says whether it succeeded. Which
+primitive comes next: the world planner keeps a pointer into the task that moves on when the
+primitive's check holds (a failed primitive is retried, or the one before it when the failure
+undid what that one set up: `Controller._world_command`) or, in a world without
 per-primitive checks (Meta-World), after every attempt; a VLM planner trained on mid-task
 examples (`Planner.plans_remaining`) lists the primitives left, so the controller runs its
 first one, else the step at the attempt's position. When a plan runs out without success the
@@ -454,7 +456,7 @@ class Controller:
         if planner == "task":
             return PrimitiveCommand(slot.env.task_text, (0.0, 0.0), (0.0, 0.0))
         if planner == "world":
-            command = slot.env.world_command(slot.position, self.settings.loop == "closed")
+            command = self._world_command(slot)
         else:
             index = 0 if self._first_of_plan() else slot.position
             command = slot.plan[index] if index < len(slot.plan) else None
@@ -463,6 +465,21 @@ class Controller:
                 slot.end = "plan_done"
             else:  # a fresh closed-loop plan shorter than the attempt so far
                 slot.position = math.inf
+        return command
+
+    def _world_command(self, slot: _Slot) -> PrimitiveCommand | None:
+        """The world planner's command at the slot's position. Closed loop in a world with
+        checks, a primitive that cannot start from here (a failed try undid what the step
+        before it set up: a push no longer lined up, a place whose object was dropped) gives way
+        to that step before it, when that one can start."""
+        env, fresh = slot.env, self.settings.loop == "closed"
+        command = env.world_command(slot.position, fresh)
+        if (fresh and env.has_checks and command is not None and slot.position > 0
+                and env.expert(command) is None):
+            before = env.world_command(slot.position - 1, fresh)
+            if env.expert(before) is not None:
+                slot.position -= 1
+                return before
         return command
 
     # ----------------------------------------------------------------------------- executing

@@ -40,8 +40,12 @@ class TabletopControlEnv(ControlEnv):
     gripper_dims = (2,)
 
     def __init__(self, image_size: int, num_objects: tuple[int, int] = (3, 5),
-                 max_delta: float = 0.08, primitive_max_steps: int = 32):
-        self.env = TabletopEnv(image_size, num_objects, max_delta, primitive_max_steps)
+                 max_delta: float = 0.08, primitive_max_steps: int = 32,
+                 spare_primitives: int = 0):
+        """`spare_primitives`: the episode's step budget holds this many primitives beyond the
+        task's (`TabletopEnv`), so that failed ones can be tried again."""
+        self.env = TabletopEnv(image_size, num_objects, max_delta, primitive_max_steps,
+                               spare_primitives=spare_primitives)
         self.scripted_steps = primitive_max_steps
         self.image_size = image_size
 
@@ -122,9 +126,8 @@ class TabletopControlEnv(ControlEnv):
                     "still_held": float(state.held == plan.obj_index)}
         if plan.primitive.kind != "push":
             return out
-        moves = [xy for op, xy in plan.ops if op == "move"]  # the lowering point, the push end
-        along = (moves[-1] - moves[-2]) / np.linalg.norm(moves[-1] - moves[-2])
         miss = (state.positions[plan.obj_index] - plan.target) * self.image_size
+        along = plan.direction
         return {**out, "object_error_px": float(np.hypot(*miss)),
                 "object_error_along_px": float(miss @ along),
                 "object_error_side_px": float(abs(miss[0] * along[1] - miss[1] * along[0]))}

@@ -333,7 +333,7 @@ def run_condition(name: str, config: ml_collections.ConfigDict, models: RunModel
                             execute_frames=e.execute_frames or None, track=e.track),
         lambda: TabletopControlEnv(world.image_size,
                                    (world.num_objects_min, world.num_objects_max),
-                                   world.max_delta, world.primitive_max_steps),
+                                   world.max_delta, world.primitive_max_steps, e.max_replans),
         horizon=int(trained.data.horizon), frame_stride=int(trained.data.frame_stride),
         policy=models.policy(clip_model(settings)) if settings.uses_decoder else None,
         planner=models.get("planner") if settings.planner == "vlm" else None,

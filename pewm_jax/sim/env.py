@@ -9,7 +9,8 @@ workspace units [0, 1] and 1.0 when closed}. Action: (3,) float32 `(dx, dy, grip
 `|dx|, |dy| <= max_delta` and `grip` in [-1, 1] (`> 0` closes); out-of-bound actions are
 clipped and `info["action_clipped"]` says so; a NaN or wrongly shaped action raises
 `ActionError`. Reward is 1.0 on the step the task succeeds, which terminates the episode; it is
-truncated after `primitive_max_steps` per primitive of the task. `info["primitives_reached"]`
+truncated after `primitive_max_steps` per primitive of the task and per `spare_primitives`
+(room for a controller to retry failed primitives). `info["primitives_reached"]`
 says, per primitive of the task, whether its goal has held at some step so far.
 """
 
@@ -32,9 +33,12 @@ class TabletopEnv(gymnasium.Env):
 
     def __init__(self, image_size: int = 64, num_objects: tuple[int, int] = (3, 5),
                  max_delta: float = 0.08, primitive_max_steps: int = 32,
-                 render_mode: str | None = "rgb_array"):
+                 render_mode: str | None = "rgb_array", spare_primitives: int = 0):
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
+        if spare_primitives < 0:
+            raise ValueError(f"spare_primitives must be >= 0, got {spare_primitives}")
+        self.spare_primitives = int(spare_primitives)
         self.image_size = image_size
         self.num_objects = (int(num_objects[0]), int(num_objects[1]))
         self.max_delta = float(max_delta)
@@ -86,7 +90,7 @@ class TabletopEnv(gymnasium.Env):
 
     @property
     def max_episode_steps(self) -> int:
-        return self.primitive_max_steps * len(self.task.primitives)
+        return self.primitive_max_steps * (len(self.task.primitives) + self.spare_primitives)
 
     def render(self) -> np.ndarray:
         return render_lib.render(self.state, self.image_size)

@@ -96,8 +96,9 @@ class PrimitiveTrial:
     finished: bool  # the expert completed its waypoints within primitive_max_steps
 
 
-# Primitives that need the object held first (pick it), or the gripper above it (reach it).
-_SETUP = {"place": "pick", "release": "pick", "grasp": "reach"}
+# Primitives that need the object held first (pick it), the gripper above it (reach it) or
+# lowered behind it (approach it, for the same push).
+_SETUP = {"place": "pick", "release": "pick", "grasp": "reach", "push": "approach"}
 
 
 def primitive_trial(kind: str, seed: int, *, num_objects: tuple[int, int] = (3, 5),
@@ -105,15 +106,20 @@ def primitive_trial(kind: str, seed: int, *, num_objects: tuple[int, int] = (3, 
     """Runs the scripted expert of one primitive `kind` in the scene drawn from `seed`.
 
     The object, zone or direction are drawn from the same seed; primitives that need the object
-    held or the gripper above it start after the expert of `pick` or `reach` got it there. A
+    held, the gripper above it or lowered behind it start after the expert of `pick`, `reach`
+    or `approach` got it there. A
     scene where a plan is infeasible is rejected (`rejected=True`), as in data generation.
     """
     rng = np.random.default_rng(seed)
     state = sample_scene(rng, int(rng.integers(num_objects[0], num_objects[1] + 1)))
     obj = state.object_names()[rng.integers(len(state.kinds))]
-    targets = {"place": tuple(ZONES), "push": tuple(DIRECTIONS) + ("top edge",)}.get(kind)
+    pushes = tuple(DIRECTIONS) + ("top edge",)
+    targets = {"place": tuple(ZONES), "approach": pushes, "push": pushes}.get(kind)
     primitive = Primitive(kind, obj, None if targets is None else targets[rng.integers(len(targets))])
-    chain = ([Primitive(_SETUP[kind], obj)] if kind in _SETUP else []) + [primitive]
+    setup = _SETUP.get(kind)
+    chain = ([] if setup is None else
+             [Primitive(setup, obj, primitive.target if setup == "approach" else None)])
+    chain.append(primitive)
     try:
         for p in chain:
             plan = p.plan(state)

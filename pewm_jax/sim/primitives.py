@@ -13,9 +13,17 @@ Kinds and their plans (start is always the gripper's position when the primitive
 - release X: open (X is held).                             goal = start.
 - pick X:    open, move above X, close.                    goal = X's centre.
 - place X Z: carry X to a free spot of zone Z, open.       goal = that spot.
-- push X D:  open, move behind X, close (lower), push X by `PUSH_DISTANCE` in direction D or up
-             to zone Z's centre line, open.                goal = the gripper's final position,
+- approach X D: open, move behind X, close (lower there).  goal = the lowering point, a gap
+             `PUSH_BACKOFF` behind X's face on the side away from the push.
+- push X D:  (lowered behind X) push X by `PUSH_DISTANCE` in direction D or up to zone Z's
+             centre line, open.                            goal = the gripper's final position,
              in contact behind X's target.
+
+A push is two primitives so that each is one straight motion between its start and goal points
+(what SGG heatmaps can say): the approach, which a reach is like, and the push itself, which a
+place is like. The world model, drawing the gripper from start to goal, then never has to invent
+the retreat behind the object. A push is infeasible unless the closed, empty gripper is within
+`LINEUP_TOLERANCE` of its lowering point (its approach done).
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ import numpy as np
 from pewm_jax.sim.world import (GRASP_RADIUS, GRIPPER_BOUNDS, GRIPPER_PAD_HALF, OBJECT_NAMES,
                                 OBJECT_RADIUS, ZONES, WorldState, contact_distance)
 
-KINDS: tuple[str, ...] = ("reach", "grasp", "release", "pick", "place", "push")
+KINDS: tuple[str, ...] = ("reach", "grasp", "release", "pick", "place", "approach", "push")
 DIRECTIONS: dict[str, tuple[float, float]] = {
     "left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 PUSH_DISTANCE = 0.2  # how far "push X left" moves X (workspace units)
 PUSH_BACKOFF = 0.03  # extra gap behind X where the gripper is lowered before pushing
 REACH_TOLERANCE = 0.02  # reach succeeds with the gripper this close to the object's centre
+LINEUP_TOLERANCE = 0.03  # approach succeeds (and a push starts lined up) this close to the
+# lowering point: at most PUSH_BACKOFF nearer to the object, so lowering there touches nothing
 PUSH_TOLERANCE = 0.04  # push succeeds with the object this close to its target
 CLEARANCE = 0.01  # free space a plan keeps from objects it does not manipulate
 _SLOT_STEP = 0.025  # spacing of candidate drop spots inside a zone
@@ -46,8 +56,13 @@ WORDS: dict[str, tuple[str, ...]] = {
     "pick": ("pick up the {obj}", "pick the {obj}", "lift the {obj}"),
     "place": ("place the {obj} {prep} the {target}", "put the {obj} {prep} the {target}",
               "drop the {obj} {prep} the {target}"),
+    "approach": ("get behind the {obj} to push it {target}",
+                 "move behind the {obj} to push it {target}", "line up to push the {obj} {target}"),
     "push": ("push the {obj} {target}", "slide the {obj} {target}", "nudge the {obj} {target}"),
 }
+_TARGETS: dict[str, tuple[str, ...]] = {"place": tuple(ZONES),
+                                        "approach": tuple(DIRECTIONS) + tuple(ZONES),
+                                        "push": tuple(DIRECTIONS) + tuple(ZONES)}
 
 
 class Infeasible(Exception):
@@ -60,24 +75,25 @@ class Primitive:
 
     kind: str
     obj: str
-    target: str | None = None  # zone name for place / push-to-zone; direction for push
+    target: str | None = None  # zone name for place / push-to-zone; direction for a push (and
+    # its approach)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown primitive kind {self.kind!r}; known: {KINDS}")
         if self.obj not in OBJECT_NAMES:
             raise ValueError(f"unknown object {self.obj!r}; known: {OBJECT_NAMES}")
-        needs = {"place": tuple(ZONES), "push": tuple(DIRECTIONS) + tuple(ZONES)}
-        if self.kind in needs and self.target not in needs[self.kind]:
-            raise ValueError(f"{self.kind} needs a target in {needs[self.kind]}, got {self.target!r}")
-        if self.kind not in needs and self.target is not None:
+        if self.kind in _TARGETS and self.target not in _TARGETS[self.kind]:
+            raise ValueError(f"{self.kind} needs a target in {_TARGETS[self.kind]}, got "
+                             f"{self.target!r}")
+        if self.kind not in _TARGETS and self.target is not None:
             raise ValueError(f"{self.kind} takes no target, got {self.target!r}")
 
     def text(self, paraphrase: int = 0) -> str:
         """The primitive's words; `paraphrase` picks one of `num_paraphrases()` wordings."""
         template = WORDS[self.kind][paraphrase]
         target = self.target
-        if self.kind == "push" and self.target in ZONES:
+        if self.kind in ("approach", "push") and self.target in ZONES:
             template = template.replace("{target}", "to the {target}")
         prep = ZONES[target].preposition if target in ZONES else ""
         return template.format(obj=self.obj, target=target, prep=prep)
@@ -91,10 +107,10 @@ class Primitive:
         obj = state.positions[i].copy()
         start = state.gripper.copy()
         ops: list[tuple] = []
-        if self.kind in ("reach", "pick", "push") and state.held >= 0:
+        if self.kind in ("reach", "pick", "approach", "push") and state.held >= 0:
             raise Infeasible(f"{self.kind} {self.obj}: the gripper is holding "
                              f"{OBJECT_NAMES[state.kinds[state.held]]}")
-        if self.kind == "push":
+        if self.kind in ("approach", "push"):
             return self._plan_push(state, i)
         if self.kind in ("reach", "pick"):
             if state.closed:
@@ -117,7 +133,7 @@ class Primitive:
         raise AssertionError(self.kind)  # unreachable: kinds are validated at construction
 
     def _plan_push(self, state: WorldState, i: int) -> "PrimitivePlan":
-        """Plans a push of object `i` (see module docstring); raises Infeasible."""
+        """Plans an approach to, or a push of, object `i` (module docstring); raises Infeasible."""
         obj = state.positions[i].copy()
         if self.target in DIRECTIONS:
             direction = np.array(DIRECTIONS[self.target])
@@ -144,16 +160,24 @@ class Primitive:
                     or _segment_distance(others, lower_at, goal).min()
                     < OBJECT_RADIUS + np.hypot(*GRIPPER_PAD_HALF) + CLEARANCE):
                 raise Infeasible(f"push {self.obj} {self.target}: another object is in the way")
-        ops: list[tuple] = [("grip", False)] if state.closed else []
-        ops += [("move", lower_at), ("grip", True), ("move", goal), ("grip", False)]
-        return PrimitivePlan(self, state.gripper.copy(), goal, ops, obj_index=i, target=target)
+        start = state.gripper.copy()
+        lined_up = state.closed and np.hypot(*(start - lower_at)) <= LINEUP_TOLERANCE
+        if self.kind == "approach":
+            ops: list[tuple] = [] if lined_up else (
+                ([("grip", False)] if state.closed else []) + [("move", lower_at), ("grip", True)])
+            return PrimitivePlan(self, start, lower_at, ops, obj_index=i, target=target,
+                                 direction=direction)
+        if not lined_up:
+            raise Infeasible(f"push {self.obj} {self.target}: the gripper must be lowered behind "
+                             f"it first (approach it)")
+        return PrimitivePlan(self, start, goal, [("move", goal), ("grip", False)], obj_index=i,
+                             target=target, direction=direction)
 
 
 def all_primitives() -> tuple[Primitive, ...]:
     """Every primitive of the world: each kind over each object and each target it takes."""
-    targets = {"place": tuple(ZONES), "push": tuple(DIRECTIONS) + tuple(ZONES)}
     return tuple(Primitive(kind, obj, target) for kind in KINDS for obj in OBJECT_NAMES
-                 for target in targets.get(kind, (None,)))
+                 for target in _TARGETS.get(kind, (None,)))
 
 
 @functools.cache
@@ -185,7 +209,8 @@ class PrimitivePlan:
     goal: np.ndarray  # (2,) where the gripper must be when it ends (workspace units)
     ops: list[tuple]  # ("move", xy) or ("grip", closed) for the scripted expert
     obj_index: int
-    target: np.ndarray | None = None  # push: where the object must end
+    target: np.ndarray | None = None  # approach, push: where the push must leave the object
+    direction: np.ndarray | None = None  # approach, push: the push's unit direction
 
     def success(self, state: WorldState) -> bool:
         """Reads from the world state whether the primitive achieved what its words say."""
@@ -199,6 +224,9 @@ class PrimitivePlan:
             return (not state.closed) and state.held == -1
         if kind == "place":
             return (not state.closed) and state.held == -1 and ZONES[self.primitive.target].contains(obj)
+        if kind == "approach":
+            return (state.closed and state.held == -1
+                    and np.hypot(*(state.gripper - self.goal)) <= LINEUP_TOLERANCE)
         if state.held >= 0:
             return False
         if self.primitive.target in ZONES:

@@ -3,7 +3,8 @@
 A `Task` is a template filled with objects, zones and directions from one scene. Its success is
 read from the world state by `TaskProgress`: the goal of every primitive whose effect must last
 (the last primitive acting on an object) must hold at the end; the goals of the others must have
-held at some step of the episode ("touch the red cube, then the blue disc").
+held at some step of the episode ("touch the red cube, then the blue disc"). An approach only
+prepares its push; the task's words do not ask for it, so its goal is not part of the check.
 
 Scene rejection rule (documented, applied by `sample_episode_setup`): a sampled scene and task is
 rejected, and another drawn from the same seed stream, when the task's scripted expert meets a
@@ -37,11 +38,14 @@ from pewm_jax.sim.world import OBJECT_NAMES, WorldState, sample_scene, step_stat
 
 BINS = ("left bin", "right bin")
 SPLITS = ("train", "holdout_primitive", "holdout_composition")
-SKILL_OF_KIND = {"reach": "reach", "push": "push", "pick": "carry", "grasp": "carry",
-                 "release": "carry", "place": "carry"}
+SKILL_OF_KIND = {"reach": "reach", "approach": "push", "push": "push", "pick": "carry",
+                 "grasp": "carry", "release": "carry", "place": "carry"}
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset({
     ("push", "red disc"), ("push", "yellow cube"), ("carry", "blue cube"), ("reach", "green disc")})
 COMPOSITION_HOLDOUT_FRACTION = 1 / 8
+# How tasks split into primitives, recorded with generated data so that data of an earlier
+# split is not reused. 2: every push is an approach, then the push (`sim.primitives`).
+DECOMPOSITION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +60,7 @@ class Template:
     directions: tuple[str, ...] = ()  # slot names that take a direction
 
 
-_P = "pick"
+_P, _A = "pick", "approach"  # every push is an approach, then the push (`sim.primitives`)
 TEMPLATES: tuple[Template, ...] = (
     Template("bin_one", "put the {a} in the {z}", ((_P, "a", None), ("place", "a", "z")), 1, ("z",)),
     Template("bin_two", "put the {a} in the {z}, then put the {b} in the {z2}",
@@ -66,21 +70,26 @@ TEMPLATES: tuple[Template, ...] = (
              ((_P, "a", None), ("place", "a", "z"), (_P, "b", None), ("place", "b", "z"),
               (_P, "c", None), ("place", "c", "z")), 3, ("z",)),
     Template("push_two", "push the {a} {d}, then push the {b} {d2}",
-             (("push", "a", "d"), ("push", "b", "d2")), 2, (), ("d", "d2")),
+             ((_A, "a", "d"), ("push", "a", "d"), (_A, "b", "d2"), ("push", "b", "d2")), 2, (),
+             ("d", "d2")),
     Template("edge_then_bin", "push the {a} to the top edge, then put the {b} in the {z}",
-             (("push", "a", "top edge"), (_P, "b", None), ("place", "b", "z")), 2, ("z",)),
+             ((_A, "a", "top edge"), ("push", "a", "top edge"), (_P, "b", None),
+              ("place", "b", "z")), 2, ("z",)),
     Template("bin_then_push", "put the {a} in the {z}, then push the {b} {d}",
-             ((_P, "a", None), ("place", "a", "z"), ("push", "b", "d")), 2, ("z",), ("d",)),
+             ((_P, "a", None), ("place", "a", "z"), (_A, "b", "d"), ("push", "b", "d")), 2,
+             ("z",), ("d",)),
     Template("touch_two", "touch the {a}, then touch the {b}",
              (("reach", "a", None), ("reach", "b", None)), 2),
     Template("lift_to_edge", "pick up the {a} and set it down on the top edge",
              ((_P, "a", None), ("place", "a", "top edge")), 1),
     Template("push_then_bin", "push the {a} {d}, then put it in the {z}",
-             (("push", "a", "d"), (_P, "a", None), ("place", "a", "z")), 1, ("z",), ("d",)),
+             ((_A, "a", "d"), ("push", "a", "d"), (_P, "a", None), ("place", "a", "z")), 1,
+             ("z",), ("d",)),
     Template("reach_grasp_bin", "go to the {a}, grab it and drop it in the {z}",
              (("reach", "a", None), ("grasp", "a", None), ("place", "a", "z")), 1, ("z",)),
     Template("edge_two", "push the {a} and the {b} to the top edge",
-             (("push", "a", "top edge"), ("push", "b", "top edge")), 2),
+             ((_A, "a", "top edge"), ("push", "a", "top edge"), (_A, "b", "top edge"),
+              ("push", "b", "top edge")), 2),
     Template("bin_then_touch", "put the {a} in the {z}, then touch the {b}",
              ((_P, "a", None), ("place", "a", "z"), ("reach", "b", None)), 2, ("z",)),
     Template("lift_release", "lift the {a}, then let it go",
@@ -188,13 +197,15 @@ class TaskProgress:
         # is a momentary goal unless it is the task's last step.
         self.final = [last_for_obj[p.obj] == k and (p.kind != "reach" or k == len(plans) - 1)
                       for k, p in enumerate(task.primitives)]
+        self.asked = [p.kind != "approach" for p in task.primitives]  # module docstring
         self.reached = [False] * len(plans)
 
     def update(self, state: WorldState) -> bool:
         """Records which goals hold now; returns whether the whole task is achieved."""
         now = [plan.success(state) for plan in self.plans]
         self.reached = [r or n for r, n in zip(self.reached, now)]
-        return all(n if f else r for n, r, f in zip(now, self.reached, self.final))
+        return all(n if f else r for n, r, f, a in zip(now, self.reached, self.final, self.asked)
+                   if a)
 
 
 @dataclasses.dataclass
