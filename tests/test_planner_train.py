@@ -310,6 +310,12 @@ def test_scores_count_paraphrases_and_measure_points_in_frame_pixels():
     assert scores.point_error_px == pytest.approx(6.0 / 4)  # only the second start is off, by 6
     centre = [np.hypot(22, 22), np.hypot(12, 12), np.hypot(12, 12), np.hypot(2, 18)]
     assert scores.centre_error_px == pytest.approx(np.mean(centre))
+    assert scores.goal_error_px_by_kind == {"pick": 0.0, "place": 0.0}
+    off = Plan((exact.steps[0], PlanStep(exact.steps[1].text, (10, 10), (15, 28))))
+    assert evaluation.score_plans([off], [truth], planner_size=32).goal_error_px_by_kind == {
+        "pick": 0.0, "place": pytest.approx(6.0)}  # 3 px of the 32-px image
+    assert "place 6.0" in evaluation.scores_table(
+        [evaluation.score_plans([off], [truth], planner_size=32, split="test")])
 
 
 def test_scores_match_words_that_name_no_built_in_primitive():
@@ -323,6 +329,7 @@ def test_scores_match_words_that_name_no_built_in_primitive():
     other = Plan((truth.plan.steps[0], PlanStep("push the door closed", (20, 20), (30, 50))))
     scores = evaluation.score_plans([same, other], [truth, truth], planner_size=64)
     assert scores.exact_match == 0.5 and scores.point_error_px == 0.0
+    assert scores.goal_error_px_by_kind == {"move": 0.0, "pull": 0.0}  # the expert's words
 
 
 # Slow (25 s): converts, saves and trains from a Hugging Face checkpoint; the default suite

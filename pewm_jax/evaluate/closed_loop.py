@@ -452,7 +452,10 @@ def headline(report: dict) -> str:
     p = report.get("planner", {})
     if "exact_match" in p:
         lines.append(f"planner ({p['split']}): exact match {p['exact_match']:.0%}; point error "
-                     f"{p['point_error_px']:.1f} px vs image centre {p['centre_error_px']:.1f}")
+                     f"{p['point_error_px']:.1f} px vs image centre {p['centre_error_px']:.1f}"
+                     + (f"; goal error by kind (median px): "
+                        f"{planner_eval.goal_errors_line(p['goal_error_px_by_kind'])}"
+                        if p.get("goal_error_px_by_kind") else ""))
     pewm = report["conditions"].get("pewm", {}).get("latency", {})
     if pewm:
         lines.append("latency per primitive (s): " + ", ".join(

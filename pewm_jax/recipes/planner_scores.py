@@ -10,6 +10,9 @@ For every stored episode of a split, the planner plans from the first frame and 
                     start and goal points, over the steps of plans with as many steps as the
                     expert's (steps aligned by position)
     centre_error_px the same points guessed at the image centre: the error to beat
+    goal_error_px_by_kind  per primitive kind (the built-in world's kinds; other words: their
+                    first word), the median distance of the planned goal points from the
+                    expert's, over the same steps: which primitives the planner points badly for
     unparsed        plans the token budget cut off before <eos> (misses; constrained decoding
                     writes nothing else that fails to parse)
 
@@ -42,6 +45,7 @@ class PlanScores:
     centre_error_px: float
     points: int  # how many points the two errors average over
     unparsed: int = 0  # plans cut off by the token budget before <eos> (counted as misses)
+    goal_error_px_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _primitive(text: str) -> Primitive | str:
@@ -59,6 +63,7 @@ def score_plans(plans: Sequence[Plan | None], truths: Sequence[EpisodePlan], pla
     that did not parse) against the expert plans of `truths` (points in pixels of their
     stored frames)."""
     matches, errors, centre = 0, [], []
+    goals: dict[str, list[float]] = {}
     unparsed = sum(plan is None for plan in plans)
     for plan, truth in zip(plans, truths, strict=True):
         if plan is None:
@@ -69,13 +74,16 @@ def score_plans(plans: Sequence[Plan | None], truths: Sequence[EpisodePlan], pla
         if len(plan.steps) != len(truth.plan.steps):
             continue
         size = truth.image.shape[0]
-        for mine, theirs in zip(plan.steps, truth.plan.steps):
+        for mine, theirs, kind in zip(plan.steps, truth.plan.steps, expert):
             for a, b in ((mine.start_xy, theirs.start_xy), (mine.goal_xy, theirs.goal_xy)):
                 errors.append(np.hypot(*(np.asarray(a) * size / planner_size - np.asarray(b))))
                 centre.append(np.hypot(*(np.full(2, size / 2) - np.asarray(b))))
+            name = kind.kind if isinstance(kind, Primitive) else kind.split()[0]
+            goals.setdefault(name, []).append(float(errors[-1]))
     return PlanScores(split, len(truths), matches / max(len(truths), 1),
                       float(np.mean(errors)) if errors else float("nan"),
-                      float(np.mean(centre)) if centre else float("nan"), len(errors), unparsed)
+                      float(np.mean(centre)) if centre else float("nan"), len(errors), unparsed,
+                      {k: float(np.median(v)) for k, v in sorted(goals.items())})
 
 
 def evaluate_planner(planner: Planner, dataset_dir: str | epath.PathLike, split: str, *,
@@ -101,4 +109,12 @@ def scores_table(scores: Sequence[PlanScores]) -> str:
              f"{'centre err px':>15}"]
     lines += [f"{s.split:<22}{s.episodes:>9}{s.exact_match:>13.1%}{s.point_error_px:>14.2f}"
               f"{s.centre_error_px:>15.2f}" for s in scores]
+    lines += [f"{s.split}: goal error px by kind (median): "
+              f"{goal_errors_line(s.goal_error_px_by_kind)}" for s in scores
+              if s.goal_error_px_by_kind]
     return "\n".join(lines)
+
+
+def goal_errors_line(by_kind: dict[str, float]) -> str:
+    """'pick 1.6, place 0.6, ...': the planner's median goal error per primitive kind."""
+    return ", ".join(f"{kind} {error:.1f}" for kind, error in by_kind.items())
