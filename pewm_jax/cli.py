@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import pathlib
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -486,13 +487,21 @@ def _job(job: str, overrides: list[str]):
         if job == "export":
             _export_job(workdir)
             return
+        minutes: dict[str, float] = {}
         for stage in config.run.stages if job == "run" else (job,):
             if stage not in _STAGES:
                 _fail(f"stage {stage!r} is not available in this version; set "
                       f"--config.run.stages to a subset of {tuple(_STAGES)}")
-            if not _run_stage(stage, config, workdir, job):
+            start = time.perf_counter()
+            finished = _run_stage(stage, config, workdir, job)
+            minutes[stage] = (time.perf_counter() - start) / 60
+            if not finished:
                 print(f"[{stage}] stopped early (preempted); rerun with --resume to continue")
                 return
+        if job == "run":  # what a run's budget goes to (issue 25 asks for it printed)
+            print("[run] wall time (minutes): " + ", ".join(
+                f"{stage} {m:.1f}" for stage, m in minutes.items())
+                + f"; total {sum(minutes.values()):.1f}")
     return run
 
 

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -73,6 +74,8 @@ def test_main_job_then_every_other_job_with_paths_relative_to_the_current_direct
               "--config.run.preview_episodes_per_template=2",
               "--config.run.preview_scenes_per_primitive=10", *tiny)
     assert "generated: clips per split" in out.stdout
+    assert re.search(r"\[run\] wall time \(minutes\): preview \d+\.\d, data \d+\.\d, train .*"
+                     r"eval \d+\.\d; total \d+\.\d", out.stdout), out.stdout[-2000:]
     # train: checkpoints and TensorBoard logs, and the run says where they are
     assert (run / "world_model" / "2" / "params").is_dir()
     assert list((run / "tensorboard" / "world_model").glob("events.out.tfevents.*"))
