@@ -186,6 +186,11 @@ def test_paraphrases_and_bad_primitives():
     assert p.text() == "push the red cube to the top edge"
     assert len({p.text(i) for i in range(p.num_paraphrases())}) == p.num_paraphrases()
     assert P.Primitive("place", "blue disc", "left bin").text(1) == "put the blue disc in the left bin"
+    kinds_of_first_word = {}
+    for kind, forms in P.WORDS.items():
+        for form in forms:
+            kinds_of_first_word.setdefault(form.split()[0], set()).add(kind)
+    assert all(len(k) == 1 for k in kinds_of_first_word.values()), kinds_of_first_word
     with pytest.raises(ValueError, match="unknown object"):
         P.Primitive("pick", "purple cube")
     with pytest.raises(ValueError, match="needs a target"):

@@ -48,7 +48,10 @@ PUSH_TOLERANCE = 0.04  # push succeeds with the object this close to its target
 CLEARANCE = 0.01  # free space a plan keeps from objects it does not manipulate
 _SLOT_STEP = 0.025  # spacing of candidate drop spots inside a zone
 
-# Paraphrases per kind; index 0 is the canonical wording.
+# Paraphrases per kind; index 0 is the canonical wording. No wording of one kind begins as one of
+# another kind does: an approach worded "move behind the X ..." read like "move to the X" (a
+# reach) to the small text encoders, and the decoder closed the gripper at the end of 40% of
+# true-video reaches.
 WORDS: dict[str, tuple[str, ...]] = {
     "reach": ("move to the {obj}", "reach the {obj}", "go to the {obj}", "hover over the {obj}"),
     "grasp": ("grasp the {obj}", "grab the {obj}", "close the gripper on the {obj}"),
@@ -56,8 +59,8 @@ WORDS: dict[str, tuple[str, ...]] = {
     "pick": ("pick up the {obj}", "pick the {obj}", "lift the {obj}"),
     "place": ("place the {obj} {prep} the {target}", "put the {obj} {prep} the {target}",
               "drop the {obj} {prep} the {target}"),
-    "approach": ("get behind the {obj} to push it {target}",
-                 "move behind the {obj} to push it {target}", "line up to push the {obj} {target}"),
+    "approach": ("get behind the {obj} to push it {target}", "line up to push the {obj} {target}",
+                 "get ready to push the {obj} {target}"),
     "push": ("push the {obj} {target}", "slide the {obj} {target}", "nudge the {obj} {target}"),
 }
 _TARGETS: dict[str, tuple[str, ...]] = {"place": tuple(ZONES),
