@@ -23,7 +23,7 @@ from pewm_jax.models.action_decoder import ActionDecoder, ActionDecoderSpec
 from pewm_jax.models.text_encoder import make_text_encoder
 from pewm_jax.sim import TabletopEnv
 from pewm_jax.sim.render import locate_gripper, render
-from pewm_jax.sim.world import sample_scene
+from pewm_jax.sim.world import OBJECT_NAMES, sample_scene
 from pewm_jax.text.plan import Plan, PlanStep
 
 def _controller(settings: ControlSettings, image_size: int = 64, **kw) -> Controller:
@@ -224,6 +224,15 @@ def test_the_step_budget_leaves_room_to_retry_a_failed_primitive(spare):
                                             (False, "out_of_steps"))
     with pytest.raises(ValueError, match="spare_primitives"):
         TabletopEnv(64, spare_primitives=-1)
+
+
+def test_words_naming_an_object_not_in_the_scene_get_no_expert():
+    """A planner may name an object the scene lacks: the attempt runs without an expert (and
+    fails its check) instead of stopping the evaluation."""
+    env = TabletopControlEnv(64)
+    env.reset(EpisodeSpec(2 ** 40, "train", "bin_one"))
+    absent = next(n for n in OBJECT_NAMES if n not in env.env.state.object_names())
+    assert env.expert(PrimitiveCommand(f"pick up the {absent}", (0.0, 0.0), (1.0, 1.0))) is None
 
 
 def test_evaluation_seeds_are_fixed_distinct_and_outside_the_dataset_ranges():

@@ -105,7 +105,11 @@ class Primitive:
         return len(WORDS[self.kind])
 
     def plan(self, state: WorldState) -> "PrimitivePlan":
-        """Plans this primitive from `state`; raises Infeasible when it cannot work."""
+        """Plans this primitive from `state`; raises Infeasible when it cannot work (also when
+        its object is not in the scene: a planner may name one that is not)."""
+        if self.obj not in state.object_names():
+            raise Infeasible(f"{self.kind} {self.obj}: there is no {self.obj} in this scene; it "
+                             f"has {state.object_names()}")
         i = state.index_of(self.obj)
         obj = state.positions[i].copy()
         start = state.gripper.copy()
