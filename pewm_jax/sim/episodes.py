@@ -107,8 +107,8 @@ def primitive_trial(kind: str, seed: int, *, num_objects: tuple[int, int] = (3, 
 
     The object, zone or direction are drawn from the same seed; primitives that need the object
     held, the gripper above it or lowered behind it start after the expert of `pick`, `reach`
-    or `approach` got it there. A
-    scene where a plan is infeasible is rejected (`rejected=True`), as in data generation.
+    or `approach` got it there. A scene where a plan is infeasible is rejected
+    (`rejected=True`), as in data generation.
     """
     rng = np.random.default_rng(seed)
     state = sample_scene(rng, int(rng.integers(num_objects[0], num_objects[1] + 1)))

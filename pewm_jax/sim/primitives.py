@@ -63,9 +63,9 @@ WORDS: dict[str, tuple[str, ...]] = {
                  "get ready to push the {obj} {target}"),
     "push": ("push the {obj} {target}", "slide the {obj} {target}", "nudge the {obj} {target}"),
 }
-_TARGETS: dict[str, tuple[str, ...]] = {"place": tuple(ZONES),
-                                        "approach": tuple(DIRECTIONS) + tuple(ZONES),
-                                        "push": tuple(DIRECTIONS) + tuple(ZONES)}
+_PUSH_TARGETS = tuple(DIRECTIONS) + tuple(ZONES)  # a push and its approach
+_TARGETS: dict[str, tuple[str, ...]] = {"place": tuple(ZONES), "approach": _PUSH_TARGETS,
+                                        "push": _PUSH_TARGETS}
 
 
 class Infeasible(Exception):
@@ -107,10 +107,10 @@ class Primitive:
     def plan(self, state: WorldState) -> "PrimitivePlan":
         """Plans this primitive from `state`; raises Infeasible when it cannot work (also when
         its object is not in the scene: a planner may name one that is not)."""
-        if self.obj not in state.object_names():
-            raise Infeasible(f"{self.kind} {self.obj}: there is no {self.obj} in this scene; it "
-                             f"has {state.object_names()}")
-        i = state.index_of(self.obj)
+        try:
+            i = state.index_of(self.obj)
+        except KeyError as e:
+            raise Infeasible(f"{self.kind} {self.obj}: {e.args[0]}") from None
         obj = state.positions[i].copy()
         start = state.gripper.copy()
         ops: list[tuple] = []
