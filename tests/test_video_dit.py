@@ -108,6 +108,27 @@ def test_params_and_activations_shard_only_under_rules_and_mesh():
     assert hlo.count("sharding_constraint") >= 15
 
 
+def test_dense_contracts_the_trailing_axes_as_tensordot_does():
+    """Dense computes one 2-D matmul over flattened axes (faster on CPU); the product is the
+    tensordot of its trailing in_shape axes with the kernel, for any leading axes, forward
+    and backward, with several in and out axes (the attention projections' (H, E))."""
+    layer = Dense((3, 4), (2, 5), (None, None, None, None), rngs=nnx.Rngs(0))
+    layer.bias[...] = jax.random.normal(jax.random.key(3), (2, 5))
+    kernel, bias = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...])
+    for lead in ((), (6,), (2, 7)):
+        x = np.asarray(jax.random.normal(jax.random.key(len(lead)), (*lead, 3, 4)))
+        want = np.tensordot(x.astype(np.float64), kernel, axes=2) + bias
+        np.testing.assert_allclose(layer(jnp.asarray(x)), want, rtol=1e-5, atol=1e-5)
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(9), (2, 7, 3, 4))
+    grad = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
+    y = np.tensordot(np.asarray(x, np.float64), kernel, axes=2) + bias  # (2, 7, 2, 5)
+    want = np.tensordot(np.asarray(x, np.float64), 2 * y, axes=([0, 1], [0, 1]))  # (3, 4, 2, 5)
+    np.testing.assert_allclose(grad["kernel"][...], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"trailing axes \(3, 4\)"):
+        layer(jnp.zeros((2, 4, 3)))
+
+
 def test_fresh_sgg_branch_leaves_the_output_unchanged():
     """ControlNet property: on a backbone with non-zero weights (as after training), adding the
     zero-initialised SGG branch changes nothing, with or without heatmaps; once its injection

@@ -105,8 +105,15 @@ class Dense(nnx.Module):
         n_in = len(self.in_shape)
         if x.shape[x.ndim - n_in:] != self.in_shape:
             raise ValueError(f"Dense expects trailing axes {self.in_shape}, got shape {x.shape}")
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                          axes=n_in)  # (..., *in) . (*in, *out) -> (..., *out)
+        # One 2-D matmul, (prod(...), prod(in)) . (prod(in), prod(out)): on CPU, XLA
+        # transposes a 3-D activation to take the kernel's gradient over two contracting
+        # dimensions (batch and tokens), which doubled the planner's MLP time (benchmarks/
+        # dense_layout.py); the leading dimensions stay major, so their sharding carries over.
+        lead = x.shape[:x.ndim - n_in]
+        fan_in, fan_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), fan_in),
+                    self.kernel[...].astype(self.dtype).reshape(fan_in, fan_out))
+        y = y.reshape(*lead, *self.out_shape)  # (..., *in) . (*in, *out) -> (..., *out)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)  # (..., *out)
         return y
