@@ -120,6 +120,7 @@ class PlanBatchSpec:
             "tokens": ((b, l), np.dtype(np.int32)),  # <bos> prompt plan <eos> <pad>...
             "target_mask": ((b, l), np.dtype(bool)),  # True on plan tokens (what is learnt)
             "target_bins": ((b, l), np.dtype(np.int32)),  # a plan location token's bin, else -1
+            "ground_bins": ((b, l), np.dtype(np.int32)),  # the bin it is grounded on, else -1
             "prefix_len": ((b,), np.dtype(np.int32)),  # <bos> + padded prompt: attended both ways
         }
 
@@ -133,6 +134,10 @@ class PlanBatchSpec:
         if np.any(bins[~mask] != -1) or np.any(bins >= NUM_LOCATION_BINS) or np.any(bins < -1):
             raise BatchSpecError("batch['target_bins'] must be -1 outside the plan and a bin in "
                                  f"[0, {NUM_LOCATION_BINS}) or -1 on it")
+        ground = np.asarray(batch["ground_bins"])
+        if np.any((ground == -1) != (bins == -1)) or np.any(ground >= NUM_LOCATION_BINS):
+            raise BatchSpecError("batch['ground_bins'] must hold a bin exactly where "
+                                 "batch['target_bins'] does, and -1 elsewhere")
         for row in range(batch_size):
             targets = np.flatnonzero(mask[row])
             if (not len(targets) or targets[0] != prefix[row]

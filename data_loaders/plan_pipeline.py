@@ -12,6 +12,9 @@ Meta-World's):
     target_mask  True on the plan tokens: the loss is the plan's likelihood given the prompt
     target_bins  the bin of each location token of the plan (-1 elsewhere), for the soft
                  location targets of `finetune.plan_loss`
+    ground_bins  the same tokens' bins at the image point each is defined by (`goal_anchors`:
+                 the object behind which an approach ends, else the point itself), where
+                 `finetune.grounding_loss` has the planner look while it writes the point
     prefix_len   prompt_tokens: the prefix attended both ways with the image (prefix-LM)
 
 The order follows the data-order contract exactly as the clip pipeline does (`OrderedPipeline`:
@@ -55,6 +58,14 @@ class EpisodePlan:
     image: np.ndarray  # (N, N, 3) uint8: the observation there, at its stored size
     task: str  # the task's words
     plan: Plan  # the primitives left (canonical wording), points in pixels of the stored frame
+    goal_anchors: tuple[tuple[float, float], ...] = ()  # per step, pixels: where its goal is
+    # defined in the image (`Primitive.goal_anchor`); () where the data names none (the goals)
+
+    def anchors(self) -> np.ndarray:
+        """(steps, 2) pixels: `goal_anchors`, or the goals themselves where there are none."""
+        if self.goal_anchors:
+            return np.asarray(self.goal_anchors, np.float64)
+        return np.array([s.goal_xy for s in self.plan.steps], np.float64).reshape(-1, 2)
 
 
 def episode_plan(record: dict, segment: int = 0) -> EpisodePlan:
@@ -67,21 +78,25 @@ def episode_plan(record: dict, segment: int = 0) -> EpisodePlan:
     starts = tabletop.segment_starts(record)
     if not 0 <= segment < len(starts):
         raise IndexError(f"segment {segment} of an episode with {len(starts)} primitives")
-    plan_steps = []
+    first = steps[int(starts[segment])]
+    image = np.asarray(first["observation"]["image"])
+    builtin = "template" in record["episode_metadata"]
+    plan_steps, anchors = [], []
     for start in starts[segment:]:
         step = steps[int(start)]
         words = tabletop.decode_text(step["primitive_text"])
-        if "template" in record["episode_metadata"]:  # the built-in world: paraphrases
+        goal = tuple(step["primitive_goal_xy"])
+        if builtin:  # the built-in world: paraphrases, and goals defined by an object
             try:
-                words = primitive_from_text(words).text()  # -> the canonical wording
+                primitive = primitive_from_text(words)
             except ValueError as e:
                 raise DatasetError(f"episode {record['episode_metadata']['seed']}: {e}") from None
-        plan_steps.append(PlanStep(words, tuple(step["primitive_start_xy"]),
-                                   tuple(step["primitive_goal_xy"])))
-    first = steps[int(starts[segment])]
-    return EpisodePlan(np.asarray(first["observation"]["image"]),
-                       tabletop.decode_text(steps[0]["language_instruction"]),
-                       Plan(tuple(plan_steps)))
+            words = primitive.text()  # -> the canonical wording
+            size = image.shape[0]  # pixels = workspace units x frame size (`sim.world`)
+            anchors.append(tuple(primitive.goal_anchor(np.asarray(goal) / size) * size))
+        plan_steps.append(PlanStep(words, tuple(step["primitive_start_xy"]), goal))
+    return EpisodePlan(image, tabletop.decode_text(steps[0]["language_instruction"]),
+                       Plan(tuple(plan_steps)), tuple(anchors))
 
 
 def scale_plan(plan: Plan, factor: float, offset: tuple[float, float] = (0.0, 0.0)) -> Plan:
@@ -94,6 +109,13 @@ def scale_plan(plan: Plan, factor: float, offset: tuple[float, float] = (0.0, 0.
 def plan_points(plan: Plan) -> np.ndarray:
     """(2 * steps, 2): every start and goal point of `plan`."""
     return np.array([xy for s in plan.steps for xy in (s.start_xy, s.goal_xy)], np.float64)
+
+
+def anchored_plan(example: EpisodePlan) -> Plan:
+    """`example.plan` with each goal moved to its anchor: written out as tokens, its location
+    bins are where the planner should look while writing each of the plan's points."""
+    return Plan(tuple(PlanStep(s.text, s.start_xy, tuple(a))
+                      for s, a in zip(example.plan.steps, example.anchors(), strict=True)))
 
 
 def planner_tokenizer_path(config: ml_collections.ConfigDict) -> str:
@@ -156,8 +178,8 @@ class _PlanTransform:
             raise DatasetError(f"{self.split} episode {record[1]}: {e}") from None
         dx, dy = 0, 0
         if self.augment and self.shift_px:
-            dx, dy = transforms.random_shift(rng, self.image_size, self.shift_px,
-                                             plan_points(example.plan) * scale)
+            points = np.concatenate([plan_points(example.plan), example.anchors()])
+            dx, dy = transforms.random_shift(rng, self.image_size, self.shift_px, points * scale)
         plan = target_ids(tok, scale_plan(example.plan, scale, (dx, dy)), self.image_size)
         if tok.token_to_id(UNK) in plan:
             unknown = [w for w in " ".join(s.text for s in example.plan.steps).split()
@@ -182,9 +204,14 @@ class _PlanTransform:
         plan_bins = np.asarray(plan) - self._location_base
         is_loc = (plan_bins >= 0) & (plan_bins < NUM_LOCATION_BINS)
         bins[len(prompt):len(ids)] = np.where(is_loc, plan_bins, -1)
+        ground = np.full(self.max_tokens, -1, np.int32)  # the same token layout, anchored goals
+        anchored = target_ids(tok, scale_plan(anchored_plan(example), scale, (dx, dy)),
+                              self.image_size)
+        ground[len(prompt):len(ids)] = np.where(is_loc, np.asarray(anchored) - self._location_base,
+                                                -1)
         image = transforms.shift_image(
             transforms.resize_bicubic(example.image[None], self.image_size)[0], dx, dy)
-        return {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins,
+        return {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins, "ground_bins": ground,
                 "prefix_len": np.asarray(len(prompt), np.int32),
                 SKIPPED_KEY: np.asarray(0, np.int32), ELEMENT_KEY: np.asarray(p, np.int64)}
 

@@ -11,6 +11,7 @@ from conftest import K, TINY_DATA, TINY_PLANNER, assert_resumes_exactly, tiny_co
 from flax import nnx
 
 from data_loaders import tabletop, transforms
+from data_loaders.batch_spec import BatchSpecError
 from data_loaders.clip_dataset import DatasetError
 from data_loaders.plan_pipeline import (EpisodePlan, PlanPipeline, episode_plan,
                                         make_plan_iterator, plan_points)
@@ -78,6 +79,43 @@ def test_plan_batches_follow_the_spec_and_hold_the_expert_plan(tabletop_dataset)
         assert _offset(plan, truth, IMAGE / truth.image.shape[0]) == (0, 0)
         np.testing.assert_array_equal(batch["image"][row],
                                       resize_bicubic(truth.image[None], IMAGE)[0])
+
+
+def test_plan_batches_ground_an_approach_goal_on_its_object(tabletop_dataset):
+    """`ground_bins`: every point is looked for where it is, but an approach's goal (a gap
+    behind its object) at that object, `episode_plan`'s anchor, moved with the image."""
+    config = planner_config(tabletop_dataset, "planner.shift_px=3")
+    pipe = PlanPipeline(config, IMAGE, "train", process_index=0, process_count=1)
+    tok = load_tokenizer(tabletop_dataset / "tokenizer.json")
+    source = tabletop.episode_source(tabletop_dataset, "train")
+    approaches, iterator = 0, pipe.iterator(0)
+    for step in range(3):
+        batch = next(iterator)
+        pipe.spec.check(batch)
+        for row, p in enumerate(pipe.element_indices(step)):
+            truth = episode_plan(source[pipe.order[int(p)][1]])
+            target, ground = batch["target_bins"][row], batch["ground_bins"][row]
+            plan = parse_plan(batch["tokens"][row][batch["target_mask"][row]], IMAGE, tok)
+            scale = IMAGE / truth.image.shape[0]
+            dx, dy = _offset(plan, truth, scale)
+            points = np.flatnonzero(target >= 0).reshape(-1, 2, 2)  # (step, start/goal, y/x)
+            for k, primitive in enumerate(primitive_from_text(s.text) for s in truth.plan.steps):
+                np.testing.assert_array_equal(ground[points[k, 0]], target[points[k, 0]])
+                anchor = truth.anchors()[k] * scale + (dx, dy)  # pixels of the planner image
+                np.testing.assert_allclose(ground[points[k, 1]],
+                                           np.floor(anchor[::-1] / IMAGE * NUM_LOCATION_BINS),
+                                           atol=1)  # (y, x) bins
+                if primitive.kind == "approach":
+                    approaches += 1
+                    assert np.hypot(*(truth.anchors()[k] - truth.plan.steps[k].goal_xy)) > 3
+                else:
+                    np.testing.assert_array_equal(ground[points[k, 1]], target[points[k, 1]])
+            assert np.array_equal(ground == -1, target == -1)
+    assert approaches > 0
+    unground = batch["ground_bins"].copy()
+    unground[0] = -1  # row 0's points with nothing to look at
+    with pytest.raises(BatchSpecError, match="ground_bins"):
+        pipe.spec.check(dict(batch, ground_bins=unground))
 
 
 def _offset(plan: Plan, truth: EpisodePlan, scale: float) -> tuple[int, int]:
@@ -217,7 +255,8 @@ def test_per_row_prefixes_equal_one_row_at_a_time_and_the_loss_is_the_plan_nll()
 
 def test_grounding_loss_is_the_cross_entropy_of_where_the_last_layer_looks():
     """While writing a point's y and x tokens, head 0 of the last layer is scored against a
-    Gaussian (sigma half a patch) over the patch centres around that point."""
+    Gaussian (sigma half a patch) over the patch centres around that point's anchor
+    (`ground_bins`)."""
     vocab, base, size, patch = 1100, 5, 16, 8  # 2 x 2 patches of 8 px
     model = PaliGemma(tiny_planner_spec(vocab, size, patch, 32, 2), rngs=nnx.Rngs(1))
     rng = np.random.default_rng(1)
@@ -228,8 +267,10 @@ def test_grounding_loss_is_the_cross_entropy_of_where_the_last_layer_looks():
     bins[1, 5:9] = [700, 300, 1000, 1000]
     tokens = np.where(bins >= 0, base + bins, tokens).astype(np.int32)
     prefix = np.array([2, 4], np.int32)
+    ground = bins.copy()
+    ground[0, 5:7] = [300, 640]  # the goal of row 0 is looked for elsewhere (its anchor)
     batch = {"image": image, "tokens": tokens, "target_mask": np.arange(10) >= prefix[:, None],
-             "target_bins": bins, "prefix_len": prefix}
+             "target_bins": bins, "ground_bins": ground, "prefix_len": prefix}
     pixels = unit_pixels(image)
     logits, scores = model.with_scores(pixels, jnp.asarray(tokens), jnp.asarray(prefix), 1)
     np.testing.assert_allclose(logits, model(pixels, jnp.asarray(tokens), jnp.asarray(prefix)),
@@ -245,7 +286,7 @@ def test_grounding_loss_is_the_cross_entropy_of_where_the_last_layer_looks():
     for r in range(2):
         for t in np.flatnonzero(bins[r] >= 0):
             first = t - (np.flatnonzero(bins[r] >= 0).tolist().index(t) % 2)  # the point's y
-            y, x = (bins[r, first:first + 2] + 0.5) / NUM_LOCATION_BINS * size
+            y, x = (ground[r, first:first + 2] + 0.5) / NUM_LOCATION_BINS * size
             d2 = (centres[:, None] - y) ** 2 + (centres[None, :] - x) ** 2  # (row, col)
             target = np.exp(-0.5 * d2 / (patch / 2) ** 2).reshape(-1)
             terms.append(-np.sum(target / target.sum() * np.log(weights[r, 0, n + t - 1, :n])))
@@ -312,10 +353,17 @@ def test_scores_count_paraphrases_and_measure_points_in_frame_pixels():
     assert scores.centre_error_px == pytest.approx(np.mean(centre))
     assert scores.goal_error_px_by_kind == {"pick": 0.0, "place": 0.0}
     off = Plan((exact.steps[0], PlanStep(exact.steps[1].text, (10, 10), (15, 28))))
-    assert evaluation.score_plans([off], [truth], planner_size=32).goal_error_px_by_kind == {
+    off_scores = evaluation.score_plans([off], [truth], planner_size=32, split="test")
+    assert off_scores.goal_error_px_by_kind == {
         "pick": 0.0, "place": pytest.approx(6.0)}  # 3 px of the 32-px image
-    assert "place 6.0" in evaluation.scores_table(
-        [evaluation.score_plans([off], [truth], planner_size=32, split="test")])
+    # Within GRASP_RADIUS (0.03 x 64 = 1.92 px of the stored frame): the pick, not the place;
+    # a place 1 px off (0.5 px of the planner's image) is.
+    assert off_scores.goal_near_by_kind == {"pick": 1.0, "place": 0.0}
+    near = Plan((exact.steps[0], PlanStep(exact.steps[1].text, (10, 10), (15.5, 25))))
+    assert evaluation.score_plans([near, off], [truth, truth], planner_size=32
+                                  ).goal_near_by_kind == {"pick": 1.0, "place": 0.5}
+    table = evaluation.scores_table([off_scores])
+    assert "place 6.0" in table and "pick 100%, place 0%" in table
 
 
 def test_scores_match_words_that_name_no_built_in_primitive():

@@ -102,6 +102,30 @@ def test_a_push_starts_only_lined_up_behind_its_object():
         P.Primitive("push", "blue disc", "right").plan(moved)
 
 
+def test_an_approach_goal_is_anchored_on_its_object():
+    """An approach ends in the gap behind its object; its goal's anchor (what a planner looks
+    at to write it) is that object's centre, for every direction and zone. Other goals are
+    their own anchors."""
+    kinds = np.array([W.OBJECT_NAMES.index("green cube")])
+    checked = 0
+    for y in (0.3, 0.4, 0.55):
+        for x in (0.35, 0.5, 0.65):
+            state = W.WorldState(np.array([0.5, 0.2]), False, -1, kinds, np.array([[x, y]]))
+            for target in (*P.DIRECTIONS, "top edge", "left bin", "right bin"):
+                try:
+                    goal = P.Primitive("approach", "green cube", target).plan(state).goal
+                except P.Infeasible:
+                    continue
+                assert np.hypot(*(goal - state.positions[0])) > W.OBJECT_RADIUS  # off the object
+                anchor = P.Primitive("approach", "green cube", target).goal_anchor(goal)
+                np.testing.assert_allclose(anchor, state.positions[0], atol=1e-12)
+                checked += 1
+    assert checked >= 40
+    for primitive in (P.Primitive("pick", "red cube"), P.Primitive("push", "red cube", "left"),
+                      P.Primitive("place", "red cube", "left bin")):
+        np.testing.assert_array_equal(primitive.goal_anchor(np.array([0.2, 0.7])), [0.2, 0.7])
+
+
 def test_task_check_rejects_a_perturbed_success():
     setup = T.sample_episode_setup(3, num_objects=(3, 5), max_delta=0.08, primitive_max_steps=32,
                                    template_name="bin_then_push")

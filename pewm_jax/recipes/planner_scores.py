@@ -13,6 +13,10 @@ For every stored episode of a split, the planner plans from the first frame and 
     goal_error_px_by_kind  per primitive kind (the built-in world's kinds; other words: their
                     first word), the median distance of the planned goal points from the
                     expert's, over the same steps: which primitives the planner points badly for
+    goal_near_by_kind  per kind, the share of those goal points within `NEAR` of the expert's
+                    (workspace units, `sim.world.GRASP_RADIUS`: as close as a pick must close
+                    and an approach must end, `LINEUP_TOLERANCE`), in pixels of each frame:
+                    a median inside the tolerance can hide many misses
     unparsed        plans the token budget cut off before <eos> (misses; constrained decoding
                     writes nothing else that fails to parse)
 
@@ -30,6 +34,7 @@ from etils import epath
 from data_loaders import tabletop
 from data_loaders.plan_pipeline import EpisodePlan, episode_plan
 from pewm_jax.sim.primitives import Primitive, primitive_from_text
+from pewm_jax.sim.world import GRASP_RADIUS
 from pewm_jax.text.plan import Plan
 from pewm_jax.vlm.planner import Planner
 
@@ -46,6 +51,10 @@ class PlanScores:
     points: int  # how many points the two errors average over
     unparsed: int = 0  # plans cut off by the token budget before <eos> (counted as misses)
     goal_error_px_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
+    goal_near_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+NEAR = GRASP_RADIUS  # workspace units: goal_near_by_kind's radius (the world's tightest)
 
 
 def _primitive(text: str) -> Primitive | str:
@@ -64,6 +73,7 @@ def score_plans(plans: Sequence[Plan | None], truths: Sequence[EpisodePlan], pla
     stored frames)."""
     matches, errors, centre = 0, [], []
     goals: dict[str, list[float]] = {}
+    near: dict[str, list[bool]] = {}
     unparsed = sum(plan is None for plan in plans)
     for plan, truth in zip(plans, truths, strict=True):
         if plan is None:
@@ -80,10 +90,12 @@ def score_plans(plans: Sequence[Plan | None], truths: Sequence[EpisodePlan], pla
                 centre.append(np.hypot(*(np.full(2, size / 2) - np.asarray(b))))
             name = kind.kind if isinstance(kind, Primitive) else kind.split()[0]
             goals.setdefault(name, []).append(float(errors[-1]))
+            near.setdefault(name, []).append(errors[-1] <= NEAR * size)
     return PlanScores(split, len(truths), matches / max(len(truths), 1),
                       float(np.mean(errors)) if errors else float("nan"),
                       float(np.mean(centre)) if centre else float("nan"), len(errors), unparsed,
-                      {k: float(np.median(v)) for k, v in sorted(goals.items())})
+                      {k: float(np.median(v)) for k, v in sorted(goals.items())},
+                      {k: float(np.mean(v)) for k, v in sorted(near.items())})
 
 
 def evaluate_planner(planner: Planner, dataset_dir: str | epath.PathLike, split: str, *,
@@ -109,9 +121,13 @@ def scores_table(scores: Sequence[PlanScores]) -> str:
              f"{'centre err px':>15}"]
     lines += [f"{s.split:<22}{s.episodes:>9}{s.exact_match:>13.1%}{s.point_error_px:>14.2f}"
               f"{s.centre_error_px:>15.2f}" for s in scores]
-    lines += [f"{s.split}: goal error px by kind (median): "
-              f"{goal_errors_line(s.goal_error_px_by_kind)}" for s in scores
-              if s.goal_error_px_by_kind]
+    for s in scores:
+        if s.goal_error_px_by_kind:
+            lines.append(f"{s.split}: goal error px by kind (median): "
+                         f"{goal_errors_line(s.goal_error_px_by_kind)}")
+            lines.append(f"{s.split}: goals within {NEAR:g} of the truth (workspace units) by "
+                         "kind: " + ", ".join(f"{k} {v:.0%}" for k, v in
+                                              s.goal_near_by_kind.items()))
     return "\n".join(lines)
 
 

@@ -104,6 +104,20 @@ class Primitive:
     def num_paraphrases(self) -> int:
         return len(WORDS[self.kind])
 
+    def goal_anchor(self, goal: np.ndarray) -> np.ndarray:
+        """Where in the scene this primitive's `goal` (workspace units, as planned) is defined:
+        an approach's goal is a gap behind its object, so its anchor is that object's centre,
+        recovered from the goal and the push's direction; every other goal is its own anchor.
+        What a planner looks at to write the point (`vlm.finetune.grounding_loss`)."""
+        goal = np.asarray(goal, np.float64)
+        if self.kind != "approach":
+            return goal
+        if self.target in DIRECTIONS:
+            direction = np.array(DIRECTIONS[self.target])
+        else:  # toward the zone's centre line, which lies beyond the object from the gap
+            direction = np.array([0.0, np.sign(ZONES[self.target].center[1] - goal[1])])
+        return goal + direction * (contact_distance(direction) + PUSH_BACKOFF)
+
     def plan(self, state: WorldState) -> "PrimitivePlan":
         """Plans this primitive from `state`; raises Infeasible when it cannot work (also when
         its object is not in the scene: a planner may name one that is not)."""
