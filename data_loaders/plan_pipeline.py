@@ -13,7 +13,8 @@ Meta-World's):
     target_bins  the bin of each location token of the plan (-1 elsewhere), for the soft
                  location targets of `finetune.plan_loss`
     ground_bins  the same tokens' bins at the image point each is defined by (`goal_anchors`:
-                 the object behind which an approach ends, else the point itself), where
+                 the object behind which an approach ends, else the point itself; with
+                 config.planner.ground_anchors False, the point itself), where
                  `finetune.grounding_loss` has the planner look while it writes the point
     prefix_len   prompt_tokens: the prefix attended both ways with the image (prefix-LM)
 
@@ -141,12 +142,12 @@ class _PlanTransform:
 
     def __init__(self, dataset_dir: str, split: str, tokenizer_path: str, image_size: int,
                  prompt_tokens: int, max_tokens: int, seed: int, augment: bool, shift_px: int,
-                 mid_task_fraction: float):
+                 mid_task_fraction: float, ground_anchors: bool):
         self.dataset_dir, self.split, self.tokenizer_path = dataset_dir, split, tokenizer_path
         self.image_size, self.prompt_tokens, self.max_tokens = (image_size, prompt_tokens,
                                                                 max_tokens)
         self.seed, self.augment, self.shift_px = seed, augment, shift_px
-        self.mid_task_fraction = mid_task_fraction
+        self.mid_task_fraction, self.ground_anchors = mid_task_fraction, ground_anchors
         self._source = self._tokenizer = self._location_base = None
 
     def __getstate__(self) -> dict:
@@ -178,7 +179,9 @@ class _PlanTransform:
             raise DatasetError(f"{self.split} episode {record[1]}: {e}") from None
         dx, dy = 0, 0
         if self.augment and self.shift_px:
-            points = np.concatenate([plan_points(example.plan), example.anchors()])
+            points = plan_points(example.plan)  # and the anchors, kept inside the image too
+            if self.ground_anchors:
+                points = np.concatenate([points, example.anchors()])
             dx, dy = transforms.random_shift(rng, self.image_size, self.shift_px, points * scale)
         plan = target_ids(tok, scale_plan(example.plan, scale, (dx, dy)), self.image_size)
         if tok.token_to_id(UNK) in plan:
@@ -204,11 +207,13 @@ class _PlanTransform:
         plan_bins = np.asarray(plan) - self._location_base
         is_loc = (plan_bins >= 0) & (plan_bins < NUM_LOCATION_BINS)
         bins[len(prompt):len(ids)] = np.where(is_loc, plan_bins, -1)
-        ground = np.full(self.max_tokens, -1, np.int32)  # the same token layout, anchored goals
-        anchored = target_ids(tok, scale_plan(anchored_plan(example), scale, (dx, dy)),
-                              self.image_size)
-        ground[len(prompt):len(ids)] = np.where(is_loc, np.asarray(anchored) - self._location_base,
-                                                -1)
+        ground = bins  # each point grounded on itself, or (the same token layout) on anchors
+        if self.ground_anchors:
+            ground = np.full(self.max_tokens, -1, np.int32)
+            anchored = target_ids(tok, scale_plan(anchored_plan(example), scale, (dx, dy)),
+                                  self.image_size)
+            ground[len(prompt):len(ids)] = np.where(
+                is_loc, np.asarray(anchored) - self._location_base, -1)
         image = transforms.shift_image(
             transforms.resize_bicubic(example.image[None], self.image_size)[0], dx, dy)
         return {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins, "ground_bins": ground,
@@ -238,7 +243,8 @@ class PlanPipeline(OrderedPipeline):
         self.transform = _PlanTransform(dataset_dir, split, tokenizer_path, image_size,
                                         config.planner.prompt_tokens, config.planner.max_tokens,
                                         self.seed, split == "train", config.planner.shift_px,
-                                        config.planner.mid_task_fraction)
+                                        config.planner.mid_task_fraction,
+                                        config.planner.ground_anchors)
 
 
 def make_plan_iterator(config: ml_collections.ConfigDict, image_size: int,

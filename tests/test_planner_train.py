@@ -112,6 +112,15 @@ def test_plan_batches_ground_an_approach_goal_on_its_object(tabletop_dataset):
                     np.testing.assert_array_equal(ground[points[k, 1]], target[points[k, 1]])
             assert np.array_equal(ground == -1, target == -1)
     assert approaches > 0
+    # planner.ground_anchors=False: every point grounded on itself, the examples unchanged.
+    plain = PlanPipeline(planner_config(tabletop_dataset, "planner.shift_px=3",
+                                        "planner.ground_anchors=False"), IMAGE, "train",
+                         process_index=0, process_count=1)
+    for anchored, unanchored in zip(pipe.iterator(0), plain.iterator(0)):
+        np.testing.assert_array_equal(unanchored["ground_bins"], unanchored["target_bins"])
+        for key in ("image", "tokens", "target_bins", "target_mask"):
+            np.testing.assert_array_equal(unanchored[key], anchored[key])
+        break
     unground = batch["ground_bins"].copy()
     unground[0] = -1  # row 0's points with nothing to look at
     with pytest.raises(BatchSpecError, match="ground_bins"):
