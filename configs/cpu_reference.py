@@ -47,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # within the line-up tolerance (28% grounded on the goal itself), and pewm on this config's
     # models fell to 27% / 23% from 50% / 50% (2026-12-07).
     config.planner.ground_anchors = False
+    config.planner.grounding_sigma_px = 2.0  # half its patch
 
     config.run.stages = ("data", "train", "whole_task", "actions", "planner", "eval")
     return config

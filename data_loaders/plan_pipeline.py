@@ -216,8 +216,8 @@ class _PlanTransform:
                 is_loc, np.asarray(anchored) - self._location_base, -1)
         image = transforms.shift_image(
             transforms.resize_bicubic(example.image[None], self.image_size)[0], dx, dy)
-        return {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins, "ground_bins": ground,
-                "prefix_len": np.asarray(len(prompt), np.int32),
+        return {"image": image, "tokens": tokens, "target_mask": mask, "target_bins": bins,
+                "ground_bins": ground, "prefix_len": np.asarray(len(prompt), np.int32),
                 SKIPPED_KEY: np.asarray(0, np.int32), ELEMENT_KEY: np.asarray(p, np.int64)}
 
 

@@ -109,6 +109,7 @@ _POSITIVE = (
     "model.text_num_heads",
     "diffusion.num_steps",
     "diffusion.sgg_sigma_px",
+    "planner.grounding_sigma_px",
     "diffusion.time_logit_std",
     "diffusion.residual_scale",
     "train.steps",
@@ -352,6 +353,9 @@ def default_config() -> ml_collections.ConfigDict:
     # 4 px), anchors put 56% of approach goals within the line-up tolerance against 21%; with
     # 4-pixel patches (2 px), 10% against 28% (configs/cpu_reference.py turns them off).
     c.planner.ground_anchors = True
+    # Standard deviation (pixels of the planner's image) of the Gaussian over the image patches
+    # that the grounding loss targets: half of the default 8-pixel patch.
+    c.planner.grounding_sigma_px = 4.0
     # This share of training examples starts at a later primitive boundary of its episode (the
     # primitives left), so the planner can replan mid-task in closed loop; 0: first frames only.
     c.planner.mid_task_fraction = 0.0

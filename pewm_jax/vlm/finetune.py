@@ -124,8 +124,9 @@ def plan_loss(model: PaliGemma, batch: Mapping[str, jax.Array], rng: jax.Array,
     location tokens are also inputs (teacher forcing); with `rng` they are moved by
     config.planner.location_input_noise_px pixels of Gaussian noise (targets stay exact).
     With config.planner.grounding_weight > 0 the loss adds that times `grounding_loss` of the
-    last decoder layer's first head, on the batch's `ground_bins`. Metrics: `loss` (what is minimised), its parts `plan_nll`
-    and `grounding_loss`, and `token_accuracy`.
+    last decoder layer's first head, on the batch's `ground_bins` (the target's standard
+    deviation config.planner.grounding_sigma_px). Metrics: `loss` (what is minimised), its
+    parts `plan_nll` and `grounding_loss`, and `token_accuracy`.
     """
     image = unit_pixels(batch["image"]).astype(model.text.dtype)  # (B, S, S, 3)
     tokens = batch["tokens"]  # (B, L)
@@ -166,23 +167,25 @@ def plan_loss(model: PaliGemma, batch: Mapping[str, jax.Array], rng: jax.Array,
     accuracy = jnp.sum((jnp.argmax(predicted, axis=-1) == labels) * mask) / count
     metrics = {"plan_nll": loss, "token_accuracy": accuracy}
     if weight > 0:
-        metrics["grounding_loss"] = grounding_loss(scores[:, 0], batch["ground_bins"], model.spec)
+        metrics["grounding_loss"] = grounding_loss(
+            scores[:, 0], batch["ground_bins"], model.spec, config.planner.grounding_sigma_px)
         loss = loss + weight * metrics["grounding_loss"]
     return loss, {"loss": loss, **metrics}
 
 
-def grounding_loss(scores: jax.Array, ground_bins: jax.Array, spec: PaliGemmaSpec) -> jax.Array:
+def grounding_loss(scores: jax.Array, ground_bins: jax.Array, spec: PaliGemmaSpec,
+                   sigma_px: float) -> jax.Array:
     """Cross-entropy of where one attention head looks when the planner writes a point.
 
     scores (B, N + L, N + L): a head's attention logits over image + text. The rows that
     predict a point's two location tokens (y, then x) should put their weight on the image
     patches at the point's anchor, `ground_bins` (B, L) (the batch's: the point itself, or
     for an approach's goal, a gap behind an object, that object): the target is a Gaussian
-    over patch centres (standard deviation half a patch). A planner trained from scratch
-    otherwise takes thousands of steps to find this readout by itself (README "Fine-tuning
-    and evaluating the planner"); with it, the plan's points follow the image. Anchored on
-    the empty gap itself, the head had nothing to find there, and approach goals landed near
-    their objects instead (README "CPU reference").
+    over patch centres (standard deviation `sigma_px` pixels of the planner's image). A
+    planner trained from scratch otherwise takes thousands of steps to find this readout by
+    itself (README "Fine-tuning and evaluating the planner"); with it, the plan's points
+    follow the image. Anchored on the empty gap itself, the head had nothing to find there,
+    and approach goals landed near their objects instead (README "CPU reference").
     """
     n, grid = spec.num_image_tokens, spec.image_size // spec.patch_size
     b, length = ground_bins.shape
@@ -191,9 +194,10 @@ def grounding_loss(scores: jax.Array, ground_bins: jax.Array, spec: PaliGemmaSpe
     y = jnp.where(is_y, ground_bins, jnp.roll(ground_bins, 1, axis=1))  # each point's y bin
     x = jnp.where(is_y, jnp.roll(ground_bins, -1, axis=1), ground_bins)  # and x bin, (B, L)
     centres = (jnp.arange(grid) + 0.5) / grid  # (G,) patch centres in [0, 1]
-    dy = ((y[..., None] + 0.5) / NUM_LOCATION_BINS - centres) * grid  # (B, L, G) in patches
-    dx = ((x[..., None] + 0.5) / NUM_LOCATION_BINS - centres) * grid
-    target = jnp.exp(-2.0 * (dy[..., :, None] ** 2 + dx[..., None, :] ** 2))  # sigma 1/2
+    scale = spec.image_size / sigma_px  # (B, L, G) offsets below in standard deviations
+    dy = ((y[..., None] + 0.5) / NUM_LOCATION_BINS - centres) * scale
+    dx = ((x[..., None] + 0.5) / NUM_LOCATION_BINS - centres) * scale
+    target = jnp.exp(-0.5 * (dy[..., :, None] ** 2 + dx[..., None, :] ** 2))
     target = target.reshape(b, length, n)
     target = target / jnp.sum(target, axis=-1, keepdims=True)  # (B, L, N)
     rows = scores[:, n - 1:n + length - 1]  # (B, L, N + L): the rows predicting text token t
