@@ -351,7 +351,7 @@ def default_config() -> ml_collections.ConfigDict:
     # its object, on that object; README "Fine-tuning and evaluating the planner"); False: on
     # the point itself. Measured with 8-pixel patches (the head's target half a patch wide:
     # 4 px), anchors put 56% of approach goals within the line-up tolerance against 21%; with
-    # 4-pixel patches (2 px), 10% against 28% (configs/cpu_reference.py turns them off).
+    # 4-pixel patches (2 px), 10% against 28% (so the planners use 8-pixel patches).
     c.planner.ground_anchors = True
     # Standard deviation (pixels of the planner's image) of the Gaussian over the image patches
     # that the grounding loss targets: half of the default 8-pixel patch.
