@@ -345,7 +345,7 @@ def default_config() -> ml_collections.ConfigDict:
     # with them), so a planner trained from scratch learns to find things; 0: no augmentation.
     c.planner.shift_px = 6
     # Weight of the grounding loss (finetune.grounding_loss): while writing a point, the last
-    # layer's first head is taught to look at the image patches at that point; 0: off.
+    # layer's first head is taught to look at the image patches at that point's anchor; 0: off.
     c.planner.grounding_weight = 0.3
     # Ground each point on its anchor (`Primitive.goal_anchor`: an approach's goal, a gap behind
     # its object, on that object; README "Fine-tuning and evaluating the planner"); False: on

@@ -185,7 +185,8 @@ def grounding_loss(scores: jax.Array, ground_bins: jax.Array, spec: PaliGemmaSpe
     planner trained from scratch otherwise takes thousands of steps to find this readout by
     itself (README "Fine-tuning and evaluating the planner"); with it, the plan's points
     follow the image. Anchored on the empty gap itself, the head had nothing to find there,
-    and approach goals landed near their objects instead (README "CPU reference").
+    and approach goals landed near their objects instead (README "Fine-tuning and evaluating
+    the planner").
     """
     n, grid = spec.num_image_tokens, spec.image_size // spec.patch_size
     b, length = ground_bins.shape
