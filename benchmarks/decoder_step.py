@@ -10,20 +10,18 @@ of --repeats after compilation), each beside what it is part of:
     machine's float32 matmul peak (`measured_matmul_peak`);
   * the frame encoder on the step's frames (B x (H + 1)), forward and forward + backward: its
     share of the step;
-  * each of the encoder's convolutions at its training shape: forward, the gradient for its
-    input and the gradient for its kernel, the last as a multiple of the forward. A convolution's
-    three products have equal FLOPs; on CPU, XLA computes the kernel's several times slower.
-    (Training needs no input gradient for conv1, whose input is the frames; it is shown alike.)
+  * each of the encoder's convolutions (the model's own layers) at its training shape: forward,
+    the gradient for its input and the gradient for its parameters, the last as a multiple of the
+    forward. A convolution's three products have equal FLOPs; on CPU, XLA computes the kernel's
+    several times slower. (Training needs no input gradient for conv1, whose input is the
+    frames; it is shown alike.)
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +31,13 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks.dense_layout import median_ms  # noqa: E402
 from pewm_jax.config import load_config  # noqa: E402
-from pewm_jax.models.action_decoder import (action_decoder_flops, action_loss,  # noqa: E402
-                                            build_action_decoder)
+from pewm_jax.models.action_decoder import (ActionDecoder, action_decoder_flops,  # noqa: E402
+                                            action_loss, build_action_decoder)
 from pewm_jax.train.metrics import measured_matmul_peak  # noqa: E402
 
 ACTION_DIM, GRIPPER_DIMS = 3, (2,)  # the built-in world's (dx, dy, gripper command)
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn()` (blocked until ready) after one warm-up call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -72,28 +60,29 @@ def _batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """The decoder's convolution: NHWC, 'SAME' padding (models.action_decoder.Conv)."""
-    return jax.lax.conv_general_dilated(x, kernel, (stride,) * 2, "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-def _conv_rows(frames: int, size: int, channels: int, repeats: int) -> list[tuple]:
-    """(name, forward s, input-gradient s, kernel-gradient s) of each encoder convolution."""
+def _conv_rows(model: ActionDecoder, frames: int, repeats: int) -> list[tuple]:
+    """(name, forward ms, input-gradient ms, parameter-gradient ms) of each of the encoder's
+    convolutions on random inputs of its training shape (frames x side x side x in-channels,
+    each layer's side the frame's divided by the strides before it)."""
     rng = np.random.default_rng(0)
-    rows = []
-    for name, side, cin, k, stride in (("conv1 5x5/2", size, 5, 5, 2),
-                                       ("conv2 3x3", size // 2, channels, 3, 1),
-                                       ("conv3 3x3", size // 2, channels, 3, 1)):
+    encoder, side, rows = model.encoder, model.spec.image_size, []
+    for name in ("conv1", "conv2", "conv3", "keypoint_maps"):
+        conv = getattr(encoder, name)
+        k, _, cin, _ = conv.kernel[...].shape
+        graph, params = nnx.split(conv, nnx.Param)
         x = jnp.asarray(rng.normal(size=(frames, side, side, cin)), jnp.float32)
-        kernel = jnp.asarray(rng.normal(size=(k, k, cin, channels)), jnp.float32)
-        dy = jnp.asarray(rng.normal(size=_conv(x, kernel, stride).shape), jnp.float32)
-        fwd = jax.jit(lambda x, w, s=stride: _conv(x, w, s))
-        d_input = jax.jit(lambda x, w, g, s=stride: jax.vjp(lambda v: _conv(v, w, s), x)[1](g))
-        d_kernel = jax.jit(lambda x, w, g, s=stride: jax.vjp(lambda v: _conv(x, v, s), w)[1](g))
-        rows.append((name, _median_seconds(lambda: fwd(x, kernel), repeats),
-                     _median_seconds(lambda: d_input(x, kernel, dy), repeats),
-                     _median_seconds(lambda: d_kernel(x, kernel, dy), repeats)))
+        dy = jnp.asarray(rng.normal(size=conv(x).shape), jnp.float32)
+
+        def apply(p, v, graph=graph):
+            return nnx.merge(graph, p)(v)
+
+        fwd = jax.jit(apply)
+        d_input = jax.jit(lambda p, v, g, f=apply: jax.vjp(lambda u: f(p, u), v)[1](g))
+        d_params = jax.jit(lambda p, v, g, f=apply: jax.vjp(lambda q: f(q, v), p)[1](g))
+        rows.append((f"{name} {k}x{k}/{conv.stride}", median_ms(fwd, (params, x), repeats),
+                     median_ms(d_input, (params, x, dy), repeats),
+                     median_ms(d_params, (params, x, dy), repeats)))
+        side //= conv.stride
     return rows
 
 
@@ -120,7 +109,7 @@ def main() -> None:
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    step_s = _median_seconds(lambda: step(params, opt_state, batch), args.repeats)
+    step_s = median_ms(step, (params, opt_state, batch), args.repeats) / 1e3
 
     frames = jnp.concatenate([jnp.asarray(batch["frames"].reshape(b * h, s, s, 3)),
                               jnp.asarray(batch["context"][:, -1])], 0)  # (B x (H + 1), S, S, 3)
@@ -128,9 +117,9 @@ def main() -> None:
     unit = frames.astype(jnp.float32) / 127.5 - 1.0
     encode = jax.jit(lambda p: nnx.merge(encoder_graph, p)(unit))
     encode_grad = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(encoder_graph, p)(unit) ** 2)))
-    fwd_s = _median_seconds(lambda: encode(encoder_params), args.repeats)
-    grad_s = _median_seconds(lambda: encode_grad(encoder_params), args.repeats)
-    convs = _conv_rows(frames.shape[0], s, a.channels, args.repeats)
+    fwd_s = median_ms(encode, (encoder_params,), args.repeats) / 1e3
+    grad_s = median_ms(encode_grad, (encoder_params,), args.repeats) / 1e3
+    convs = _conv_rows(model, frames.shape[0], args.repeats)
     peak = measured_matmul_peak()
     flops = action_decoder_flops(model.spec, b, h)
 
@@ -142,12 +131,12 @@ def main() -> None:
           f"({flops / step_s / peak:.0%} of the matmul peak)")
     print(f"frame encoder, forward: {fwd_s * 1e3:.1f} ms; forward + backward: "
           f"{grad_s * 1e3:.1f} ms ({grad_s / step_s:.0%} of the step)")
-    print(f"{'convolution':<14}{'forward ms':>12}{'input grad ms':>15}{'kernel grad ms':>16}"
+    print(f"{'convolution':<22}{'forward ms':>12}{'input grad ms':>15}{'kernel grad ms':>16}"
           f"{'kernel / forward':>18}")
     for name, f, di, dk in convs:
-        print(f"{name:<14}{f * 1e3:>12.1f}{di * 1e3:>15.1f}{dk * 1e3:>16.1f}{dk / f:>17.1f}x")
-    kernel_s = sum(dk for *_, dk in convs)
-    print(f"kernel gradients: {kernel_s * 1e3:.1f} ms, {kernel_s / step_s:.0%} of the step")
+        print(f"{name:<22}{f:>12.1f}{di:>15.1f}{dk:>16.1f}{dk / f:>17.1f}x")
+    kernel_ms = sum(dk for *_, dk in convs)
+    print(f"kernel gradients: {kernel_ms:.1f} ms, {kernel_ms / 1e3 / step_s:.0%} of the step")
 
 
 if __name__ == "__main__":
